@@ -14,7 +14,7 @@ DEB_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libpq-dev postgresql postgresql-contrib
   libboost-dev libyaml-cpp-dev libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libcpp-httplib-dev
-  libssl-dev libsentencepiece-dev
+  libssl-dev libsentencepiece-dev curl
   fortunes fortunes-min
 )
 
