@@ -1,0 +1,108 @@
+// ablate-worker: node agent. Leases jobs from ablate-scheduler and runs each in an ablate-train child process.
+#include <signal.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <filesystem>
+#include <thread>
+
+#include "worker/metrics.h"
+#include "worker/util.h"
+#include "worker/worker.h"
+
+namespace {
+
+std::string DefaultTrainBin() {
+  std::error_code ec;
+  auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return "ablate-train";
+  return (self.parent_path() / "ablate-train").string();
+}
+
+std::string DefaultWorkerId() {
+  char host[256] = {0};
+  ::gethostname(host, sizeof host - 1);
+  return std::string(host) + "-" + std::to_string(::getpid());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace ablate::worker;
+  CLI::App app{
+      "ablate-worker: leases jobs from ablate-scheduler and runs each one as an ablate-train child process\n"
+      "(own process group, events on fd 3, log in <work_dir>/job-<id>/attempt-<n>.log).\n"
+      "SIGTERM/SIGINT: stop leasing, stop the running child (its lease then expires and the job is retried), exit."};
+  std::string scheduler, metrics_listen;
+  WorkerOptions opts;
+  opts.worker_id = DefaultWorkerId();
+  opts.train_bin = DefaultTrainBin();
+  opts.data_root = "./data";
+  opts.work_dir = "./.ablate/work";
+  int poll_ms = 500;
+  int kill_grace_ms = 10000;
+  app.add_option("--scheduler", scheduler, "Scheduler gRPC address HOST:PORT")->required();
+  app.add_option("--worker_id", opts.worker_id, "Stable id of this worker")->capture_default_str();
+  app.add_option("--train_bin", opts.train_bin, "The ablate-train binary (default: next to this executable)")
+      ->capture_default_str();
+  app.add_option("--data_root", opts.data_root, "Directory of prepared datasets (<data_root>/<dataset>)")
+      ->capture_default_str();
+  app.add_option("--work_dir", opts.work_dir, "Job outputs and logs go to <work_dir>/job-<id>/")->capture_default_str();
+  app.add_option("--metrics_listen", metrics_listen, "Serve Prometheus /metrics on HOST:PORT (default: off)");
+  app.add_option("--poll_interval_ms", poll_ms, "Wait between LeaseJob calls when no job is runnable")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--max_jobs", opts.max_jobs, "Exit after this many jobs (0: run forever)")->capture_default_str();
+  app.add_flag("--once", opts.once, "Ask for one job once, run it if there is one, then exit");
+  app.add_option("--kill_grace_ms", kill_grace_ms, "SIGTERM -> SIGKILL grace when stopping a child")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  opts.poll_interval = std::chrono::milliseconds(poll_ms);
+  opts.kill_grace = std::chrono::milliseconds(kill_grace_ms);
+  // The child gets absolute paths: its own cwd is ours, but logs and reports are clearer this way.
+  opts.data_root = std::filesystem::absolute(opts.data_root).lexically_normal().string();
+  opts.work_dir = std::filesystem::absolute(opts.work_dir).lexically_normal().string();
+  if (::access(opts.train_bin.c_str(), X_OK) != 0)
+    Log("warning: train binary ", opts.train_bin, " is not executable; jobs will fail as infra errors");
+
+  // Signals are handled on one thread via sigwait; every other thread (gRPC's included) has them blocked.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+  Stopper stop;
+  std::thread([&stop, sigs] {
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    Log("received ", sig == SIGTERM ? "SIGTERM" : "SIGINT", ": shutting down (again to exit at once)");
+    stop.Stop();
+    sigwait(&sigs, &sig);
+    Log("second signal: exiting now");
+    ::_exit(130);
+  }).detach();
+
+  WorkerMetrics metrics;
+  MetricsServer metrics_server(&metrics);
+  if (!metrics_listen.empty()) {
+    std::string err;
+    int port = metrics_server.Start(metrics_listen, &err);
+    if (port < 0) {
+      Log("error: --metrics_listen: ", err);
+      return 1;
+    }
+    Log("metrics on http://", metrics_listen.substr(0, metrics_listen.rfind(':')), ":", port, "/metrics");
+  }
+
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
+  auto channel = grpc::CreateCustomChannel(scheduler, grpc::InsecureChannelCredentials(), args);
+  Log("starting ", opts.worker_id, ": scheduler=", scheduler, " train_bin=", opts.train_bin,
+      " data_root=", opts.data_root, " work_dir=", opts.work_dir);
+  Worker worker(opts, channel, &metrics, &stop);
+  int rc = worker.Run();
+  Log("exit");
+  return rc;
+}
