@@ -1,0 +1,123 @@
+#include "scheduler/rpc/convert.h"
+
+namespace ablate::scheduler::rpc {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  // absl and gRPC share the canonical code numbering.
+  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())), std::string(s.message()));
+}
+
+std::string GrpcCodeName(grpc::StatusCode c) {
+  switch (c) {
+    case grpc::OK: return "OK";
+    case grpc::CANCELLED: return "CANCELLED";
+    case grpc::UNKNOWN: return "UNKNOWN";
+    case grpc::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::NOT_FOUND: return "NOT_FOUND";
+    case grpc::ALREADY_EXISTS: return "ALREADY_EXISTS";
+    case grpc::PERMISSION_DENIED: return "PERMISSION_DENIED";
+    case grpc::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::ABORTED: return "ABORTED";
+    case grpc::OUT_OF_RANGE: return "OUT_OF_RANGE";
+    case grpc::UNIMPLEMENTED: return "UNIMPLEMENTED";
+    case grpc::INTERNAL: return "INTERNAL";
+    case grpc::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::DATA_LOSS: return "DATA_LOSS";
+    case grpc::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    default: return "CODE_" + std::to_string(static_cast<int>(c));
+  }
+}
+
+v1::JobState ToProto(JobState s) {
+  switch (s) {
+    case JobState::kQueued: return v1::JOB_STATE_QUEUED;
+    case JobState::kLeased: return v1::JOB_STATE_LEASED;
+    case JobState::kRunning: return v1::JOB_STATE_RUNNING;
+    case JobState::kSucceeded: return v1::JOB_STATE_SUCCEEDED;
+    case JobState::kFailed: return v1::JOB_STATE_FAILED;
+    case JobState::kCancelled: return v1::JOB_STATE_CANCELLED;
+  }
+  return v1::JOB_STATE_UNSPECIFIED;
+}
+
+namespace {
+v1::SweepState ToProto(SweepState s) {
+  switch (s) {
+    case SweepState::kActive: return v1::SWEEP_STATE_ACTIVE;
+    case SweepState::kSucceeded: return v1::SWEEP_STATE_SUCCEEDED;
+    case SweepState::kFailed: return v1::SWEEP_STATE_FAILED;
+    case SweepState::kCancelled: return v1::SWEEP_STATE_CANCELLED;
+  }
+  return v1::SWEEP_STATE_UNSPECIFIED;
+}
+
+v1::FailureClass ToProto(FailureClass c) {
+  switch (c) {
+    case FailureClass::kUnspecified: return v1::FAILURE_CLASS_UNSPECIFIED;
+    case FailureClass::kOom: return v1::FAILURE_CLASS_OOM;
+    case FailureClass::kDiverged: return v1::FAILURE_CLASS_DIVERGED;
+    case FailureClass::kCrash: return v1::FAILURE_CLASS_CRASH;
+    case FailureClass::kHang: return v1::FAILURE_CLASS_HANG;
+    case FailureClass::kInfra: return v1::FAILURE_CLASS_INFRA;
+    case FailureClass::kInvalidConfig: return v1::FAILURE_CLASS_INVALID_CONFIG;
+  }
+  return v1::FAILURE_CLASS_UNSPECIFIED;
+}
+}  // namespace
+
+FailureClass FromProto(v1::FailureClass c) {
+  switch (c) {
+    case v1::FAILURE_CLASS_OOM: return FailureClass::kOom;
+    case v1::FAILURE_CLASS_DIVERGED: return FailureClass::kDiverged;
+    case v1::FAILURE_CLASS_CRASH: return FailureClass::kCrash;
+    case v1::FAILURE_CLASS_HANG: return FailureClass::kHang;
+    case v1::FAILURE_CLASS_INFRA: return FailureClass::kInfra;
+    case v1::FAILURE_CLASS_INVALID_CONFIG: return FailureClass::kInvalidConfig;
+    default: return FailureClass::kUnspecified;
+  }
+}
+
+void ToProto(const SweepRecord& in, v1::Sweep* out) {
+  out->set_id(in.id);
+  out->set_name(in.name);
+  out->set_state(ToProto(in.state));
+  out->set_spec_yaml(in.spec_yaml);
+  out->set_created_unix_ms(in.created_unix_ms);
+  for (const auto& [k, v] : in.job_counts) (*out->mutable_job_counts())[k] = v;
+  out->set_total_jobs(in.total_jobs);
+  out->set_idempotency_key(in.idempotency_key);
+}
+
+void ToProto(const JobRecord& in, v1::Job* out) {
+  out->set_id(in.id);
+  out->set_sweep_id(in.sweep_id);
+  out->set_cell_index(in.cell_index);
+  out->set_state(ToProto(in.state));
+  out->set_attempt(in.attempt);
+  for (const auto& [k, v] : in.factors) (*out->mutable_factors())[k] = v;
+  for (const auto& [k, v] : in.params) (*out->mutable_params())[k] = v;
+  out->set_config_hash(in.config_hash);
+  out->set_worker_id(in.worker_id);
+  out->set_last_error(in.last_error);
+  out->set_failure_class(ToProto(in.failure_class));
+  out->set_created_unix_ms(in.created_unix_ms);
+  out->set_started_unix_ms(in.started_unix_ms);
+  out->set_finished_unix_ms(in.finished_unix_ms);
+  for (const auto& [k, v] : in.latest_metrics) (*out->mutable_latest_metrics())[k] = v;
+  out->set_latest_step(in.latest_step);
+  out->set_total_steps(in.total_steps);
+}
+
+void ToProto(const Lease& in, v1::Lease* out) {
+  out->set_job_id(in.job_id);
+  out->set_attempt(in.attempt);
+  out->set_lease_epoch(in.lease_epoch);
+  out->set_expires_unix_ms(in.expires_unix_ms);
+}
+
+Lease FromProto(const v1::Lease& in) { return Lease{in.job_id(), in.attempt(), in.lease_epoch(), in.expires_unix_ms()}; }
+
+}  // namespace ablate::scheduler::rpc

@@ -1,0 +1,189 @@
+#include "scheduler/rpc/sweep_service.h"
+
+#include <google/protobuf/util/message_differencer.h>
+
+#include <cmath>
+#include <thread>
+
+#include "scheduler/sweep/grid.h"
+#include "scheduler/util/log.h"
+
+namespace ablate::scheduler::rpc {
+namespace {
+
+grpc::Status RequireId(int64_t id, const char* field) {
+  if (id <= 0) return grpc::Status(grpc::INVALID_ARGUMENT, std::string(field) + ": must be a positive id, got " +
+                                                               std::to_string(id));
+  return grpc::Status::OK;
+}
+
+double Metric(const JobRecord& j, const std::string& name) {
+  auto it = j.latest_metrics.find(name);
+  return it == j.latest_metrics.end() ? std::nan("") : it->second;
+}
+
+}  // namespace
+
+grpc::Status SweepServiceImpl::SubmitSweep(grpc::ServerContext*, const v1::SubmitSweepRequest* req,
+                                           v1::SubmitSweepResponse* resp) {
+  return Instrumented(ctx_, "SubmitSweep", [&]() -> grpc::Status {
+    auto exp = sweep::ParseAndExpand(req->spec_yaml(), ctx_->max_cells);
+    if (!exp.ok()) return ToGrpc(exp.status());  // kInvalidArgument naming the field; nothing stored
+    std::string key = req->idempotency_key().empty() ? "spec:" + exp->spec_hash : req->idempotency_key();
+
+    if (req->dry_run()) {
+      v1::Sweep* s = resp->mutable_sweep();
+      s->set_name(exp->spec.name);
+      s->set_spec_yaml(req->spec_yaml());
+      s->set_total_jobs(static_cast<int32_t>(exp->cells.size()));
+      s->set_idempotency_key(key);
+      (*s->mutable_job_counts())["queued"] = static_cast<int32_t>(exp->cells.size());
+      for (const auto& c : exp->cells) {
+        v1::Job* j = resp->add_jobs();
+        j->set_cell_index(c.cell_index);
+        j->set_state(v1::JOB_STATE_QUEUED);
+        for (const auto& [k, v] : c.factors) (*j->mutable_factors())[k] = v;
+        for (const auto& [k, v] : c.params) (*j->mutable_params())[k] = v;
+        j->set_config_hash(c.config_hash);
+        j->set_total_steps(c.total_steps);
+      }
+      resp->set_created(false);
+      return grpc::Status::OK;
+    }
+
+    NewSweep ns;
+    ns.name = exp->spec.name;
+    ns.spec_yaml = req->spec_yaml();
+    ns.idempotency_key = key;
+    ns.spec_hash = exp->spec_hash;
+    ns.factor_names = exp->factor_names;
+    for (const auto& c : exp->cells) ns.jobs.push_back({c.cell_index, c.factors, c.params, c.config_hash, c.total_steps});
+    auto created = ctx_->store->CreateSweep(ns);
+    if (!created.ok()) return ToGrpc(created.status());
+    auto jobs = ctx_->store->ListJobs(created->sweep.id);
+    if (!jobs.ok()) return ToGrpc(jobs.status());
+    ToProto(created->sweep, resp->mutable_sweep());
+    for (const auto& j : *jobs) ToProto(j, resp->add_jobs());
+    resp->set_created(created->created);
+    LogInfo(created->created ? "sweep_created" : "sweep_resubmitted",
+            {{"sweep_id", std::to_string(created->sweep.id)}, {"name", ns.name},
+             {"jobs", std::to_string(jobs->size())}});
+    return grpc::Status::OK;
+  });
+}
+
+grpc::Status SweepServiceImpl::GetSweep(grpc::ServerContext*, const v1::GetSweepRequest* req, v1::Sweep* resp) {
+  return Instrumented(ctx_, "GetSweep", [&]() -> grpc::Status {
+    if (auto st = RequireId(req->sweep_id(), "sweep_id"); !st.ok()) return st;
+    auto s = ctx_->store->GetSweep(req->sweep_id());
+    if (!s.ok()) return ToGrpc(s.status());
+    ToProto(*s, resp);
+    return grpc::Status::OK;
+  });
+}
+
+grpc::Status SweepServiceImpl::ListSweeps(grpc::ServerContext*, const v1::ListSweepsRequest* req,
+                                          v1::ListSweepsResponse* resp) {
+  return Instrumented(ctx_, "ListSweeps", [&]() -> grpc::Status {
+    auto v = ctx_->store->ListSweeps(req->limit());
+    if (!v.ok()) return ToGrpc(v.status());
+    for (const auto& s : *v) ToProto(s, resp->add_sweeps());
+    return grpc::Status::OK;
+  });
+}
+
+grpc::Status SweepServiceImpl::CancelSweep(grpc::ServerContext*, const v1::CancelSweepRequest* req,
+                                           v1::CancelSweepResponse* resp) {
+  return Instrumented(ctx_, "CancelSweep", [&]() -> grpc::Status {
+    if (auto st = RequireId(req->sweep_id(), "sweep_id"); !st.ok()) return st;
+    auto n = ctx_->store->CancelSweep(req->sweep_id());
+    if (!n.ok()) return ToGrpc(n.status());
+    resp->set_jobs_cancelled(*n);
+    LogInfo("sweep_cancelled", {{"sweep_id", std::to_string(req->sweep_id())}, {"jobs", std::to_string(*n)}});
+    return grpc::Status::OK;
+  });
+}
+
+grpc::Status SweepServiceImpl::ListJobs(grpc::ServerContext*, const v1::ListJobsRequest* req,
+                                        v1::ListJobsResponse* resp) {
+  return Instrumented(ctx_, "ListJobs", [&]() -> grpc::Status {
+    if (auto st = RequireId(req->sweep_id(), "sweep_id"); !st.ok()) return st;
+    auto v = ctx_->store->ListJobs(req->sweep_id());
+    if (!v.ok()) return ToGrpc(v.status());
+    for (const auto& j : *v) ToProto(j, resp->add_jobs());
+    return grpc::Status::OK;
+  });
+}
+
+grpc::Status SweepServiceImpl::GetJob(grpc::ServerContext*, const v1::GetJobRequest* req, v1::Job* resp) {
+  return Instrumented(ctx_, "GetJob", [&]() -> grpc::Status {
+    if (auto st = RequireId(req->job_id(), "job_id"); !st.ok()) return st;
+    auto j = ctx_->store->GetJob(req->job_id());
+    if (!j.ok()) return ToGrpc(j.status());
+    ToProto(*j, resp);
+    return grpc::Status::OK;
+  });
+}
+
+grpc::Status SweepServiceImpl::WatchSweep(grpc::ServerContext* sctx, const v1::WatchSweepRequest* req,
+                                          grpc::ServerWriter<v1::SweepEvent>* writer) {
+  return Instrumented(ctx_, "WatchSweep", [&]() -> grpc::Status {
+    if (auto st = RequireId(req->sweep_id(), "sweep_id"); !st.ok()) return st;
+    int poll_ms = req->poll_interval_ms() > 0 ? req->poll_interval_ms() : 1000;
+    poll_ms = std::clamp(poll_ms, 50, 60000);
+    v1::SweepEvent last;
+    bool sent_any = false;
+    // Poll the store; send an event first and then whenever something changed; end once the sweep is terminal.
+    while (true) {
+      auto s = ctx_->store->GetSweep(req->sweep_id());
+      if (!s.ok()) return ToGrpc(s.status());
+      auto jobs = ctx_->store->ListJobs(req->sweep_id());
+      if (!jobs.ok()) return ToGrpc(jobs.status());
+      v1::SweepEvent ev;
+      ToProto(*s, ev.mutable_sweep());
+      for (const auto& j : *jobs) ToProto(j, ev.add_jobs());
+      if (!sent_any || !google::protobuf::util::MessageDifferencer::Equals(ev, last)) {
+        if (!writer->Write(ev)) return grpc::Status(grpc::CANCELLED, "client went away");
+        last = std::move(ev);
+        sent_any = true;
+      }
+      if (s->state != SweepState::kActive) return grpc::Status::OK;
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(poll_ms);
+      while (std::chrono::steady_clock::now() < deadline) {
+        if (sctx->IsCancelled()) return grpc::Status(grpc::CANCELLED, "watch cancelled by the client");
+        if (ctx_->shutting_down->load()) return grpc::Status(grpc::UNAVAILABLE, "scheduler shutting down");
+        std::this_thread::sleep_for(std::chrono::milliseconds(std::min(poll_ms, 50)));
+      }
+    }
+  });
+}
+
+grpc::Status SweepServiceImpl::CompareSweep(grpc::ServerContext*, const v1::CompareSweepRequest* req,
+                                            v1::CompareSweepResponse* resp) {
+  return Instrumented(ctx_, "CompareSweep", [&]() -> grpc::Status {
+    if (auto st = RequireId(req->sweep_id(), "sweep_id"); !st.ok()) return st;
+    auto s = ctx_->store->GetSweep(req->sweep_id());
+    if (!s.ok()) return ToGrpc(s.status());
+    auto jobs = ctx_->store->ListJobs(req->sweep_id());
+    if (!jobs.ok()) return ToGrpc(jobs.status());
+    auto peak = ctx_->store->MaxMetric(req->sweep_id(), "train/peak_memory_bytes");
+    if (!peak.ok()) return ToGrpc(peak.status());
+    for (const auto& f : s->factor_names) resp->add_factor_names(f);
+    for (const auto& j : *jobs) {
+      v1::CompareRow* row = resp->add_rows();
+      row->set_job_id(j.id);
+      for (const auto& [k, v] : j.factors) (*row->mutable_factors())[k] = v;
+      row->set_state(ToProto(j.state));
+      row->set_final_train_loss(Metric(j, "train/loss"));
+      row->set_final_eval_loss(Metric(j, "eval/loss"));
+      row->set_eval_perplexity(Metric(j, "eval/perplexity"));
+      row->set_tokens_per_sec(Metric(j, "train/tokens_per_sec"));
+      auto it = peak->find(j.id);
+      row->set_peak_memory_bytes(it == peak->end() ? std::nan("") : it->second);
+      row->set_steps(j.latest_step);
+    }
+    return grpc::Status::OK;
+  });
+}
+
+}  // namespace ablate::scheduler::rpc

@@ -1,0 +1,77 @@
+// SchedulerServer: wires store, gRPC services, the lease reaper and the /metrics HTTP endpoint.
+// main.cpp and the RPC tests both start it; port 0 picks free ports (read them back with grpc_port()).
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "scheduler/metrics/registry.h"
+#include "scheduler/rpc/convert.h"
+#include "scheduler/store/job_store.h"
+
+namespace grpc { class Server; }
+namespace httplib { class Server; }
+
+namespace ablate::scheduler {
+
+struct SchedulerConfig {
+  std::string db_dsn;
+  std::string listen = "127.0.0.1:50051";          // gRPC host:port
+  std::string metrics_listen = "127.0.0.1:9464";   // HTTP host:port; empty disables
+  int lease_ttl_s = 15;
+  int max_attempts = 3;
+  int db_pool_size = 8;
+  int reaper_interval_ms = 1000;
+  int max_cells = 10000;
+  int max_message_bytes = 16 * 1024 * 1024;
+  int max_job_series = 256;                        // cap on ablate_job_latest series
+  bool migrate_on_start = true;
+};
+
+class SchedulerServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<SchedulerServer>> Start(const SchedulerConfig& config);
+  ~SchedulerServer();
+
+  int grpc_port() const { return grpc_port_; }
+  int metrics_port() const { return metrics_port_; }
+  std::string grpc_address() const;     // host:port actually bound
+  std::string metrics_address() const;
+  // Stops accepting RPCs, lets running ones finish (up to a few seconds), stops the reaper and HTTP.
+  void Shutdown();
+  void Wait();  // until Shutdown() has completed
+  JobStore* store() { return store_.get(); }
+  metrics::SchedulerMetrics* metrics() { return metrics_.get(); }
+  // Refreshes the DB-backed gauges and renders the exposition text (what GET /metrics returns).
+  std::string ScrapeMetrics();
+
+ private:
+  explicit SchedulerServer(SchedulerConfig config);
+  void ReaperLoop();
+
+  SchedulerConfig config_;
+  std::unique_ptr<JobStore> store_;
+  metrics::Registry registry_;
+  std::unique_ptr<metrics::SchedulerMetrics> metrics_;
+  std::atomic<bool> shutting_down_{false};
+  std::atomic<bool> shutdown_started_{false};
+  rpc::ServiceContext ctx_;
+  std::unique_ptr<grpc::Service> sweep_service_, worker_service_;
+  std::unique_ptr<grpc::Server> grpc_server_;
+  std::unique_ptr<httplib::Server> http_;
+  std::thread http_thread_, reaper_thread_;
+  int grpc_port_ = 0, metrics_port_ = 0;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stopped_ = false;
+  std::mutex scrape_mu_;
+};
+
+// "host:port" → (host, port); port must be 0..65535.
+absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& addr);
+
+}  // namespace ablate::scheduler
