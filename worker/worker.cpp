@@ -65,7 +65,7 @@ struct JobRun {
 
 }  // namespace
 
-bool LeaseHasJob(const v1::LeaseJobResponse& r) { return r.has_job() && r.job().id() > 0 && r.has_lease(); }
+bool LeaseHasJob(const v1::LeaseJobResponse& r) { return r.job_available() && r.has_job() && r.has_lease(); }
 
 v1::Resources DetectResources() {
   v1::Resources r;

@@ -30,7 +30,7 @@ struct WorkerOptions {
 // CPU cores, memory and (when nvidia-smi is on PATH and answers) GPUs of this node.
 v1::Resources DetectResources();
 
-// "lease returned a job": isolated here because the field holding the flag is being renamed (see report).
+// "lease returned a job": the flag and the job itself (both must be there).
 bool LeaseHasJob(const v1::LeaseJobResponse& r);
 
 class Worker {

@@ -1,0 +1,111 @@
+#include "cli/client.h"
+
+#include <grpcpp/generic/generic_stub.h>
+
+#include <condition_variable>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <mutex>
+#include <nlohmann/json.hpp>
+
+namespace ablate::cli {
+
+std::string ResolveSchedulerAddress(const std::string& flag, const std::string& state_dir, std::string* source) {
+  if (!flag.empty()) {
+    *source = "--scheduler";
+    return flag;
+  }
+  if (const char* env = std::getenv("ABLATE_SCHEDULER"); env && *env) {
+    *source = "ABLATE_SCHEDULER";
+    return env;
+  }
+  const std::string path = state_dir + "/stack.json";
+  std::ifstream in(path);
+  if (in) {
+    auto j = nlohmann::json::parse(in, nullptr, false);
+    if (!j.is_discarded() && j.is_object() && j.contains("scheduler") && j["scheduler"].is_string()) {
+      *source = path;
+      return j["scheduler"].get<std::string>();
+    }
+  }
+  *source = "default";
+  return kDefaultScheduler;
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+Health CheckHealth(const std::shared_ptr<grpc::Channel>& channel, std::chrono::milliseconds timeout,
+                   std::string* error) {
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+  grpc::ByteBuffer request, response;  // HealthCheckRequest{service: ""} encodes to zero bytes
+  grpc::Slice empty;
+  request = grpc::ByteBuffer(&empty, 1);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status status;
+  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                 [&](grpc::Status s) {
+                   std::lock_guard<std::mutex> lk(mu);
+                   status = std::move(s);
+                   done = true;
+                   cv.notify_all();
+                 });
+  {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return done; });
+  }
+  if (!status.ok()) {
+    *error = status.error_message();
+    return status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                   status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED
+               ? Health::kUnreachable
+               : Health::kNotServing;
+  }
+  std::vector<grpc::Slice> slices;
+  std::string bytes;
+  if (response.Dump(&slices).ok())
+    for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  // HealthCheckResponse{status = 1 (enum)}: tag 0x08, varint; SERVING = 1.
+  if (bytes.size() >= 2 && static_cast<unsigned char>(bytes[0]) == 0x08 && bytes[1] == 1) return Health::kServing;
+  *error = "health status is not SERVING";
+  return Health::kNotServing;
+}
+
+int ReportRpcError(const std::string& what, const grpc::Status& status, const std::string& address) {
+  switch (status.error_code()) {
+    case grpc::StatusCode::UNAVAILABLE:
+      std::cerr << "error: cannot reach the scheduler at " << address << " (" << status.error_message()
+                << "): is the stack up? try `ablate up`\n";
+      return 1;
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      std::cerr << "error: " << what << ": the scheduler at " << address
+                << " did not answer in time: is the stack up? try `ablate up`\n";
+      return 1;
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      std::cerr << "error: " << status.error_message() << "\n";
+      return 2;
+    case grpc::StatusCode::NOT_FOUND:
+      std::cerr << "error: " << what << ": not found: " << status.error_message() << "\n";
+      return 1;
+    default:
+      std::cerr << "error: " << what << " failed (" << static_cast<int>(status.error_code()) << "): "
+                << status.error_message() << "\n";
+      return 1;
+  }
+}
+
+std::unique_ptr<grpc::ClientContext> CallContext(std::chrono::milliseconds timeout) {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() + timeout);
+  return ctx;
+}
+
+}  // namespace ablate::cli

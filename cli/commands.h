@@ -1,0 +1,34 @@
+// The ablate subcommands. Each returns the process exit code (0 ok, 1 error/unreachable, 2 rejected input).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "cli/format.h"
+
+namespace ablate::cli {
+
+struct Conn {
+  std::string scheduler_flag;  // --scheduler
+  std::string state_dir = ".ablate";
+};
+
+int CmdSubmit(const Conn& c, const std::string& file, bool wait, const std::string& idempotency_key, bool dry_run);
+int CmdStatus(const Conn& c, int64_t sweep_id /* 0: list sweeps */, bool watch);
+int CmdCompare(const Conn& c, int64_t sweep_id, CompareFormat format);
+int CmdCancel(const Conn& c, int64_t sweep_id);
+
+struct UpOptions {
+  std::string state_dir = ".ablate";
+  int workers = 1;
+  std::string data_root = "data";
+  int lease_ttl_s = 15;
+  std::string bin_dir;  // where ablate-scheduler/-worker/-train live; default: next to this executable
+};
+int CmdUp(const UpOptions& o);
+int CmdDown(const std::string& state_dir);
+
+// Directory of the running executable (/proc/self/exe).
+std::string SelfDir();
+
+}  // namespace ablate::cli

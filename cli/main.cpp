@@ -1,0 +1,107 @@
+// ablate: the command line for people. Talks to ablate-scheduler over gRPC; `up`/`down` run a local stack.
+#include <CLI/CLI.hpp>
+#include <iostream>
+
+#include "cli/commands.h"
+
+int main(int argc, char** argv) {
+  using namespace ablate::cli;
+  CLI::App app{"ablate: run LLM ablation sweeps.\n"
+               "Scheduler address: --scheduler, else $ABLATE_SCHEDULER, else <state_dir>/stack.json (written by "
+               "`ablate up`), else 127.0.0.1:50051."};
+  app.require_subcommand(1);
+  Conn conn;
+  // Every subcommand takes these, so that `--help` of each one lists them.
+  auto add_conn = [&](CLI::App* sub) {
+    sub->add_option("--scheduler", conn.scheduler_flag, "Scheduler gRPC address HOST:PORT");
+    sub->add_option("--state_dir", conn.state_dir, "Local stack state directory (for stack.json)")
+        ->capture_default_str();
+  };
+  int rc = 0;
+
+  UpOptions up;
+  auto* up_cmd = app.add_subcommand(
+      "up",
+      "Start a local stack: private PostgreSQL in <state_dir>/pg (unix socket), ablate-scheduler, N ablate-worker "
+      "daemons (logs in <state_dir>/logs); prepares <data_root>/fortunes if missing; writes <state_dir>/stack.json. "
+      "Binaries are taken from the directory of this executable. Does nothing if the stack is already up.");
+  up_cmd->add_option("--state_dir", up.state_dir, "State directory")->capture_default_str();
+  up_cmd->add_option("--workers", up.workers, "Number of worker daemons")->capture_default_str()->check(
+      CLI::Range(0, 64));
+  up_cmd->add_option("--data_root", up.data_root, "Directory of prepared datasets")->capture_default_str();
+  up_cmd->add_option("--lease_ttl_s", up.lease_ttl_s, "Scheduler lease TTL in seconds")->capture_default_str()->check(
+      CLI::PositiveNumber);
+  up_cmd->add_option("--bin_dir", up.bin_dir, "Where ablate-scheduler/ablate-worker/ablate-train are (default: "
+                                              "the directory of this executable)");
+  up_cmd->callback([&] { rc = CmdUp(up); });
+
+  std::string down_state = ".ablate";
+  auto* down_cmd = app.add_subcommand(
+      "down", "Stop the local stack: workers and scheduler (SIGTERM, then SIGKILL), then PostgreSQL "
+              "(pg_ctl stop -m fast). Data and logs are kept.");
+  down_cmd->add_option("--state_dir", down_state, "State directory")->capture_default_str();
+  down_cmd->callback([&] { rc = CmdDown(down_state); });
+
+  std::string file, key;
+  bool wait = false, dry_run = false;
+  auto* submit = app.add_subcommand(
+      "submit", "Submit a sweep file (YAML, docs/contracts.md §1); prints the sweep id and its cells. "
+                "Exit 2 when the scheduler rejects the file (the message names the field).");
+  submit->add_option("FILE", file, "Sweep file")->required()->check(CLI::ExistingFile);
+  submit->add_flag("--wait", wait, "Follow progress until the sweep is done, then print the comparison "
+                                   "(exit 0 only if every job succeeded)");
+  submit->add_option("--idempotency_key", key, "Same key + same spec returns the existing sweep "
+                                               "(default: a hash of the normalized spec)");
+  submit->add_flag("--dry_run", dry_run, "Validate and expand only; nothing is stored");
+  add_conn(submit);
+  submit->callback([&] { rc = CmdSubmit(conn, file, wait, key, dry_run); });
+
+  int64_t sweep = 0;
+  bool watch = false;
+  auto* status = app.add_subcommand(
+      "status", "Without SWEEP: list sweeps (id, name, state, job counts). With SWEEP: one row per job (factors, "
+                "state, attempt, step/total, latest train loss, eval loss, tokens/s).");
+  status->add_option("SWEEP", sweep, "Sweep id");
+  status->add_flag("--watch", watch, "With SWEEP: follow live progress until the sweep is terminal "
+                                     "(exit 0 only if every job succeeded)");
+  add_conn(status);
+  status->callback([&] {
+    if (watch && sweep <= 0) {
+      std::cerr << "error: --watch needs a SWEEP id\n";
+      rc = 2;
+      return;
+    }
+    rc = CmdStatus(conn, sweep, watch);
+  });
+
+  auto* list = app.add_subcommand("list", "List sweeps (same as `ablate status` without SWEEP)");
+  add_conn(list);
+  list->callback([&] { rc = CmdStatus(conn, 0, false); });
+
+  int64_t cmp_sweep = 0;
+  std::string format = "table";
+  auto* compare = app.add_subcommand(
+      "compare", "One row per cell: the varying factors, final train loss, eval loss, perplexity, tokens/s, peak "
+                 "memory.");
+  compare->add_option("SWEEP", cmp_sweep, "Sweep id")->required();
+  compare->add_option("--format", format, "Output format")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"table", "csv", "json"}));
+  add_conn(compare);
+  compare->callback([&] {
+    CompareFormat f = format == "csv" ? CompareFormat::kCsv
+                      : format == "json" ? CompareFormat::kJson
+                                         : CompareFormat::kTable;
+    rc = CmdCompare(conn, cmp_sweep, f);
+  });
+
+  int64_t cancel_sweep = 0;
+  auto* cancel = app.add_subcommand("cancel", "Cancel a sweep: queued jobs are cancelled, running ones are stopped "
+                                              "by their workers");
+  cancel->add_option("SWEEP", cancel_sweep, "Sweep id")->required();
+  add_conn(cancel);
+  cancel->callback([&] { rc = CmdCancel(conn, cancel_sweep); });
+
+  CLI11_PARSE(app, argc, argv);
+  return rc;
+}
