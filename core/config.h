@@ -1,0 +1,90 @@
+// Run configuration, model sizing and the LR schedule. No LibTorch here: cheap to include and to test.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace ablate {
+
+// Invalid user input: the message is shown as-is and the process exits with code 2.
+struct ConfigError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Work the engine recognises but cannot run yet (Mamba2 blocks, NSA, SOAP, ...): also exit code 2.
+struct NotImplementedError : ConfigError {
+  using ConfigError::ConfigError;
+};
+
+struct ModelDims {
+  std::string name;       // preset name or the size string it came from
+  int64_t d = 0;          // hidden size
+  int64_t n_layers = 0;
+  int64_t n_heads = 0;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t intermediate = 0;
+  int64_t vocab_size = 0;      // tokenizer vocabulary (targets are < this)
+  int64_t padded_vocab = 0;    // embedding / head rows, a multiple of 64
+  std::string to_string() const;
+};
+
+constexpr int64_t ceil_to(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// "0.6B" -> 600000000, "100M" -> 100000000, "1.5b", "2500K", "12345". Throws ConfigError.
+int64_t parse_size_string(const std::string& s);
+
+// Exact parameter count of the Transformer built for these dims (embedding + untied head + blocks + final norm).
+int64_t count_params(const ModelDims& m);
+
+// Presets tiny|mini|small, or a size string resolved by the dimension search (seed spec 1.3, with the
+// search's formula replaced by the exact count of the model built). Throws ConfigError.
+ModelDims resolve_model_size(const std::string& size, int64_t vocab_size);
+
+// LR for 1-based optimizer step s: linear warmup lr*s/W (first step is lr/W, not 0), then cosine from lr
+// down to min_lr_ratio*lr at s == total_steps.
+double lr_at_step(int64_t step, double base_lr, int64_t warmup, int64_t total_steps, double min_lr_ratio);
+
+struct TrainConfig {
+  // model
+  std::string model_size = "tiny";
+  std::string block_pattern;
+  int64_t block_repeats = -1;
+  std::string attn_type = "dense";
+  std::string optimizer_type = "adamw";
+  double rope_theta = 500000.0;
+  int64_t context_length = 256;
+  // optimisation
+  int64_t batch_size = 8;
+  int64_t gradient_accumulation_steps = 1;
+  int64_t num_train_steps = 200;
+  int64_t warmup_steps = 20;
+  double learning_rate = 3e-3;
+  double min_lr_ratio = 0.1;
+  double weight_decay = 0.1;
+  double max_grad_norm = 1.0;
+  std::string dtype = "float32";
+  bool gradient_checkpointing = false;
+  // I/O
+  std::string data_dir;
+  std::string output_dir = "./outputs";
+  std::string run_name;
+  std::string resume_from;
+  int64_t log_interval = 10;
+  int64_t eval_interval = 100;
+  int64_t eval_batches = 8;
+  int64_t save_interval = 1000;
+  uint64_t seed = 42;
+  std::string device = "auto";
+  int events_fd = -1;
+  bool print_config = false;
+  int64_t num_threads = 0;  // 0: all hardware threads
+
+  // Checks ranges and names; throws ConfigError / NotImplementedError.
+  void validate() const;
+  // Seed's naming: {model_size}_{arch}_{optimizer}_ctx{context_length}.
+  std::string default_run_name() const;
+};
+
+}  // namespace ablate

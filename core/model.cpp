@@ -1,0 +1,186 @@
+#include "core/model.h"
+
+#include "core/ops/rmsnorm.h"
+
+namespace ablate {
+
+namespace F = torch::nn::functional;
+
+std::pair<torch::Tensor, torch::Tensor> rope_tables(int64_t T, int64_t hd, double theta, torch::Device dev) {
+  auto opts = torch::TensorOptions().dtype(torch::kFloat64).device(torch::kCPU);
+  // Built in fp64 then cast: large positions x small frequencies lose digits in fp32.
+  auto inv_freq = torch::pow(theta, -torch::arange(0, hd, 2, opts) / double(hd));
+  auto pos = torch::arange(T, opts);
+  auto ang = torch::outer(pos, inv_freq);
+  auto emb = torch::cat({ang, ang}, -1);
+  return {emb.cos().to(torch::kFloat32).to(dev), emb.sin().to(torch::kFloat32).to(dev)};
+}
+
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  auto x1 = x.narrow(-1, 0, half);
+  auto x2 = x.narrow(-1, half, half);
+  auto rot = torch::cat({-x2, x1}, -1);
+  return x * cos.to(x.scalar_type()) + rot * sin.to(x.scalar_type());
+}
+
+// ---------------------------------------------------------------- chunked linear + CE
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct ChunkedCE : torch::autograd::Function<ChunkedCE> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& hidden, const torch::Tensor& weight,
+                               const torch::Tensor& targets, int64_t chunk_rows) {
+    const int64_t N = hidden.size(0), V = weight.size(0);
+    if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(256, (int64_t(1) << 24) / std::max<int64_t>(V, 1));
+    const bool need_grad = hidden.requires_grad() || weight.requires_grad();
+    const auto valid_mask = targets.ne(-100);
+    // Denominator = count of non-ignored labels (min 1), kept on device to avoid a sync.
+    const auto count = valid_mask.sum().clamp_min(1).to(torch::kFloat32);
+    auto total = torch::zeros({}, hidden.options().dtype(torch::kFloat32));
+    torch::Tensor grad_h, grad_w;
+    if (need_grad) {
+      grad_h = torch::empty_like(hidden);
+      grad_w = torch::zeros(weight.sizes(), weight.options().dtype(torch::kFloat32));
+    }
+    for (int64_t s = 0; s < N; s += chunk_rows) {
+      const int64_t n = std::min(chunk_rows, N - s);
+      const auto h = hidden.narrow(0, s, n);
+      const auto t = targets.narrow(0, s, n);
+      const auto valid = valid_mask.narrow(0, s, n);
+      const auto logits = torch::matmul(h, weight.t()).to(torch::kFloat32);  // [n, V]
+      const auto lse = torch::logsumexp(logits, -1);
+      const auto safe_t = torch::where(valid, t, torch::zeros_like(t));
+      const auto picked = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1);
+      total += ((lse - picked) * valid.to(torch::kFloat32)).sum();
+      if (need_grad) {
+        // d(sum CE)/d logits = softmax - onehot, zero on ignored rows; divided by count below.
+        auto g = torch::softmax(logits, -1);
+        g.scatter_add_(1, safe_t.unsqueeze(1), -torch::ones({n, 1}, g.options()));
+        g.mul_(valid.to(torch::kFloat32).unsqueeze(1));
+        const auto gc = g.to(hidden.scalar_type());
+        grad_h.narrow(0, s, n).copy_(torch::matmul(gc, weight));
+        grad_w.add_(torch::matmul(gc.t(), h).to(torch::kFloat32));
+      }
+    }
+    const auto loss = total / count;
+    if (need_grad) {
+      ctx->save_for_backward({grad_h, grad_w, count});
+    }
+    ctx->saved_data["need_grad"] = need_grad;
+    ctx->saved_data["w_dtype"] = static_cast<int64_t>(weight.scalar_type());
+    return loss.to(hidden.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!ctx->saved_data["need_grad"].toBool()) return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    const auto scale = grads[0].to(torch::kFloat32) / saved[2];
+    const auto w_dtype = static_cast<c10::ScalarType>(ctx->saved_data["w_dtype"].toInt());
+    auto gh = saved[0] * scale.to(saved[0].scalar_type());
+    auto gw = (saved[1] * scale).to(w_dtype);
+    return {gh, gw, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor chunked_linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                           const torch::Tensor& targets, int64_t chunk_rows) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && targets.dim() == 1 && targets.size(0) == hidden.size(0),
+              "chunked_linear_cross_entropy: expected hidden [N, d], weight [V, d], targets [N]");
+  return ChunkedCE::apply(hidden, weight, targets, chunk_rows);
+}
+
+// ---------------------------------------------------------------- modules
+namespace {
+torch::nn::Linear linear(int64_t in, int64_t out) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
+}
+}  // namespace
+
+AttentionImpl::AttentionImpl(const ModelDims& m)
+    : n_heads(m.n_heads), n_kv_heads(m.n_kv_heads), head_dim(m.head_dim) {
+  q = register_module("q", linear(m.d, n_heads * head_dim));
+  k = register_module("k", linear(m.d, n_kv_heads * head_dim));
+  v = register_module("v", linear(m.d, n_kv_heads * head_dim));
+  o = register_module("o", linear(n_heads * head_dim, m.d));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t B = x.size(0), T = x.size(1);
+  auto qh = q(x).view({B, T, n_heads, head_dim}).transpose(1, 2);
+  auto kh = k(x).view({B, T, n_kv_heads, head_dim}).transpose(1, 2);
+  auto vh = v(x).view({B, T, n_kv_heads, head_dim}).transpose(1, 2);
+  qh = apply_rope(qh, cos, sin);
+  kh = apply_rope(kh, cos, sin);
+  // enable_gqa: query head j reads KV head j / (H / KV), the repeat-interleave mapping, without copying K/V.
+  auto out = at::scaled_dot_product_attention(qh, kh, vh, {}, 0.0, /*is_causal=*/true, std::nullopt,
+                                              /*enable_gqa=*/n_heads != n_kv_heads);
+  return o(out.transpose(1, 2).reshape({B, T, n_heads * head_dim}));
+}
+
+MLPImpl::MLPImpl(const ModelDims& m) {
+  gate = register_module("gate", linear(m.d, m.intermediate));
+  up = register_module("up", linear(m.d, m.intermediate));
+  down = register_module("down", linear(m.intermediate, m.d));
+}
+
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) { return down(F::silu(gate(x)) * up(x)); }
+
+BlockImpl::BlockImpl(const ModelDims& m) {
+  norm1 = register_parameter("norm1", torch::ones({m.d}));
+  norm2 = register_parameter("norm2", torch::ones({m.d}));
+  attn = register_module("attn", Attention(m));
+  mlp = register_module("mlp", MLP(m));
+}
+
+torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  auto h = x + attn(ops::rmsnorm(x, norm1, kNormEps), cos, sin);
+  return h + mlp(ops::rmsnorm(h, norm2, kNormEps));
+}
+
+TransformerImpl::TransformerImpl(const ModelDims& m, double theta) : dims(m), rope_theta(theta) {
+  TORCH_CHECK(m.d % m.n_heads == 0 && m.n_heads % m.n_kv_heads == 0 && m.head_dim % 2 == 0,
+              "bad model dims: ", m.to_string());
+  embed = register_module("embed", torch::nn::Embedding(m.padded_vocab, m.d));
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t i = 0; i < m.n_layers; ++i) blocks->push_back(Block(m));
+  final_norm = register_parameter("final_norm", torch::ones({m.d}));
+  head = register_module("head", linear(m.d, m.padded_vocab));
+  torch::NoGradGuard ng;
+  for (auto& p : named_parameters()) {
+    if (p.value().dim() >= 2) p.value().normal_(0.0, 0.02);  // every Linear and the embedding; norms stay 1
+  }
+}
+
+torch::Tensor TransformerImpl::hidden_states(const torch::Tensor& ids) {
+  const int64_t T = ids.size(1);
+  if (!cos_.defined() || cos_.size(0) < T || cos_.device() != ids.device()) {
+    std::tie(cos_, sin_) = rope_tables(T, dims.head_dim, rope_theta, ids.device());
+  }
+  const auto cos = cos_.narrow(0, 0, T), sin = sin_.narrow(0, 0, T);
+  auto x = embed(ids);
+  for (const auto& b : *blocks) x = b->as<Block>()->forward(x, cos, sin);
+  return ops::rmsnorm(x, final_norm, kNormEps);
+}
+
+torch::Tensor TransformerImpl::logits(const torch::Tensor& ids) { return head(hidden_states(ids)); }
+
+torch::Tensor TransformerImpl::loss(const torch::Tensor& ids, const torch::Tensor& targets) {
+  auto h = hidden_states(ids);
+  return chunked_linear_cross_entropy(h.reshape({-1, dims.d}), head->weight, targets.reshape({-1}));
+}
+
+std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>> TransformerImpl::decay_groups() {
+  std::vector<torch::Tensor> decay, no_decay;
+  for (auto& p : named_parameters()) {
+    if (p.value().dim() < 2 || p.key().rfind("embed.", 0) == 0) no_decay.push_back(p.value());
+    else decay.push_back(p.value());
+  }
+  return {decay, no_decay};
+}
+
+}  // namespace ablate
