@@ -1,6 +1,7 @@
 #include "scheduler/metrics/registry.h"
 
 #include <cmath>
+#include <charconv>
 #include <cstdio>
 
 namespace ablate::scheduler::metrics {
@@ -21,8 +22,8 @@ std::string Fmt(double v) {
   if (std::isnan(v)) return "NaN";
   if (std::isinf(v)) return v > 0 ? "+Inf" : "-Inf";
   char buf[40];
-  std::snprintf(buf, sizeof buf, "%.17g", v);
-  return buf;
+  auto res = std::to_chars(buf, buf + sizeof buf, v);  // shortest text that round-trips: 0.1, not 0.10000000000000001
+  return std::string(buf, res.ptr);
 }
 
 std::string LabelText(const std::vector<std::string>& names, const Labels& values, const std::string& extra = "") {
