@@ -96,8 +96,11 @@ pid_t StartDaemon(const std::vector<std::string>& argv, const std::string& out_p
 // Alive and really the program we started (pids are reused): checks /proc/<pid>/cmdline.
 bool IsAlive(pid_t pid, const std::string& name) {
   if (pid <= 0) return false;
+  // Our own child: waitpid knows (and /proc cmdline may still show ours between fork and exec).
   int ws;
-  if (::waitpid(pid, &ws, WNOHANG) == pid) return false;  // our own child that already exited
+  pid_t r = ::waitpid(pid, &ws, WNOHANG);
+  if (r == pid) return false;
+  if (r == 0) return true;
   std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
   std::string cmd((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (cmd.empty()) return false;
