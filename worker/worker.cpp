@@ -482,6 +482,22 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
   }
   Log("job ", job.id(), ": child exited ",
       status.exited ? "with code " + std::to_string(status.code) : "by signal " + std::to_string(status.signal));
+  if (!run.lease_lost && status.exited && run.latest_step >= 0) {
+    // One last heartbeat so the scheduler's step is the final one, not the one of the previous tick.
+    v1::HeartbeatRequest req;
+    req.set_worker_id(opts_.worker_id);
+    *req.mutable_lease() = run.CurrentLease();
+    req.set_step(run.latest_step.load());
+    v1::HeartbeatResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 5s);
+    grpc::Status s = stub_->Heartbeat(&ctx, req, &resp);
+    if (s.ok()) {
+      ++metrics_->heartbeats;  // a cancel arriving now is ignored: the run already finished, report what it did
+    } else if (IsFenced(s)) {
+      run.lease_lost = true;
+    }
+  }
   const v1::Lease lease = run.CurrentLease();
   if (run.lease_lost) {
     Log("job ", job.id(), " attempt ", lease.attempt(), ": not reported (lease lost); the scheduler owns it now");

@@ -131,8 +131,15 @@ TEST_F(ChildTest, StopKillsTheWholeProcessGroup) {
   EXPECT_EQ(st.signal, SIGKILL);
   pump.join();  // EOF: nobody holds the pipe any more
   EXPECT_EQ(events.size(), 1u);
-  for (int i = 0; i < 50 && kill(grandchild, 0) == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  EXPECT_NE(kill(grandchild, 0), 0) << "grandchild survived";
+  // Dead means gone or a zombie (orphans go to PID 1, which in a container may never reap them).
+  auto dead = [&] {
+    std::ifstream st("/proc/" + std::to_string(grandchild) + "/stat");
+    std::string stat((std::istreambuf_iterator<char>(st)), std::istreambuf_iterator<char>());
+    auto rp = stat.rfind(')');
+    return stat.empty() || (rp != std::string::npos && rp + 2 < stat.size() && stat[rp + 2] == 'Z');
+  };
+  for (int i = 0; i < 50 && !dead(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_TRUE(dead()) << "grandchild " << grandchild << " survived";
 }
 
 TEST_F(ChildTest, MissingBinaryIsASpawnError) {
