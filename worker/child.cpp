@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -43,6 +44,7 @@ std::unique_ptr<ChildProcess> ChildProcess::Spawn(const Options& opts, std::stri
   }
   const int target = opts.events_fd;
 
+  const pid_t parent = ::getpid();
   pid_t pid = ::fork();
   if (pid < 0) {
     *error = std::string("fork: ") + std::strerror(errno);
@@ -53,6 +55,12 @@ std::unique_ptr<ChildProcess> ChildProcess::Spawn(const Options& opts, std::stri
   if (pid == 0) {
     // Child. Own process group, so a kill reaches anything ablate-train starts.
     ::setpgid(0, 0);
+    // If the worker dies (even by SIGKILL) the child must not train on as an orphan: the job's lease will
+    // expire and another worker will run it, so a survivor would be a double run. The signal fires when the
+    // forking thread exits; Spawn runs on the worker's long-lived job thread. Re-check the parent after
+    // arming it, in case the worker died in between.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(127);
     // The worker blocks SIGTERM/SIGINT in its threads; exec keeps the mask, so reset it.
     sigset_t all;
     sigemptyset(&all);
