@@ -1,0 +1,38 @@
+// Mamba2 state-space duality (SSD) scan as pure LibTorch functions (any device, autograd through ATen ops).
+//
+// Per batch b, head h (with group g = h / (H/G)) and step t, with state S_t of shape (P, N):
+//   S_t = exp(dt_t * A_h) * S_{t-1} + dt_t * x_t B_t^T        (x_t: P, B_t: N)
+//   y_t = S_t C_t                                               (the D skip is added by the caller)
+// ssd_chunked computes the same thing as ssd_sequential with the chunked SSD algorithm of Dao & Gu (2024),
+// "Transformers are SSMs", section 6 / mamba_ssm's ssd_minimal_discrete: a quadratic, attention-like form inside
+// each chunk and a scalar-decay recurrence over chunk states between chunks.
+//
+// Shapes: x (B,T,H,P), dt (B,T,H) (already softplus-ed, > 0), A (H) (negative), B and C (B,T,G,N) with H % G == 0,
+// initial_state (B,H,P,N) or undefined (zeros). States use mamba_ssm's (B,H,P,N) layout.
+// Returns (y (B,T,H,P) in x's dtype, final_state (B,H,P,N) in the compute dtype).
+// Compute dtype: fp64 for fp64 inputs, fp32 otherwise (bf16/fp16 inputs are upcast).
+#pragma once
+#include <torch/torch.h>
+
+#include <tuple>
+
+namespace ablate::core {
+
+// Numerically safe segment sum over the last dimension of x (..., L):
+//   out[..., i, j] = sum_{j < k <= i} x[..., k]   for j <= i,   -inf for j > i.
+// Built by a masked cumsum (no differences of large cumulative sums, which lose precision), so exp(out) is the
+// lower-triangular decay matrix with exact zeros above the diagonal and never overflows when x <= 0.
+torch::Tensor segment_sum(const torch::Tensor& x);
+
+std::tuple<torch::Tensor, torch::Tensor> ssd_chunked(const torch::Tensor& x, const torch::Tensor& dt,
+                                                     const torch::Tensor& A, const torch::Tensor& B,
+                                                     const torch::Tensor& C, int64_t chunk_size,
+                                                     const torch::Tensor& initial_state = torch::Tensor());
+
+// The plain per-step recurrence above (a loop over T); the reference for the tests.
+std::tuple<torch::Tensor, torch::Tensor> ssd_sequential(const torch::Tensor& x, const torch::Tensor& dt,
+                                                        const torch::Tensor& A, const torch::Tensor& B,
+                                                        const torch::Tensor& C,
+                                                        const torch::Tensor& initial_state = torch::Tensor());
+
+}  // namespace ablate::core
