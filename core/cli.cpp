@@ -64,7 +64,7 @@ int train_cli(int argc, char** argv) {
   app.add_option("--seed", c.seed, "seed for init and data order");
   app.add_option("--device", c.device, "auto|cpu|cuda");
   app.add_option("--events_fd", c.events_fd, "file descriptor for JSON-lines events");
-  app.add_option("--num_threads", c.num_threads, "CPU threads (0 = all)");
+  app.add_option("--num_threads", c.num_threads, "CPU threads (0 = auto: 1 for models under 5M params, else all)");
   app.add_flag("--print_config", c.print_config, "print dims and the exact parameter count, then exit");
   // Seed flags accepted for compatibility; they only matter for blocks/attention/optimizers not built yet.
   std::string s_ignored;

@@ -79,7 +79,7 @@ struct TrainConfig {
   std::string device = "auto";
   int events_fd = -1;
   bool print_config = false;
-  int64_t num_threads = 0;  // 0: all hardware threads
+  int64_t num_threads = 0;  // 0: auto (1 for models under 5M params, else all hardware threads)
 
   // Checks ranges and names; throws ConfigError / NotImplementedError.
   void validate() const;
