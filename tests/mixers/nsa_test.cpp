@@ -526,6 +526,26 @@ TEST(NsaAttention, PaperConfigTimingAgainstReference) {
   EXPECT_LT(e, 1e-4);
 }
 
+// bf16 inputs: softmax statistics run in fp32; the result stays near the fp32 computation.
+TEST(NsaAttention, Bf16RunsAndStaysCloseToFp32) {
+  torch::manual_seed(15);
+  auto o = small_options(4, 2, 16);
+  NsaAttention m(o);
+  auto in = make_inputs(o, 2, 77);
+  auto want = m->forward(in.q, in.k, in.v, in.x).detach();
+  m->to(torch::kBFloat16);
+  Inputs lo;
+  lo.q = in.q.detach().to(torch::kBFloat16).requires_grad_();
+  lo.k = in.k.detach().to(torch::kBFloat16).requires_grad_();
+  lo.v = in.v.detach().to(torch::kBFloat16).requires_grad_();
+  lo.x = in.x.detach().to(torch::kBFloat16).requires_grad_();
+  auto got = m->forward(lo.q, lo.k, lo.v, lo.x);
+  EXPECT_EQ(got.scalar_type(), torch::kBFloat16);
+  EXPECT_LT(rel_err(got.to(torch::kFloat), want), 3e-2);
+  got.to(torch::kFloat).square().sum().backward();
+  for (auto& t : lo.all()) EXPECT_TRUE(torch::isfinite(t.grad().to(torch::kFloat)).all().item<bool>());
+}
+
 TEST(NsaAttentionOptions, RejectsInconsistentSettings) {
   EXPECT_THROW(NsaAttention(NsaAttentionOptions(16, 6, 4, 8)), c10::Error);                // H % KV
   EXPECT_THROW(NsaAttention(NsaAttentionOptions(16, 4, 2, 8).cmp_block(10)), c10::Error);  // l % d
