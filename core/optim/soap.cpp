@@ -136,11 +136,10 @@ void SOAP::step_param(int64_t i, const torch::Tensor& grad, double wd) {
   const int64_t t = steps_[i];
   const double b1 = config_.beta1, b2 = config_.beta2, sb = config_.shampoo_beta;
   const bool precond = s.left || s.right;
-  torch::Tensor g = precond ? grad.reshape({s.rows, s.cols}) : grad;
+  const torch::Tensor g = precond ? grad.reshape({s.rows, s.cols}) : grad;
 
-  torch::Tensor fac_new[2], q[2];
-  if (precond) {
-    // (1) Kronecker-factor EMA.
+  // Kronecker-factor EMA with this step's gradient; returns the fp32 result (stored possibly quantized).
+  auto update_factors = [&](torch::Tensor (&fac_new)[2]) {
     if (s.left) {
       fac_new[0] = factor(s, 0) * sb + g.mm(g.t()) * (1.0 - sb);
       set_factor(s, 0, fac_new[0]);
@@ -149,45 +148,53 @@ void SOAP::step_param(int64_t i, const torch::Tensor& grad, double wd) {
       fac_new[1] = factor(s, 1) * sb + g.t().mm(g) * (1.0 - sb);
       set_factor(s, 1, fac_new[1]);
     }
-    q[0] = basis(s, 0);
-    q[1] = basis(s, 1);
-    // (2) Eigenbasis: eigh at the first step, then one QR power iteration every f steps.
-    if (t == 1) {
-      for (int side = 0; side < 2; ++side)
-        if (fac_new[side].defined()) {
-          set_basis(s, side, eigenvectors_descending(fac_new[side]));
-          q[side] = basis(s, side);
-        }
-    } else if (t % config_.precondition_frequency == 0) {
-      const torch::Tensor momentum = project_back(s.exp_avg, q[0], q[1]);  // old basis
-      torch::Tensor v = s.exp_avg_sq;
-      for (int side = 0; side < 2; ++side) {
-        if (!fac_new[side].defined()) continue;
-        const torch::Tensor& f = fac_new[side];
-        const torch::Tensor est = (q[side] * f.mm(q[side])).sum(0);  // diag(Qᵀ F Q)
-        const torch::Tensor order = torch::argsort(est, /*stable=*/true, /*dim=*/0, /*descending=*/true);
-        const torch::Tensor q_sorted = q[side].index_select(1, order);
-        v = v.index_select(side, order);
-        set_basis(s, side, std::get<0>(torch::linalg_qr(f.mm(q_sorted))));
-        q[side] = basis(s, side);
-      }
-      s.exp_avg_sq.copy_(v);
-      s.exp_avg.copy_(project(momentum, q[0], q[1]));  // new basis
-    }
-  }
+  };
 
-  // (3) Adam in the eigenbasis.
+  if (precond && t == 1) {
+    // First step: only the preconditioner is initialized (eigh of the factors). Projecting G onto the
+    // eigenbases of G Gᵀ and Gᵀ G would give the diagonal Σ, whose zero entries Adam would turn into ±1
+    // noise updates; the reference implementation (nikhilvyas/SOAP) skips the update the same way.
+    torch::Tensor fac_new[2];
+    update_factors(fac_new);
+    for (int side = 0; side < 2; ++side)
+      if (fac_new[side].defined()) set_basis(s, side, eigenvectors_descending(fac_new[side]));
+    return;
+  }
+  // Adam steps taken so far, this one included (preconditioned parameters skip the first step).
+  const int64_t n_adam = precond ? t - 1 : t;
+
+  // (3) Adam in the current eigenbasis.
+  torch::Tensor q[2] = {basis(s, 0), basis(s, 1)};
   const torch::Tensor gp = precond ? project(g, q[0], q[1]) : g;
   s.exp_avg.mul_(b1).add_(gp, 1.0 - b1);
   s.exp_avg_sq.mul_(b2).addcmul_(gp, gp, 1.0 - b2);
-  const double bc1 = 1.0 - std::pow(b1, static_cast<double>(t));
-  const double bc2 = 1.0 - std::pow(b2, static_cast<double>(t));
+  const double bc1 = 1.0 - std::pow(b1, static_cast<double>(n_adam));
+  const double bc2 = 1.0 - std::pow(b2, static_cast<double>(n_adam));
   const torch::Tensor n_rot = (s.exp_avg / bc1) / ((s.exp_avg_sq / bc2).sqrt_().add_(config_.eps));
   // (4) Back to parameter space; (5) decoupled decay and update.
   const torch::Tensor n = precond ? project_back(n_rot, q[0], q[1]).view(p.sizes()) : n_rot;
   torch::Tensor w = fp32_work(p);
   w.mul_(1.0 - lr_ * wd).add_(n, -lr_);
   write_param(p, w);
+  if (!precond) return;
+
+  // (1) Factor EMA, then (2) every f Adam steps a basis refresh used from the next step on.
+  torch::Tensor fac_new[2];
+  update_factors(fac_new);
+  if (n_adam % config_.precondition_frequency != 0) return;
+  const torch::Tensor momentum = project_back(s.exp_avg, q[0], q[1]);  // old basis
+  torch::Tensor v = s.exp_avg_sq;
+  for (int side = 0; side < 2; ++side) {
+    if (!fac_new[side].defined()) continue;
+    const torch::Tensor& f = fac_new[side];
+    const torch::Tensor est = (q[side] * f.mm(q[side])).sum(0);  // diag(Qᵀ F Q)
+    const torch::Tensor order = torch::argsort(est, /*stable=*/true, /*dim=*/0, /*descending=*/true);
+    v = v.index_select(side, order);
+    set_basis(s, side, std::get<0>(torch::linalg_qr(f.mm(q[side].index_select(1, order)))));
+    q[side] = basis(s, side);
+  }
+  s.exp_avg_sq.copy_(v);
+  s.exp_avg.copy_(project(momentum, q[0], q[1]));  // new basis
 }
 
 void SOAP::visit_state(int64_t i, const TensorVisitor& fn) {
