@@ -10,7 +10,8 @@ for b in ablate ablate-scheduler ablate-worker ablate-train; do
   [ -x "$bin/$b" ] || { echo "demo: $bin/$b is missing; run 'make build'" >&2; exit 1; }
 done
 start=$(date +%s)
-"$bin/ablate" up --state_dir .ablate --data_root data
+# Two workers: the cells run two at a time (each training process uses one thread at these sizes).
+"$bin/ablate" up --state_dir .ablate --data_root data --workers "${ABLATE_DEMO_WORKERS:-2}"
 # A fresh key per run, so the demo really trains again (the same key would return the finished sweep).
 "$bin/ablate" submit examples/demo-sweep.yaml --state_dir .ablate --idempotency_key "demo-$(date +%s)-$$" --wait
 echo "demo: finished in $(( $(date +%s) - start ))s"
