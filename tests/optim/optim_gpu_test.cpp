@@ -13,8 +13,12 @@ using core::optim::NamedParams;
 using core::optim::OptimConfig;
 using kernels::QuantMap;
 
+#if ABLATE_WITH_CUDA
 #define SKIP_WITHOUT_CUDA()                                                             \
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: GPU test skipped"
+#else
+#define SKIP_WITHOUT_CUDA() GTEST_SKIP() << "built without ABLATE_WITH_CUDA: GPU test skipped"
+#endif
 
 TEST(OptimGpuTest, QuantEncodeDecodeCudaMatchesCpuReferenceBitExactly) {
   SKIP_WITHOUT_CUDA();
