@@ -38,7 +38,9 @@ int train_cli(int argc, char** argv) {
   app.add_option("--block_pattern", c.block_pattern, "string over A (attention), M (Mamba2), D (DeltaNet); only A runs");
   app.add_option("--block_repeats", c.block_repeats, "pattern repeats; -1 = automatic (layers from the size)");
   app.add_option("--attn_type,--attention_type", c.attn_type, "dense (nsa/fsa: not implemented yet)");
-  app.add_option("--optimizer_type", c.optimizer_type, "adamw (others: not implemented yet)");
+  app.add_option("--optimizer_type", c.optimizer_type,
+                 "adamw|adamw8bit|adamw4bit|soap|soap8bit|soap4bit|shampoo (aliases adamw_8bit, adamw_4bit, soap_8bit, "
+                 "soap_4bit)");
   app.add_option("--rope_theta", c.rope_theta, "RoPE base");
   app.add_option("--context_length", c.context_length, "tokens per training sequence");
   // Optimisation
@@ -50,7 +52,17 @@ int train_cli(int argc, char** argv) {
   app.add_option("--min_lr_ratio", c.min_lr_ratio, "final LR as a fraction of the peak (cosine)");
   app.add_option("--weight_decay", c.weight_decay, "AdamW weight decay (alias -wd)");
   app.add_option("--max_grad_norm", c.max_grad_norm, "global grad-norm clip, <= 0 disables (alias -clip)");
-  app.add_option("--dtype", c.dtype, "float32|bfloat16|float16 (CPU always computes in float32)");
+  app.add_option("--dtype", c.dtype,
+                 "float32 | bfloat16 (fp32 master weights and optimizer, bf16 autocast compute) | float16 (fp16 "
+                 "autocast + dynamic loss scaling, overflowing steps skipped). CPU uses LibTorch's CPU autocast: "
+                 "matmuls/attention in the low dtype, norms, softmax and the loss in fp32");
+  app.add_option("--beta1", c.beta1, "Adam/SOAP first-moment decay");
+  app.add_option("--beta2", c.beta2, "Adam/SOAP second-moment decay");
+  app.add_option("--adam_eps", c.adam_eps, "Adam/SOAP epsilon");
+  app.add_option("--precondition_frequency", c.precondition_frequency,
+                 "SOAP eigenbasis / Shampoo root refresh interval in steps (the seed CLI defaulted to 5)");
+  app.add_option("--shampoo_beta", c.shampoo_beta, "EMA factor of the SOAP/Shampoo Kronecker factors");
+  app.add_option("--max_precond_dim", c.max_precond_dim, "SOAP/Shampoo: longer sides are not preconditioned");
   app.add_flag("--gradient_checkpointing", c.gradient_checkpointing, "accepted; currently a no-op");
   // I/O
   app.add_option("--data_dir", c.data_dir, "prepared dataset (train.bin, val.bin, meta.json)");
@@ -61,6 +73,10 @@ int train_cli(int argc, char** argv) {
   app.add_option("--eval_interval", c.eval_interval, "optimizer steps between evaluations (and at the end)");
   app.add_option("--eval_batches", c.eval_batches, "batches in the fixed eval set");
   app.add_option("--save_interval", c.save_interval, "optimizer steps between checkpoints (and at the end)");
+  app.add_option("--keep_checkpoints", c.keep_checkpoints, "newest checkpoints kept (0 = all)");
+  app.add_option("--peak_tflops", c.peak_tflops,
+                 "device peak TFLOP/s for train/mfu; < 0 = auto: 989 (bf16 dense) on an H100/H200, else 0 and MFU "
+                 "is reported as 0");
   app.add_option("--seed", c.seed, "seed for init and data order");
   app.add_option("--device", c.device, "auto|cpu|cuda");
   app.add_option("--events_fd", c.events_fd, "file descriptor for JSON-lines events");
@@ -69,14 +85,11 @@ int train_cli(int argc, char** argv) {
   // Seed flags accepted for compatibility; they only matter for blocks/attention/optimizers not built yet.
   std::string s_ignored;
   int64_t i_ignored = 0;
-  double d_ignored = 0;
   for (const char* n : {"--mamba_type", "--kernel_type", "--ce_kernel_type", "--dataset_name", "--dataset_subset"})
     app.add_option(n, s_ignored, "accepted for seed compatibility; no effect")->group("Compatibility");
   for (const char* n : {"--mamba_d_state", "--mamba_d_conv", "--mamba_expand", "--mamba_headdim", "--nsa_block_size",
-                        "--nsa_window_size", "--nsa_num_selected_blocks", "--precondition_frequency",
-                        "--max_precond_dim"})
+                        "--nsa_window_size", "--nsa_num_selected_blocks"})
     app.add_option(n, i_ignored, "accepted for seed compatibility; no effect")->group("Compatibility");
-  app.add_option("--shampoo_beta", d_ignored, "accepted for seed compatibility; no effect")->group("Compatibility");
 
   try {
     app.parse(normalise_args(argc, argv));

@@ -98,6 +98,21 @@ double lr_at_step(int64_t step, double base_lr, int64_t warmup, int64_t total_st
   return base_lr * (r + 0.5 * (1.0 - r) * (1.0 + std::cos(M_PI * p)));
 }
 
+std::string canonical_optimizer_name(const std::string& name) {
+  std::string n = name;
+  std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return std::tolower(c); });
+  static const std::vector<std::pair<std::string, std::string>> aliases = {
+      {"adamw_8bit", "adamw8bit"}, {"adamw_4bit", "adamw4bit"}, {"soap_8bit", "soap8bit"}, {"soap_4bit", "soap4bit"}};
+  for (const auto& [a, c] : aliases)
+    if (n == a) return c;
+  static const std::vector<std::string> valid = {"adamw", "adamw8bit", "adamw4bit", "soap",
+                                                 "soap8bit", "soap4bit", "shampoo"};
+  if (std::find(valid.begin(), valid.end(), n) != valid.end()) return n;
+  throw ConfigError("--optimizer_type: unknown value '" + name +
+                    "' (valid: adamw, adamw8bit, adamw4bit, soap, soap8bit, soap4bit, shampoo; aliases adamw_8bit, "
+                    "adamw_4bit, soap_8bit, soap_4bit)");
+}
+
 void TrainConfig::validate() const {
   auto positive = [](const char* name, int64_t v) {
     if (v <= 0) throw ConfigError(std::string("--") + name + " must be a positive integer, got " + std::to_string(v));
@@ -135,13 +150,15 @@ void TrainConfig::validate() const {
     throw ConfigError("--attn_type: unknown value '" + attn_type +
                       "' (valid: dense, nsa, native_sparse_attention, fsa, flash_sparse_attention)");
   }
-  if (optimizer_type != "adamw") {
-    static const std::vector<std::string> study = {"adamw8bit", "adamw4bit", "soap", "soap8bit", "soap4bit", "shampoo"};
-    if (std::find(study.begin(), study.end(), optimizer_type) != study.end())
-      throw NotImplementedError("--optimizer_type '" + optimizer_type + "': not implemented yet (only adamw runs)");
-    throw ConfigError("--optimizer_type: unknown value '" + optimizer_type +
-                      "' (valid: adamw, adamw8bit, adamw4bit, soap, soap8bit, soap4bit, shampoo)");
-  }
+  canonical_optimizer_name(optimizer_type);  // throws on unknown names
+  if (!(beta1 >= 0 && beta1 < 1)) throw ConfigError("--beta1 must be in [0, 1)");
+  if (!(beta2 >= 0 && beta2 < 1)) throw ConfigError("--beta2 must be in [0, 1)");
+  if (!(adam_eps > 0)) throw ConfigError("--adam_eps must be > 0");
+  positive("precondition_frequency", precondition_frequency);
+  if (!(shampoo_beta >= 0 && shampoo_beta < 1)) throw ConfigError("--shampoo_beta must be in [0, 1)");
+  positive("max_precond_dim", max_precond_dim);
+  if (keep_checkpoints < 0) throw ConfigError("--keep_checkpoints must be >= 0 (0 keeps all)");
+  if (!std::isfinite(peak_tflops)) throw ConfigError("--peak_tflops must be finite");
   if (model_size != "tiny" && model_size != "mini" && model_size != "small") parse_size_string(model_size);
 }
 

@@ -46,6 +46,10 @@ ModelDims resolve_model_size(const std::string& size, int64_t vocab_size);
 // down to min_lr_ratio*lr at s == total_steps.
 double lr_at_step(int64_t step, double base_lr, int64_t warmup, int64_t total_steps, double min_lr_ratio);
 
+// Canonical optimizer name (aliases adamw_8bit, adamw_4bit, soap_8bit, soap_4bit; case-insensitive). Throws
+// ConfigError listing the valid names.
+std::string canonical_optimizer_name(const std::string& name);
+
 struct TrainConfig {
   // model
   std::string model_size = "tiny";
@@ -66,6 +70,13 @@ struct TrainConfig {
   double max_grad_norm = 1.0;
   std::string dtype = "float32";
   bool gradient_checkpointing = false;
+  // Optimizer (core/optim), precision, checkpoint and metrics settings of the training loop (core/train.cpp).
+  double beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8;
+  int64_t precondition_frequency = 10;  // SOAP/Shampoo refresh interval (the seed CLI defaulted to 5)
+  double shampoo_beta = 0.95;           // EMA of the Kronecker factors (SOAP/Shampoo)
+  int64_t max_precond_dim = 8192;       // longer sides are not preconditioned
+  int64_t keep_checkpoints = 3;         // newest complete checkpoints kept; 0 keeps all
+  double peak_tflops = -1;              // device peak for MFU; < 0: auto (989 for H100/H200 on CUDA, else 0)
   // I/O
   std::string data_dir;
   std::string output_dir = "./outputs";

@@ -190,8 +190,17 @@ TEST(Config, RejectsBadAndUnimplementedSettings) {
   c.block_pattern = "MDA";
   EXPECT_THROW(c.validate(), NotImplementedError);
   c = TrainConfig{};
-  c.optimizer_type = "soap";
-  EXPECT_THROW(c.validate(), NotImplementedError);
+  for (const char* o : {"adamw", "adamw8bit", "adamw_8bit", "adamw4bit", "soap", "soap_4bit", "shampoo"}) {
+    c.optimizer_type = o;
+    EXPECT_NO_THROW(c.validate()) << o;
+  }
+  c.optimizer_type = "lion";
+  try {
+    c.validate();
+    FAIL() << "unknown optimizer accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("soap8bit"), std::string::npos) << "lists the valid names: " << e.what();
+  }
   c = TrainConfig{};
   c.context_length = 0;
   EXPECT_THROW(c.validate(), ConfigError);
