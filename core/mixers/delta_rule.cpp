@@ -20,18 +20,20 @@ DeltaDims check_delta_inputs(const torch::Tensor& q, const torch::Tensor& k, con
   const DeltaDims d{q.size(0), q.size(1), q.size(2), q.size(3), v.dim() == 4 ? v.size(3) : -1};
   TORCH_CHECK(d.seqlen > 0, "gated_delta_rule: sequence length must be positive, got q ", q.sizes());
   TORCH_CHECK(v.dim() == 4 && v.size(0) == d.batch && v.size(1) == d.seqlen && v.size(2) == d.heads,
-              "gated_delta_rule: v must be (B,T,H,V) with (B,T,H) = (", d.batch, ",", d.seqlen, ",", d.heads,
-              "), got ", v.sizes());
+              "gated_delta_rule: v must be (B,T,H,V) with (B,T,H) = (", d.batch, ",", d.seqlen, ",", d.heads, "), got ",
+              v.sizes());
   const std::vector<int64_t> bth{d.batch, d.seqlen, d.heads};
   TORCH_CHECK(g.sizes() == bth, "gated_delta_rule: g must be (B,T,H) = ", c10::IntArrayRef(bth), ", got ", g.sizes());
-  TORCH_CHECK(beta.sizes() == bth, "gated_delta_rule: beta must be (B,T,H) = ", c10::IntArrayRef(bth), ", got ", beta.sizes());
-  TORCH_CHECK(q.device() == k.device() && q.device() == v.device() && q.device() == g.device() &&
-                  q.device() == beta.device(),
-              "gated_delta_rule: all inputs must be on one device");
+  TORCH_CHECK(beta.sizes() == bth, "gated_delta_rule: beta must be (B,T,H) = ", c10::IntArrayRef(bth), ", got ",
+              beta.sizes());
+  TORCH_CHECK(
+      q.device() == k.device() && q.device() == v.device() && q.device() == g.device() && q.device() == beta.device(),
+      "gated_delta_rule: all inputs must be on one device");
   if (initial_state.defined()) {
     const std::vector<int64_t> want{d.batch, d.heads, d.dk, d.dv};
-    TORCH_CHECK(initial_state.sizes() == want, "gated_delta_rule: initial_state must be (B,H,K,V) = ", c10::IntArrayRef(want),
-                ", got ", initial_state.sizes());
+    TORCH_CHECK(initial_state.sizes() == want,
+                "gated_delta_rule: initial_state must be (B,H,K,V) = ", c10::IntArrayRef(want), ", got ",
+                initial_state.sizes());
   }
   return d;
 }
@@ -76,7 +78,7 @@ std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_chunked(const torch::T
   // gamma_l = sum_{k <= l} g_k (log-decay from the chunk start), M[l,s] = exp(gamma_l - gamma_s) for s <= l
   // computed from the exact segment sum (zero above the diagonal; never exp of a positive number).
   const auto gamma = torch::cumsum(gc, -1);
-  const auto M = torch::exp(segment_sum(gc));                                   // (b,h,c,l,s)
+  const auto M = torch::exp(segment_sum(gc));  // (b,h,c,l,s)
 
   // Unrolling the recurrence inside a chunk from its entering state S0 gives
   //   S_l = e^{gamma_l} S0 + sum_{s<=l} M[l,s] k_s u_s^T,
@@ -86,14 +88,14 @@ std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_chunked(const torch::T
   //   W = (I + A)^{-1} diag(beta e^gamma) K,   U~ = (I + A)^{-1} diag(beta) V.
   const auto kb = kc * bc;
   const auto A = torch::tril(torch::matmul(kb, kc.transpose(-1, -2)) * M, -1);
-  const auto rhs = torch::cat({kb * torch::exp(gamma).unsqueeze(-1), vc * bc}, -1);   // (b,h,c,l,K+V)
+  const auto rhs = torch::cat({kb * torch::exp(gamma).unsqueeze(-1), vc * bc}, -1);  // (b,h,c,l,K+V)
   // unitriangular: the (zero) diagonal of A is read as ones, i.e. this solves (I + A) X = rhs.
   const auto X = torch::linalg_solve_triangular(A, rhs, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
   const auto W = X.narrow(-1, 0, K);
   const auto Ut = X.narrow(-1, K, V);
 
   // o_l = e^{gamma_l} S0^T q_l + sum_{s<=l} M[l,s] (q_l·k_s) u_s.
-  const auto Aqk = torch::matmul(qc, kc.transpose(-1, -2)) * M;                 // lower incl. diagonal
+  const auto Aqk = torch::matmul(qc, kc.transpose(-1, -2)) * M;  // lower incl. diagonal
   const auto q_decayed = qc * torch::exp(gamma).unsqueeze(-1);
   // S_end = e^{gamma_{L-1}} S0 + sum_s exp(gamma_{L-1} - gamma_s) k_s u_s^T; the decay to the chunk end is the
   // last row of M.
@@ -104,7 +106,7 @@ std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_chunked(const torch::T
   std::vector<torch::Tensor> outs;
   outs.reserve(nc);
   for (int64_t c = 0; c < nc; ++c) {
-    const auto U = Ut.select(2, c) - torch::matmul(W.select(2, c), S);                          // (b,h,l,V)
+    const auto U = Ut.select(2, c) - torch::matmul(W.select(2, c), S);  // (b,h,l,V)
     outs.push_back(torch::matmul(q_decayed.select(2, c), S) + torch::matmul(Aqk.select(2, c), U));
     S = chunk_decay.select(2, c) * S + torch::matmul(k_to_end.select(2, c).transpose(-1, -2), U);
   }
@@ -123,17 +125,16 @@ std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_sequential(const torch
   const auto vf = v.to(ct);
   const auto alpha = torch::exp(g.to(ct));
   const auto bf = beta.to(ct);
-  auto S = initial_state.defined() ? initial_state.to(ct)
-                                   : torch::zeros({d.batch, d.heads, d.dk, d.dv}, vf.options());
+  auto S = initial_state.defined() ? initial_state.to(ct) : torch::zeros({d.batch, d.heads, d.dk, d.dv}, vf.options());
   std::vector<torch::Tensor> outs;
   outs.reserve(d.seqlen);
   for (int64_t t = 0; t < d.seqlen; ++t) {
-    const auto kt = kf.select(1, t);                                                     // (B,H,K)
-    S = S * alpha.select(1, t).unsqueeze(-1).unsqueeze(-1);                              // S'_{t-1}
-    const auto pred = (S * kt.unsqueeze(-1)).sum(-2);                                    // S'^T k_t: (B,H,V)
+    const auto kt = kf.select(1, t);                         // (B,H,K)
+    S = S * alpha.select(1, t).unsqueeze(-1).unsqueeze(-1);  // S'_{t-1}
+    const auto pred = (S * kt.unsqueeze(-1)).sum(-2);        // S'^T k_t: (B,H,V)
     const auto u = bf.select(1, t).unsqueeze(-1) * (vf.select(1, t) - pred);
     S = S + kt.unsqueeze(-1) * u.unsqueeze(-2);
-    outs.push_back((S * qf.select(1, t).unsqueeze(-1)).sum(-2));                         // S_t^T q_t
+    outs.push_back((S * qf.select(1, t).unsqueeze(-1)).sum(-2));  // S_t^T q_t
   }
   return {torch::stack(outs, 1).to(v.scalar_type()), S};
 }

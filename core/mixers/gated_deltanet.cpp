@@ -32,13 +32,13 @@ int64_t GatedDeltaNetMixerImpl::expected_num_parameters(const GatedDeltaNetMixer
   const int64_t d = o.d_model();
   const int64_t h = o.num_heads() > 0 ? o.num_heads() : d / o.head_dim();
   const int64_t dk = h * o.head_dim(), hv = o.head_dim() * o.expand_v(), dv = h * hv;
-  return 2 * d * dk                                             // q_proj, k_proj
-         + 2 * d * dv                                           // v_proj, g_proj (output gate)
-         + 2 * d * h                                            // a_proj (decay), b_proj (beta)
-         + 2 * h                                                // A_log, dt_bias
+  return 2 * d * dk                                                  // q_proj, k_proj
+         + 2 * d * dv                                                // v_proj, g_proj (output gate)
+         + 2 * d * h                                                 // a_proj (decay), b_proj (beta)
+         + 2 * h                                                     // A_log, dt_bias
          + (o.use_short_conv() ? o.conv_size() * (2 * dk + dv) : 0)  // q/k/v depthwise conv weights, no bias
-         + hv                                                   // output RMSNorm weight, shared by the heads
-         + dv * d;                                              // o_proj
+         + hv                                                        // output RMSNorm weight, shared by the heads
+         + dv * d;                                                   // o_proj
 }
 
 void GatedDeltaNetMixerImpl::reset() {
@@ -99,8 +99,8 @@ torch::Tensor GatedDeltaNetMixerImpl::forward(const torch::Tensor& x) {
 
   // FusedRMSNormGated (swish): per-head RMSNorm over head_v_dim, times w, times SiLU(gate).
   const auto gate = g_proj->forward(x).to(torch::kFloat32).reshape({Bn, T, h, Vh});
-  out = out * torch::rsqrt(out.pow(2).mean(-1, /*keepdim=*/true) + o.norm_eps()) *
-        o_norm_weight.to(torch::kFloat32) * torch::silu(gate);
+  out = out * torch::rsqrt(out.pow(2).mean(-1, /*keepdim=*/true) + o.norm_eps()) * o_norm_weight.to(torch::kFloat32) *
+        torch::silu(gate);
   return o_proj->forward(out.reshape({Bn, T, h * Vh}).to(x.scalar_type()));
 }
 

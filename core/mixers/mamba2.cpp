@@ -19,11 +19,11 @@ Mamba2MixerImpl::Mamba2MixerImpl(const Mamba2MixerOptions& options_) : options(o
 int64_t Mamba2MixerImpl::expected_num_parameters(const Mamba2MixerOptions& o) {
   const int64_t d = o.d_model(), di = o.expand() * d, nh = di / o.headdim();
   const int64_t gn = o.ngroups() * o.d_state(), k = o.d_conv();
-  return d * (2 * di + 2 * gn + nh)   // in_proj
-         + (di + 2 * gn) * (k + 1)    // conv1d weight + bias
-         + 3 * nh                     // dt_bias, A_log, D
-         + di                         // norm weight
-         + di * d;                    // out_proj
+  return d * (2 * di + 2 * gn + nh)  // in_proj
+         + (di + 2 * gn) * (k + 1)   // conv1d weight + bias
+         + 3 * nh                    // dt_bias, A_log, D
+         + di                        // norm weight
+         + di * d;                   // out_proj
 }
 
 void Mamba2MixerImpl::reset() {
@@ -39,8 +39,8 @@ void Mamba2MixerImpl::reset() {
   const int64_t di = d_inner(), nh = nheads(), gn = o.ngroups() * o.d_state();
 
   // PyTorch's default Linear init (kaiming-uniform); the model re-initialises Linears later (N(0, 0.02)).
-  in_proj = register_module("in_proj", torch::nn::Linear(torch::nn::LinearOptions(o.d_model(), 2 * di + 2 * gn + nh)
-                                                             .bias(false)));
+  in_proj = register_module("in_proj",
+                            torch::nn::Linear(torch::nn::LinearOptions(o.d_model(), 2 * di + 2 * gn + nh).bias(false)));
   conv1d = register_module("conv1d", ShortConv(ShortConvOptions(di + 2 * gn, o.d_conv()).bias(true).silu(true)));
   dt_bias = register_parameter("dt_bias", init_dt_bias(nh, o.dt_min(), o.dt_max(), o.dt_init_floor()));
   A_log = register_parameter("A_log", torch::log(torch::empty({nh}).uniform_(o.A_init_min(), o.A_init_max())));
@@ -77,8 +77,8 @@ torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& u) {
 
   // Gated RMSNorm, norm_before_gate = false: RMSNorm(y * SiLU(z)) * w over the whole d_inner (one group).
   const auto gated = y * torch::silu(z.to(torch::kFloat32));
-  const auto normed = gated * torch::rsqrt(gated.pow(2).mean(-1, /*keepdim=*/true) + o.norm_eps()) *
-                      norm_weight.to(torch::kFloat32);
+  const auto normed =
+      gated * torch::rsqrt(gated.pow(2).mean(-1, /*keepdim=*/true) + o.norm_eps()) * norm_weight.to(torch::kFloat32);
   return out_proj->forward(normed.to(u.scalar_type()));
 }
 

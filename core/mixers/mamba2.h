@@ -7,7 +7,8 @@
 //   out = out_proj(RMSNorm(y * SiLU(z)) * w)           norm_before_gate = false, one group, eps 1e-5; no bias
 //
 // Parameter names follow mamba_ssm (in_proj, conv1d, dt_bias, A_log, D, norm_weight, out_proj). Note that
-// "out_proj" deliberately does not contain "o_proj": the hybrid init (seed-spec §6.4) scales only "o_proj"/"down_proj".
+// "out_proj" deliberately does not contain "o_proj": the hybrid init (seed-spec §6.4) scales only "o_proj" and
+// "down_proj", and the Mamba mixer's output projection keeps N(0, 0.02) there.
 #pragma once
 #include <torch/torch.h>
 

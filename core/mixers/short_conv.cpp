@@ -12,8 +12,8 @@ torch::Tensor causal_conv1d(const torch::Tensor& x, const torch::Tensor& weight,
   const auto w = weight.dim() == 2 ? weight.unsqueeze(1) : weight;
   TORCH_CHECK(w.dim() == 3 && w.size(0) == C && w.size(1) == 1,
               "causal_conv1d: weight must be (C,W) or (C,1,W) with C = ", C, ", got ", weight.sizes());
-  TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == C), "causal_conv1d: bias must be (", C,
-              "), got ", bias.sizes());
+  TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == C), "causal_conv1d: bias must be (", C, "), got ",
+              bias.sizes());
   const int64_t W = w.size(2);
   // Left padding only: output t covers inputs t-W+1 .. t.
   const auto xt = F::pad(x.transpose(1, 2), F::PadFuncOptions({W - 1, 0}));

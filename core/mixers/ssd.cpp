@@ -19,8 +19,8 @@ struct SsdDims {
 SsdDims check_ssd_inputs(const torch::Tensor& x, const torch::Tensor& dt, const torch::Tensor& A,
                          const torch::Tensor& B, const torch::Tensor& C, const torch::Tensor& initial_state) {
   TORCH_CHECK(x.dim() == 4, "ssd: x must be (B,T,H,P), got ", x.sizes());
-  const SsdDims d{x.size(0), x.size(1), x.size(2), x.size(3), B.dim() == 4 ? B.size(2) : -1,
-                  B.dim() == 4 ? B.size(3) : -1};
+  const SsdDims d{
+      x.size(0), x.size(1), x.size(2), x.size(3), B.dim() == 4 ? B.size(2) : -1, B.dim() == 4 ? B.size(3) : -1};
   TORCH_CHECK(dt.dim() == 3 && dt.size(0) == d.batch && dt.size(1) == d.seqlen && dt.size(2) == d.heads,
               "ssd: dt must be (B,T,H) = (", d.batch, ",", d.seqlen, ",", d.heads, "), got ", dt.sizes());
   TORCH_CHECK(d.seqlen > 0, "ssd: sequence length must be positive, got x ", x.sizes());
@@ -30,9 +30,9 @@ SsdDims check_ssd_inputs(const torch::Tensor& x, const torch::Tensor& dt, const 
   TORCH_CHECK(C.sizes() == B.sizes(), "ssd: C must have B's shape ", B.sizes(), ", got ", C.sizes());
   TORCH_CHECK(d.groups > 0 && d.heads % d.groups == 0, "ssd: heads (", d.heads, ") must be a multiple of groups (",
               d.groups, ")");
-  TORCH_CHECK(x.device() == dt.device() && x.device() == A.device() && x.device() == B.device() &&
-                  x.device() == C.device(),
-              "ssd: all inputs must be on one device");
+  TORCH_CHECK(
+      x.device() == dt.device() && x.device() == A.device() && x.device() == B.device() && x.device() == C.device(),
+      "ssd: all inputs must be on one device");
   if (initial_state.defined()) {
     TORCH_CHECK(initial_state.dim() == 4 && initial_state.size(0) == d.batch && initial_state.size(1) == d.heads &&
                     initial_state.size(2) == d.headdim && initial_state.size(3) == d.dstate,
@@ -80,16 +80,16 @@ std::tuple<torch::Tensor, torch::Tensor> ssd_chunked(const torch::Tensor& x, con
   const int64_t Tp = nc * L;
   const int64_t G = d.groups, R = d.heads / d.groups, P = d.headdim, N = d.dstate, Bn = d.batch;
 
-  const auto dtf = pad_time(dt.to(ct), Tp);                                  // (B,Tp,H)
-  const auto xd = (pad_time(x.to(ct), Tp) * dtf.unsqueeze(-1))               // dt-discretised input x̄ = dt·x
-                      .reshape({Bn, nc, L, G, R, P});                        // (b,c,l,g,r,p)
-  const auto Bc = pad_time(B.to(ct), Tp).reshape({Bn, nc, L, G, N});        // (b,c,l,g,n)
+  const auto dtf = pad_time(dt.to(ct), Tp);                           // (B,Tp,H)
+  const auto xd = (pad_time(x.to(ct), Tp) * dtf.unsqueeze(-1))        // dt-discretised input x̄ = dt·x
+                      .reshape({Bn, nc, L, G, R, P});                 // (b,c,l,g,r,p)
+  const auto Bc = pad_time(B.to(ct), Tp).reshape({Bn, nc, L, G, N});  // (b,c,l,g,n)
   const auto Cc = pad_time(C.to(ct), Tp).reshape({Bn, nc, L, G, N});
   // Log-decays dA = dt·A (<= 0), laid out (b,g,r,c,l) so that chunk-local scans run over the last dim.
   const auto dA = (dtf * A.to(ct)).reshape({Bn, nc, L, G, R}).permute({0, 3, 4, 1, 2});
-  const auto dA_cs = torch::cumsum(dA, -1);                                 // log-decay from chunk start to l
+  const auto dA_cs = torch::cumsum(dA, -1);  // log-decay from chunk start to l
   // Lmat[l, s] = exp(sum_{s < k <= l} dA_k): decay from step s to step l inside the chunk (0 above the diagonal).
-  const auto Lmat = torch::exp(segment_sum(dA));                           // (b,g,r,c,l,s)
+  const auto Lmat = torch::exp(segment_sum(dA));  // (b,g,r,c,l,s)
 
   // 1. Intra-chunk (diagonal blocks): y_l = sum_{s <= l} (C_l·B_s) Lmat[l,s] x̄_s — masked "attention".
   const auto CB = torch::einsum("bclgn,bcsgn->bgcls", {Cc, Bc}).unsqueeze(2);  // (b,g,1,c,l,s)
@@ -104,15 +104,15 @@ std::tuple<torch::Tensor, torch::Tensor> ssd_chunked(const torch::Tensor& x, con
   //    sum_{c <= z} exp(sum of whole-chunk decays of chunks c..z-1) * states[c], with states[0] = initial state.
   auto init = initial_state.defined() ? initial_state.to(ct).reshape({Bn, 1, G, R, P, N})
                                       : torch::zeros({Bn, 1, G, R, P, N}, xd.options());
-  states = torch::cat({init, states}, 1);                                                   // (b,c+1,g,r,p,n)
-  const auto chunk_decay = F::pad(dA_cs.select(-1, L - 1), F::PadFuncOptions({1, 0}));      // (b,g,r,c+1)
-  const auto decay_chunk = torch::exp(segment_sum(chunk_decay));                             // (b,g,r,c+1,c+1)
+  states = torch::cat({init, states}, 1);                                               // (b,c+1,g,r,p,n)
+  const auto chunk_decay = F::pad(dA_cs.select(-1, L - 1), F::PadFuncOptions({1, 0}));  // (b,g,r,c+1)
+  const auto decay_chunk = torch::exp(segment_sum(chunk_decay));                        // (b,g,r,c+1,c+1)
   const auto new_states = torch::einsum("bgrzc,bcgrpn->bzgrpn", {decay_chunk, states});
-  const auto states_in = new_states.narrow(1, 0, nc);                                       // entering chunk c
+  const auto states_in = new_states.narrow(1, 0, nc);  // entering chunk c
   const auto final_state = new_states.select(1, nc).reshape({Bn, d.heads, P, N});
 
   // 4. State -> output inside each chunk: y_l += exp(dA_cs[l]) C_l^T S_in.
-  const auto decay_out = torch::exp(dA_cs).permute({0, 3, 4, 1, 2}).unsqueeze(-1);          // (b,c,l,g,r,1)
+  const auto decay_out = torch::exp(dA_cs).permute({0, 3, 4, 1, 2}).unsqueeze(-1);  // (b,c,l,g,r,1)
   y = y + torch::einsum("bclgn,bcgrpn->bclgrp", {Cc, states_in}) * decay_out;
 
   y = y.reshape({Bn, Tp, d.heads, P}).narrow(1, 0, d.seqlen).to(x.scalar_type());
@@ -127,17 +127,17 @@ std::tuple<torch::Tensor, torch::Tensor> ssd_sequential(const torch::Tensor& x, 
   const int64_t R = d.heads / d.groups;
   const auto xf = x.to(ct);
   const auto dtf = dt.to(ct);
-  const auto decay = torch::exp(dtf * A.to(ct));                      // (B,T,H)
-  const auto Bh = B.to(ct).repeat_interleave(R, 2);                   // head h reads group h / R
+  const auto decay = torch::exp(dtf * A.to(ct));     // (B,T,H)
+  const auto Bh = B.to(ct).repeat_interleave(R, 2);  // head h reads group h / R
   const auto Ch = C.to(ct).repeat_interleave(R, 2);
   auto S = initial_state.defined() ? initial_state.to(ct)
                                    : torch::zeros({d.batch, d.heads, d.headdim, d.dstate}, xf.options());
   std::vector<torch::Tensor> ys;
   ys.reserve(d.seqlen);
   for (int64_t t = 0; t < d.seqlen; ++t) {
-    const auto xt = xf.select(1, t) * dtf.select(1, t).unsqueeze(-1);                   // (B,H,P)
+    const auto xt = xf.select(1, t) * dtf.select(1, t).unsqueeze(-1);  // (B,H,P)
     S = S * decay.select(1, t).unsqueeze(-1).unsqueeze(-1) + xt.unsqueeze(-1) * Bh.select(1, t).unsqueeze(-2);
-    ys.push_back((S * Ch.select(1, t).unsqueeze(-2)).sum(-1));                         // (B,H,P)
+    ys.push_back((S * Ch.select(1, t).unsqueeze(-2)).sum(-1));  // (B,H,P)
   }
   auto y = ys.empty() ? torch::zeros_like(xf) : torch::stack(ys, 1);
   return {y.to(x.scalar_type()), S};

@@ -62,6 +62,7 @@ TEST_P(DeltaChunkedVsSequential, OutputsStatesAndGradientsAgree) {
   ASSERT_EQ(s_c.sizes(), torch::IntArrayRef({c.b, c.h, c.dk, c.dv}));
   EXPECT_LT(rel_err(o_c, o_s), 1e-4);
   EXPECT_LT(rel_err(s_c, s_s), 1e-4);
+  double worst_grad = 0.0;
 
   const auto wo = torch::randn_like(o_s), ws = torch::randn_like(s_s);
   const auto g_c = grads_of(loss_fn(true, c.chunk, wo, ws), in);
@@ -71,7 +72,10 @@ TEST_P(DeltaChunkedVsSequential, OutputsStatesAndGradientsAgree) {
     if (!in[i].defined()) continue;
     EXPECT_GT(g_s[i].abs().sum().item<double>(), 0.0) << names[i];
     EXPECT_LT(rel_err(g_c[i], g_s[i]), 1e-4) << "grad wrt " << names[i];
+    worst_grad = std::max(worst_grad, rel_err(g_c[i], g_s[i]));
   }
+  std::cout << "[ error ] " << c << ": rel err o " << rel_err(o_c, o_s) << ", state " << rel_err(s_c, s_s)
+            << ", worst grad " << worst_grad << "\n";
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, DeltaChunkedVsSequential,
@@ -151,6 +155,8 @@ TEST(DeltaRule, GradcheckFp64) {
       const auto rep = gradcheck(loss_fn(chunked, c.chunk, wo, ws), in);
       EXPECT_TRUE(rep.ok) << c << (chunked ? " chunked: " : " sequential: ") << rep.first_failure;
       EXPECT_LT(rep.max_abs_err, 1e-6) << c;
+      std::cout << "[ error ] gradcheck " << c << (chunked ? " chunked" : " sequential")
+                << ": max |autograd - finite diff| " << rep.max_abs_err << "\n";
     }
   }
 }
@@ -196,12 +202,12 @@ TEST(DeltaRule, BadShapesAreRejected) {
     a[which] = t;
     return gated_delta_rule_chunked(a[0], a[1], a[2], a[3], a[4], 4, -1.0, a[5]);
   };
-  EXPECT_THROW(call(0, in[0].select(0, 0)), c10::Error);                      // q not 4-D
-  EXPECT_THROW(call(1, in[1].narrow(3, 0, 3)), c10::Error);                   // k head dim != q's
-  EXPECT_THROW(call(2, in[2].narrow(1, 0, 7)), c10::Error);                   // v length
-  EXPECT_THROW(call(3, in[3].unsqueeze(-1)), c10::Error);                     // g not (B,T,H)
-  EXPECT_THROW(call(4, in[4].narrow(2, 0, 1)), c10::Error);                   // beta heads
-  EXPECT_THROW(call(5, in[5].transpose(2, 3)), c10::Error);                   // state (B,H,V,K)
+  EXPECT_THROW(call(0, in[0].select(0, 0)), c10::Error);     // q not 4-D
+  EXPECT_THROW(call(1, in[1].narrow(3, 0, 3)), c10::Error);  // k head dim != q's
+  EXPECT_THROW(call(2, in[2].narrow(1, 0, 7)), c10::Error);  // v length
+  EXPECT_THROW(call(3, in[3].unsqueeze(-1)), c10::Error);    // g not (B,T,H)
+  EXPECT_THROW(call(4, in[4].narrow(2, 0, 1)), c10::Error);  // beta heads
+  EXPECT_THROW(call(5, in[5].transpose(2, 3)), c10::Error);  // state (B,H,V,K)
   EXPECT_THROW(gated_delta_rule_chunked(in[0], in[1], in[2], in[3], in[4], 0), c10::Error);
 }
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <iostream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -96,6 +97,8 @@ inline GradcheckReport gradcheck(const ScalarFn& f, const std::vector<torch::Ten
 }
 
 // sum(y * w) for a fixed random w of y's shape: a scalar whose gradient reaches every output element differently.
-inline torch::Tensor weighted_sum(const torch::Tensor& y, const torch::Tensor& w) { return (y * w.to(y.dtype())).sum(); }
+inline torch::Tensor weighted_sum(const torch::Tensor& y, const torch::Tensor& w) {
+  return (y * w.to(y.dtype())).sum();
+}
 
 }  // namespace ablate::core::testing

@@ -30,16 +30,13 @@ std::ostream& operator<<(std::ostream& os, const SsdCase& c) {
 
 // x, dt, A, B, C, initial_state (undefined when !init). dt*|A| ~ 0.02..0.5 per step, so decays matter both inside a
 // chunk and across chunks.
-std::vector<torch::Tensor> make_inputs(const SsdCase& c, torch::ScalarType dtype = torch::kFloat32,
-                                       uint64_t seed = 0) {
+std::vector<torch::Tensor> make_inputs(const SsdCase& c, torch::ScalarType dtype = torch::kFloat32, uint64_t seed = 0) {
   torch::manual_seed(seed);
   auto o = torch::TensorOptions().dtype(dtype);
-  return {torch::randn({c.b, c.t, c.h, c.p}, o),
-          F::softplus(torch::randn({c.b, c.t, c.h}, o) - 2.5),
-          -(0.5 + 3.5 * torch::rand({c.h}, o)),
-          0.5 * torch::randn({c.b, c.t, c.g, c.n}, o),
-          0.5 * torch::randn({c.b, c.t, c.g, c.n}, o),
-          c.init ? torch::randn({c.b, c.h, c.p, c.n}, o) : torch::Tensor()};
+  return {
+      torch::randn({c.b, c.t, c.h, c.p}, o),       F::softplus(torch::randn({c.b, c.t, c.h}, o) - 2.5),
+      -(0.5 + 3.5 * torch::rand({c.h}, o)),        0.5 * torch::randn({c.b, c.t, c.g, c.n}, o),
+      0.5 * torch::randn({c.b, c.t, c.g, c.n}, o), c.init ? torch::randn({c.b, c.h, c.p, c.n}, o) : torch::Tensor()};
 }
 
 // Scalar loss over y and the final state, with fixed random weights.
@@ -62,6 +59,7 @@ TEST_P(SsdChunkedVsSequential, OutputsStatesAndGradientsAgree) {
   ASSERT_EQ(s_c.sizes(), torch::IntArrayRef({c.b, c.h, c.p, c.n}));
   EXPECT_LT(rel_err(y_c, y_s), 1e-4);
   EXPECT_LT(rel_err(s_c, s_s), 1e-4);
+  double worst_grad = 0.0;
 
   const auto wy = torch::randn_like(y_s), ws = torch::randn_like(s_s);
   const auto g_c = grads_of(loss_fn(true, c.chunk, wy, ws), in);
@@ -71,7 +69,10 @@ TEST_P(SsdChunkedVsSequential, OutputsStatesAndGradientsAgree) {
     if (!in[i].defined()) continue;
     EXPECT_GT(g_s[i].abs().sum().item<double>(), 0.0) << names[i];
     EXPECT_LT(rel_err(g_c[i], g_s[i]), 1e-4) << "grad wrt " << names[i];
+    worst_grad = std::max(worst_grad, rel_err(g_c[i], g_s[i]));
   }
+  std::cout << "[ error ] " << c << ": rel err y " << rel_err(y_c, y_s) << ", state " << rel_err(s_c, s_s)
+            << ", worst grad " << worst_grad << "\n";
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, SsdChunkedVsSequential,
@@ -118,9 +119,9 @@ TEST(Ssd, StateLayoutAndGroupMapping) {
                              : ssd_chunked(in[0], in[1], in[2], in[3], in[4], chunk);
     for (int64_t h = 0; h < c.h; ++h) {
       const int64_t g = h / (c.h / c.g);
-      const auto xb = in[0][0][0][h] * in[1][0][0][h];                    // (P)
-      const auto want_s = torch::outer(xb, in[3][0][0][g]);               // (P,N)
-      const auto want_y = xb * (in[3][0][0][g] * in[4][0][0][g]).sum();   // (P)
+      const auto xb = in[0][0][0][h] * in[1][0][0][h];                   // (P)
+      const auto want_s = torch::outer(xb, in[3][0][0][g]);              // (P,N)
+      const auto want_y = xb * (in[3][0][0][g] * in[4][0][0][g]).sum();  // (P)
       EXPECT_LT(rel_err(s[0][h], want_s), 1e-12) << "head " << h << " chunk " << chunk;
       EXPECT_LT(rel_err(y[0][0][h], want_y), 1e-12) << "head " << h << " chunk " << chunk;
     }
@@ -130,9 +131,8 @@ TEST(Ssd, StateLayoutAndGroupMapping) {
 TEST(Ssd, SegmentSumIsExactAndMaskedAboveTheDiagonal) {
   const auto ss = segment_sum(torch::tensor({1.0, 2.0, 3.0, 4.0}, torch::kFloat64));
   const double inf = std::numeric_limits<double>::infinity();
-  const auto want = torch::tensor({{0.0, -inf, -inf, -inf}, {2.0, 0.0, -inf, -inf}, {5.0, 3.0, 0.0, -inf},
-                                   {9.0, 7.0, 4.0, 0.0}},
-                                  torch::kFloat64);
+  const auto want = torch::tensor(
+      {{0.0, -inf, -inf, -inf}, {2.0, 0.0, -inf, -inf}, {5.0, 3.0, 0.0, -inf}, {9.0, 7.0, 4.0, 0.0}}, torch::kFloat64);
   EXPECT_TRUE(torch::equal(ss, want)) << ss;
 }
 
@@ -146,6 +146,8 @@ TEST(Ssd, GradcheckFp64) {
       const auto rep = gradcheck(loss_fn(chunked, c.chunk, wy, ws), in);
       EXPECT_TRUE(rep.ok) << c << (chunked ? " chunked: " : " sequential: ") << rep.first_failure;
       EXPECT_LT(rep.max_abs_err, 1e-6) << c;
+      std::cout << "[ error ] gradcheck " << c << (chunked ? " chunked" : " sequential")
+                << ": max |autograd - finite diff| " << rep.max_abs_err << "\n";
     }
   }
 }
@@ -189,14 +191,14 @@ TEST(Ssd, Bf16InputsComputeInFp32) {
 TEST(Ssd, BadShapesAreRejected) {
   const SsdCase c{1, 8, 4, 2, 3, 5, 4, true};
   const auto in = make_inputs(c);
-  EXPECT_THROW(ssd_chunked(in[0].select(0, 0), in[1], in[2], in[3], in[4], 4), c10::Error);      // x not 4-D
-  EXPECT_THROW(ssd_chunked(in[0], in[1].narrow(1, 0, 7), in[2], in[3], in[4], 4), c10::Error);   // dt length
-  EXPECT_THROW(ssd_chunked(in[0], in[1], in[2].narrow(0, 0, 3), in[3], in[4], 4), c10::Error);   // A heads
+  EXPECT_THROW(ssd_chunked(in[0].select(0, 0), in[1], in[2], in[3], in[4], 4), c10::Error);     // x not 4-D
+  EXPECT_THROW(ssd_chunked(in[0], in[1].narrow(1, 0, 7), in[2], in[3], in[4], 4), c10::Error);  // dt length
+  EXPECT_THROW(ssd_chunked(in[0], in[1], in[2].narrow(0, 0, 3), in[3], in[4], 4), c10::Error);  // A heads
   EXPECT_THROW(ssd_chunked(in[0], in[1], in[2], in[3].narrow(2, 0, 1).repeat({1, 1, 3, 1}),
                            in[4].narrow(2, 0, 1).repeat({1, 1, 3, 1}), 4),
-               c10::Error);                                                                      // H % G != 0
-  EXPECT_THROW(ssd_chunked(in[0], in[1], in[2], in[3], in[4].narrow(3, 0, 4), 4), c10::Error);   // C != B shape
-  EXPECT_THROW(ssd_chunked(in[0], in[1], in[2], in[3], in[4], 0), c10::Error);                   // chunk 0
+               c10::Error);                                                                     // H % G != 0
+  EXPECT_THROW(ssd_chunked(in[0], in[1], in[2], in[3], in[4].narrow(3, 0, 4), 4), c10::Error);  // C != B shape
+  EXPECT_THROW(ssd_chunked(in[0], in[1], in[2], in[3], in[4], 0), c10::Error);                  // chunk 0
   EXPECT_THROW(ssd_sequential(in[0], in[1], in[2], in[3], in[4], in[5].transpose(2, 3)), c10::Error);
 }
 
