@@ -17,6 +17,10 @@ struct NotImplementedError : ConfigError {
   using ConfigError::ConfigError;
 };
 
+// Everything that fixes the shape of a model: the family, its block pattern and every mixer's hyper-parameters.
+// Layer i is a block of type layer_type(i) = pattern[i % pattern.size()]: 'A' attention (dense SDPA, or NSA when
+// attn_type == "nsa"), 'M' Mamba2, 'D' Gated DeltaNet. Every block is pre-norm RMSNorm -> mixer -> residual ->
+// RMSNorm -> SwiGLU(intermediate) -> residual.
 struct ModelDims {
   std::string name;       // preset name or the size string it came from
   int64_t d = 0;          // hidden size
@@ -27,6 +31,21 @@ struct ModelDims {
   int64_t intermediate = 0;
   int64_t vocab_size = 0;      // tokenizer vocabulary (targets are < this)
   int64_t padded_vocab = 0;    // embedding / head rows, a multiple of 64
+  // Family: "transformer" (pattern "A"), "mamba2" ("M"), "deltanet" ("D") or "hybrid" (a --block_pattern).
+  std::string family = "transformer";
+  std::string pattern = "A";
+  std::string attn_type = "dense";  // canonical: dense | nsa (fsa is an alias of nsa)
+  bool hybrid_init = false;         // seed 6.4 scaled init (hybrids) instead of plain N(0, 0.02) (seed 2.7)
+  // Mamba2 mixer (seed 4.2).
+  int64_t mamba_d_state = 128, mamba_d_conv = 4, mamba_expand = 2, mamba_headdim = 64;
+  // Gated DeltaNet mixer (seed 5): heads = d / gdn_head_dim.
+  int64_t gdn_head_dim = 64, gdn_expand_v = 2, gdn_conv_size = 4;
+  // NSA (paper defaults): selection block l', selected blocks n, window w, compression block l and stride d.
+  int64_t nsa_block_size = 64, nsa_num_selected_blocks = 16, nsa_window_size = 512, nsa_cmp_block_size = 32,
+          nsa_cmp_stride = 16;
+
+  char layer_type(int64_t i) const { return pattern[static_cast<size_t>(i) % pattern.size()]; }
+  int64_t repeats() const { return n_layers / static_cast<int64_t>(pattern.size()); }
   std::string to_string() const;
 };
 
@@ -35,12 +54,29 @@ constexpr int64_t ceil_to(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // "0.6B" -> 600000000, "100M" -> 100000000, "1.5b", "2500K", "12345". Throws ConfigError.
 int64_t parse_size_string(const std::string& s);
 
-// Exact parameter count of the Transformer built for these dims (embedding + untied head + blocks + final norm).
+// Exact parameter counts of what core/model.cpp builds (tests compare them with built modules).
+int64_t attention_params(const ModelDims& m);  // q/k/v/o, plus NSA's compression MLPs, position embeddings, gates
+int64_t mamba2_mixer_params(const ModelDims& m);    // = Mamba2MixerImpl::expected_num_parameters
+int64_t deltanet_mixer_params(const ModelDims& m);  // = GatedDeltaNetMixerImpl::expected_num_parameters
+int64_t mixer_params(const ModelDims& m, char type);
+int64_t block_params(const ModelDims& m, char type);  // mixer + SwiGLU 3*d*I + two norms 2*d
+// Whole model: embedding + untied head (padded_vocab x d each) + blocks + final norm.
 int64_t count_params(const ModelDims& m);
 
-// Presets tiny|mini|small, or a size string resolved by the dimension search (seed spec 1.3, with the
-// search's formula replaced by the exact count of the model built). Throws ConfigError.
+// Dense Transformer dims for a preset (tiny|mini|small), a seed table name (SMALL|MEDIUM|LARGE|XLARGE, seed 1.4)
+// or a size string resolved by the dimension search. Kept for callers that only want a Transformer.
 ModelDims resolve_model_size(const std::string& size, int64_t vocab_size);
+
+struct TrainConfig;
+// The model a run builds: family from --block_pattern / --mamba_type, mixer settings from the flags, d and L from
+// --model_size (search per family, see config.cpp). Throws ConfigError.
+ModelDims resolve_model(const TrainConfig& cfg, int64_t vocab_size);
+
+// Human-readable --print_config text: family, pattern, dims, per-block and total parameter counts.
+std::string describe_model(const ModelDims& m);
+
+// Vocabulary used by --print_config without --data_dir: the seed's Qwen tokenizer.
+constexpr int64_t kSeedVocab = 151936;
 
 // LR for 1-based optimizer step s: linear warmup lr*s/W (first step is lr/W, not 0), then cosine from lr
 // down to min_lr_ratio*lr at s == total_steps.
@@ -56,9 +92,17 @@ struct TrainConfig {
   std::string block_pattern;
   int64_t block_repeats = -1;
   std::string attn_type = "dense";
+  std::string mamba_type = "none";  // none | mamba2 | deltanet (used when block_pattern is empty)
   std::string optimizer_type = "adamw";
   double rope_theta = 500000.0;
   int64_t context_length = 256;
+  // Mixer settings (seed 9.1 flags; NSA defaults are the paper's).
+  int64_t mamba_d_state = 128, mamba_d_conv = 4, mamba_expand = 2, mamba_headdim = 64;
+  int64_t nsa_block_size = 64, nsa_num_selected_blocks = 16, nsa_window_size = 512, nsa_cmp_block_size = 32,
+          nsa_cmp_stride = 16;
+  // Accepted for seed compatibility, no effect (validated so typos are caught).
+  std::string kernel_type = "liger";
+  std::string ce_kernel_type;
   // optimisation
   int64_t batch_size = 8;
   int64_t gradient_accumulation_steps = 1;
@@ -94,6 +138,8 @@ struct TrainConfig {
 
   // Checks ranges and names; throws ConfigError / NotImplementedError.
   void validate() const;
+  // The model part of validate(): pattern letters, attention/mamba types, mixer settings, model size.
+  void validate_model() const;
   // Seed's naming: {model_size}_{arch}_{optimizer}_ctx{context_length}.
   std::string default_run_name() const;
 };
