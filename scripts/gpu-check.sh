@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (the device tool): builds the engine with CUDA, runs every engine test there
 # (GPU cases included), and trains the demo model on the GPU. Writes logs under $OUT (or ./gpu-out).
-#   needs: .deps/*.deb (CLI11, nlohmann-json, GoogleTest from Debian: `apt-get download` them here),
+#   needs: .deps/*.deb (CLI11, nlohmann-json, GoogleTest, fortunes from Debian: `apt-get download` them here),
 #          data/fortunes (make demo or `ablate-train prepare-data` makes it)
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
 log() { echo "== $*" | tee -a "$out/summary.txt"; }
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p /tmp/deps && for f in .deps/*.deb; do dpkg -x "$f" /tmp/deps; done
+# The training tests read the real corpus at its Debian path; the GPU image has no Debian packages.
+if [ ! -d /usr/share/games/fortunes ]; then mkdir -p /usr/share/games && ln -s /tmp/deps/usr/share/games/fortunes /usr/share/games/fortunes; fi
 torch_prefix=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/summary.txt"
 t0=$(date +%s)

@@ -39,12 +39,27 @@ TEST(OptimGpuTest, QuantEncodeDecodeCudaMatchesCpuReferenceBitExactly) {
   }
 }
 
+// Shapes chosen so that every Kronecker factor SOAP/Shampoo keeps is full rank from the first step: a side
+// longer than max_precond_dim (32) stays unrotated, and a kept side is never longer than the other one
+// (G G^T of an m x n gradient has rank min(m, n)). With a rank-deficient factor the eigenbasis of its null
+// space is arbitrary, so CPU and GPU eigh legitimately pick different bases and the trajectories diverge:
+// that would not be a bug, and the first version of this test failed on the H200 for exactly that reason.
 NamedParams model(const torch::Device& d) {
   torch::manual_seed(3);
-  return {{"tok_embeddings.weight", torch::randn({40, 16}).to(d).requires_grad_()},
-          {"layers.0.proj.weight", torch::randn({64, 128}).to(d).requires_grad_()},
+  return {{"tok_embeddings.weight", torch::randn({40, 16}).to(d).requires_grad_()},  // L skipped, R 16x16
+          {"layers.0.proj.weight", torch::randn({24, 48}).to(d).requires_grad_()},  // L 24x24, R skipped
+          {"layers.0.square.weight", torch::randn({20, 20}).to(d).requires_grad_()},  // both sides
           {"layers.0.norm.weight", torch::ones({16}).to(d).requires_grad_()},
-          {"lm_head.weight", torch::randn({24, 16}).to(d).requires_grad_()}};
+          {"lm_head.weight", torch::randn({48, 24}).to(d).requires_grad_()}};  // L skipped, R 24x24
+}
+
+// CUDA and CPU run the same algorithm but not the same floating-point operations (eigh, QR, reductions), so
+// the trajectories agree to rounding, amplified by the eigen-solvers; for the quantized preconditioners a
+// rounding difference can also flip a code. The bound is relative to how far the parameters moved.
+double cross_device_tolerance(const std::string& name) {
+  if (name == "soap8bit" || name == "soap4bit") return 5e-2;
+  if (name == "soap" || name == "shampoo") return 1e-3;
+  return 1e-5;  // AdamW family: elementwise math, differences are fp32 rounding only
 }
 
 TEST(OptimGpuTest, EveryOptimizerOnCudaMatchesCpu) {
@@ -52,9 +67,12 @@ TEST(OptimGpuTest, EveryOptimizerOnCudaMatchesCpu) {
   OptimConfig cfg;
   cfg.lr = 1e-2;
   cfg.precondition_frequency = 2;
-  cfg.max_precond_dim = 64;
+  cfg.max_precond_dim = 32;
+  cfg.min_quant_numel = 256;  // quantize the moments of these small tensors too, so the low-bit paths run
   for (const auto& name : core::optim::optimizer_names()) {
     NamedParams c = model(torch::kCPU), g = model(torch::Device(torch::kCUDA));
+    std::vector<torch::Tensor> start;
+    for (auto& [n, p] : c) start.push_back(p.detach().clone());
     auto oc = make_optimizer(name, c, cfg);
     auto og = make_optimizer(name, g, cfg);
     for (int t = 1; t <= 5; ++t) {
@@ -68,8 +86,11 @@ TEST(OptimGpuTest, EveryOptimizerOnCudaMatchesCpu) {
       og->step();
     }
     for (size_t k = 0; k < c.size(); ++k) {
-      const double err = (c[k].second.detach() - g[k].second.detach().cpu()).abs().max().item<double>();
-      EXPECT_LE(err, 1e-4) << name << " " << c[k].first;
+      const torch::Tensor pc = c[k].second.detach(), pg = g[k].second.detach().cpu();
+      const double moved = (pc - start[k]).norm().item<double>();
+      ASSERT_GT(moved, 0.0) << name << " " << c[k].first << " did not move";
+      const double rel = (pc - pg).norm().item<double>() / moved;
+      EXPECT_LE(rel, cross_device_tolerance(name)) << name << " " << c[k].first;
     }
     EXPECT_EQ(oc->state_bytes(), og->state_bytes()) << name;
   }
