@@ -52,3 +52,24 @@ else
   echo "setup-deps: torch $TORCH_VERSION present in .venv"
 fi
 echo "setup-deps: LibTorch CMake prefix: $(.venv/bin/python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
+
+# --- Deployment checks (tests/deploy): a real Prometheus + promtool, headless Chromium for the report screenshot,
+# and Python checkers in .venv (pyyaml, jsonschema, kubernetes-validate: offline Kubernetes schemas).
+DEPLOY_DEB_PACKAGES=(prometheus chromium fonts-dejavu-core)
+missing=()
+for p in "${DEPLOY_DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup-deps: installing Debian packages for the deploy tests: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+if ! .venv/bin/python -c "import yaml, jsonschema, kubernetes_validate" 2>/dev/null; then
+  echo "setup-deps: installing pyyaml, jsonschema, kubernetes-validate into .venv (deploy checks)"
+  .venv/bin/pip install --quiet pyyaml jsonschema kubernetes-validate
+else
+  echo "setup-deps: deploy check tools present"
+fi
