@@ -39,6 +39,44 @@ int main(int argc, char** argv) {
       ->envname("ABLATE_DB_POOL_SIZE")->check(CLI::PositiveNumber)->capture_default_str();
   serve->add_option("--max_cells", cfg.max_cells, "largest grid a sweep may expand to")
       ->envname("ABLATE_MAX_CELLS")->check(CLI::PositiveNumber)->capture_default_str();
+  serve->add_option("--heartbeat_interval_ms", cfg.heartbeat_interval_ms,
+                    "worker heartbeat interval told to workers (0: lease TTL / 6)")
+      ->envname("ABLATE_HEARTBEAT_INTERVAL_MS")->capture_default_str();
+  serve->add_option("--reaper_interval_ms", cfg.reaper_interval_ms,
+                    "leader tick: lease reaper, cron, readiness probe")
+      ->envname("ABLATE_REAPER_INTERVAL_MS")->check(CLI::PositiveNumber)->capture_default_str();
+  serve->add_option("--progress_timeout_s", cfg.progress_timeout_s,
+                    "hang detection: a child with no new step for this long is killed (class hang)")
+      ->envname("ABLATE_PROGRESS_TIMEOUT_S")->check(CLI::PositiveNumber)->capture_default_str();
+  serve->add_option("--retry_policy", cfg.retry_policy,
+                    "retries per failure class, e.g. crash=2,hang=2,infra=5,oom=0,diverged=0 (defaults shown)")
+      ->envname("ABLATE_RETRY_POLICY");
+  serve->add_option("--retry_backoff_ms", cfg.retry_backoff_ms, "first retry backoff for crash/hang (doubles)")
+      ->envname("ABLATE_RETRY_BACKOFF_MS")->capture_default_str();
+  serve->add_option("--retry_backoff_max_ms", cfg.retry_backoff_max_ms, "backoff cap")
+      ->envname("ABLATE_RETRY_BACKOFF_MAX_MS")->capture_default_str();
+  serve->add_option("--quarantine_after", cfg.quarantine_after,
+                    "quarantine a worker after this many consecutive crash/hang/infra failures (0: never)")
+      ->envname("ABLATE_QUARANTINE_AFTER")->capture_default_str();
+  serve->add_option("--quarantine_s", cfg.quarantine_s, "quarantine duration")
+      ->envname("ABLATE_QUARANTINE_S")->check(CLI::PositiveNumber)->capture_default_str();
+  serve->add_option("--max_stream_s", cfg.max_stream_s, "streaming calls (WatchSweep, ReportMetrics) end after this")
+      ->envname("ABLATE_MAX_STREAM_S")->check(CLI::PositiveNumber)->capture_default_str();
+  serve->add_option("--max_message_bytes", cfg.max_message_bytes, "largest request accepted (RESOURCE_EXHAUSTED above)")
+      ->envname("ABLATE_MAX_MESSAGE_BYTES")->check(CLI::PositiveNumber)->capture_default_str();
+  serve->add_option("--max_metric_batch_bytes", cfg.max_metric_batch_bytes, "largest metric batch")
+      ->envname("ABLATE_MAX_METRIC_BATCH_BYTES")->check(CLI::PositiveNumber)->capture_default_str();
+  serve->add_option("--replica_id", cfg.replica_id, "name of this replica in leader election (default host-pid)")
+      ->envname("ABLATE_REPLICA_ID");
+  serve->add_option("--tls_cert", cfg.tls_cert, "PEM certificate of the gRPC port (enables TLS)")
+      ->envname("ABLATE_TLS_CERT");
+  serve->add_option("--tls_key", cfg.tls_key, "PEM private key of --tls_cert")->envname("ABLATE_TLS_KEY");
+  serve->add_option("--tls_client_ca", cfg.tls_client_ca,
+                    "PEM CA that signs worker client certificates (mTLS; enables authorization)")
+      ->envname("ABLATE_TLS_CLIENT_CA");
+  serve->add_option("--tokens_file", cfg.tokens_file,
+                    "bearer tokens: lines `<user|admin|worker> <name> <token or sha256:hex>` (enables authorization)")
+      ->envname("ABLATE_TOKENS_FILE");
   bool no_migrate = false;
   serve->add_flag("--no_migrate", no_migrate, "don't apply migrations at startup (refuse to serve if behind)");
 
@@ -64,7 +102,10 @@ int main(int argc, char** argv) {
   LogInfo("scheduler_starting", {{"db", RedactDsn(cfg.db_dsn)}, {"listen", cfg.listen},
                                  {"metrics_listen", cfg.metrics_listen},
                                  {"lease_ttl_s", std::to_string(cfg.lease_ttl_s)},
-                                 {"max_attempts", std::to_string(cfg.max_attempts)}});
+                                 {"max_attempts", std::to_string(cfg.max_attempts)},
+                                 {"tls", cfg.tls_cert.empty() ? "off" : "on"},
+                                 {"client_ca", cfg.tls_client_ca.empty() ? "off" : "on"},
+                                 {"tokens_file", cfg.tokens_file.empty() ? "off" : "on"}});
   auto server = SchedulerServer::Start(cfg);
   if (!server.ok()) {
     LogError("scheduler_start_failed", {{"error", server.status().ToString()}});

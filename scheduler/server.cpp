@@ -9,8 +9,16 @@
 #include "scheduler/rpc/sweep_service.h"
 #include "scheduler/rpc/worker_service.h"
 #include "scheduler/store/pg/migrate.h"
+#include "scheduler/store/pg/leader.h"
 #include "scheduler/store/pg/pg_job_store.h"
+#include "scheduler/sweep/cron.h"
+#include "scheduler/sweep/grid.h"
 #include "scheduler/util/log.h"
+
+#include <unistd.h>
+
+#include <fstream>
+#include <sstream>
 
 namespace ablate::scheduler {
 
@@ -45,20 +53,80 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
   }
   if (auto st = pg::CheckSchemaCurrent(config.db_dsn); !st.ok()) return st;
 
+  RetryPolicy policy;
+  policy.max_failed_attempts = config.max_attempts;
+  policy.backoff_base_ms = config.retry_backoff_ms;
+  policy.backoff_max_ms = std::max(config.retry_backoff_ms, config.retry_backoff_max_ms);
+  policy.quarantine_after = config.quarantine_after;
+  policy.quarantine_s = config.quarantine_s;
+  auto parsed = RetryPolicy::Parse(config.retry_policy, policy);
+  if (!parsed.ok()) return parsed.status();
+
+  // Security: TLS when a certificate is given; workers' client certificates verified against tls_client_ca.
+  auto read_file = [](const std::string& path, const char* flag) -> absl::StatusOr<std::string> {
+    std::ifstream in(path);
+    if (!in) return absl::InvalidArgumentError(std::string(flag) + " " + path + ": cannot read");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  };
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!config.tls_cert.empty() || !config.tls_key.empty()) {
+    if (config.tls_cert.empty() || config.tls_key.empty()) {
+      return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
+    }
+    auto cert = read_file(config.tls_cert, "--tls_cert");
+    if (!cert.ok()) return cert.status();
+    auto key = read_file(config.tls_key, "--tls_key");
+    if (!key.ok()) return key.status();
+    grpc::SslServerCredentialsOptions opts(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    if (!config.tls_client_ca.empty()) {
+      auto ca = read_file(config.tls_client_ca, "--tls_client_ca");
+      if (!ca.ok()) return ca.status();
+      opts.pem_root_certs = *ca;
+      // Workers must present a certificate signed by this CA; people authenticate with bearer tokens instead, so
+      // a certificate is verified when present rather than required of every connection.
+      opts.client_certificate_request = GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY;
+    }
+    opts.pem_key_cert_pairs.push_back({*key, *cert});
+    creds = grpc::SslServerCredentials(opts);
+  } else if (!config.tokens_file.empty() || !config.tls_client_ca.empty()) {
+    return absl::InvalidArgumentError("--tokens_file/--tls_client_ca need TLS (--tls_cert, --tls_key): bearer tokens "
+                                      "must never travel in plaintext");
+  }
+  bool auth_on = !config.tokens_file.empty() || !config.tls_client_ca.empty();
+  auto auth = rpc::Authenticator::Create(auth_on, config.tokens_file);
+  if (!auth.ok()) return auth.status();
+  if (!auth_on) LogWarn("authentication_disabled", {{"hint", "pass --tls_cert/--tls_key with --tokens_file and "
+                                                              "--tls_client_ca in production"}});
+
   std::unique_ptr<SchedulerServer> s(new SchedulerServer(config));
+  if (s->config_.replica_id.empty()) {
+    char host[256] = {0};
+    ::gethostname(host, sizeof host - 1);
+    s->config_.replica_id = std::string(host) + "-" + std::to_string(::getpid());
+  }
+  s->auth_ = std::move(*auth);
   s->store_ = std::make_unique<pg::PgJobStore>(config.db_dsn, config.db_pool_size);
   s->metrics_ = std::make_unique<metrics::SchedulerMetrics>(&s->registry_);
   s->ctx_ = rpc::ServiceContext{s->store_.get(), s->metrics_.get(), config.lease_ttl_s, config.max_attempts,
                                 config.max_cells, &s->shutting_down_};
+  s->ctx_.policy = *parsed;
+  s->ctx_.heartbeat_interval_ms =
+      config.heartbeat_interval_ms > 0 ? config.heartbeat_interval_ms : std::max(100, config.lease_ttl_s * 1000 / 6);
+  s->ctx_.progress_timeout_ms = config.progress_timeout_s * 1000;
+  s->ctx_.max_stream_s = config.max_stream_s;
+  s->ctx_.max_metric_batch_bytes = config.max_metric_batch_bytes;
+  s->ctx_.auth = s->auth_.get();
   s->sweep_service_ = std::make_unique<rpc::SweepServiceImpl>(&s->ctx_);
   s->worker_service_ = std::make_unique<rpc::WorkerServiceImpl>(&s->ctx_);
 
   grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  if (!auth_on) grpc::reflection::InitProtoReflectionServerBuilderPlugin();  // no unauthenticated schema browsing
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(config.listen, grpc::InsecureServerCredentials(), &s->grpc_port_);
+  builder.AddListeningPort(config.listen, creds, &s->grpc_port_);
   builder.SetMaxReceiveMessageSize(config.max_message_bytes);
-  builder.SetMaxSendMessageSize(config.max_message_bytes);
+  builder.SetMaxSendMessageSize(config.max_send_bytes);
   builder.RegisterService(s->sweep_service_.get());
   builder.RegisterService(s->worker_service_.get());
   s->grpc_server_ = builder.BuildAndStart();
@@ -89,7 +157,7 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
     s->http_thread_ = std::thread([self] { self->http_->listen_after_bind(); });
   }
 
-  s->reaper_thread_ = std::thread([self = s.get()] { self->ReaperLoop(); });
+  s->reaper_thread_ = std::thread([self = s.get()] { self->LeaderLoop(); });
   return s;
 }
 
@@ -103,22 +171,118 @@ std::string SchedulerServer::metrics_address() const {
   return (hp.ok() ? hp->first : "") + ":" + std::to_string(metrics_port_);
 }
 
-void SchedulerServer::ReaperLoop() {
+// One thread per replica: readiness probe, leader election, and — only while leading — the lease reaper and the
+// cron. The reaper waits one lease TTL after this replica becomes leader (a restart, a failover, or the database
+// coming back, which drops the lock session): leases that could not be renewed while nobody was reachable get a
+// grace period instead of being reaped at once (F09, F14).
+void SchedulerServer::LeaderLoop() {
+  pg::LeaderElector elector(config_.db_dsn, config_.replica_id);
+  auto reap_after = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lock(mu_);
   while (!shutting_down_.load()) {
     cv_.wait_for(lock, std::chrono::milliseconds(config_.reaper_interval_ms));
     if (shutting_down_.load()) break;
     lock.unlock();
-    auto r = store_->ExpireLeases(config_.max_attempts);
-    if (!r.ok()) {
-      metrics_->store_errors->Inc({"expire_leases"});
-      LogWarn("expire_leases_failed", {{"error", r.status().ToString()}});
-    } else if (int n = r->requeued + r->failed + r->cancelled; n > 0) {
-      metrics_->leases_expired->Inc({}, n);
-      LogInfo("leases_expired", {{"requeued", std::to_string(r->requeued)}, {"failed", std::to_string(r->failed)},
-                                 {"cancelled", std::to_string(r->cancelled)}});
+    // Readiness: gRPC health says NOT_SERVING while the database does not answer.
+    auto t0 = std::chrono::steady_clock::now();
+    auto probe = store_->CountWorkersSeenWithin(1);
+    metrics_->store_latency->Observe({}, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    metrics_->store_up->Set({}, probe.ok() ? 1 : 0);
+    if (grpc_server_ && grpc_server_->GetHealthCheckService()) {
+      grpc_server_->GetHealthCheckService()->SetServingStatus(probe.ok());
     }
+    bool became = false, lost = false;
+    std::string err;
+    int64_t epoch = elector.Tick(&became, &lost, &err);
+    leader_epoch_ = epoch;
+    metrics_->is_leader->Set({}, epoch > 0 ? 1 : 0);
+    metrics_->leader_epoch->Set({}, static_cast<double>(epoch));
+    if (became) {
+      reap_after = std::chrono::steady_clock::now() + std::chrono::seconds(config_.lease_ttl_s);
+      LogInfo("leader_acquired", {{"epoch", std::to_string(epoch)}, {"replica", config_.replica_id},
+                                  {"reaper_grace_s", std::to_string(config_.lease_ttl_s)}});
+    }
+    if (lost) LogWarn("leader_lost", {{"replica", config_.replica_id}, {"error", err}});
+    if (epoch > 0 && std::chrono::steady_clock::now() >= reap_after) {
+      auto r = store_->Expire(ctx_.policy, epoch);
+      if (!r.ok()) {
+        metrics_->store_errors->Inc({"expire_leases"});
+        LogWarn("expire_leases_failed", {{"error", r.status().ToString()}});
+      } else if (int n = r->requeued + r->failed + r->cancelled; n > 0) {
+        metrics_->leases_expired->Inc({}, n);
+        metrics_->retries->Inc({"infra"}, r->requeued);
+        LogInfo("leases_expired", {{"requeued", std::to_string(r->requeued)}, {"failed", std::to_string(r->failed)},
+                                   {"cancelled", std::to_string(r->cancelled)}, {"epoch", std::to_string(epoch)}});
+        for (const auto& w : r->quarantined_workers) {
+          metrics_->quarantines->Inc();
+          LogWarn("worker_quarantined", {{"worker_id", w}, {"after", "lease expired"}});
+        }
+      }
+    }
+    if (epoch > 0) FireSchedules();
     lock.lock();
+  }
+  lock.unlock();
+  elector.Release();
+  lock.lock();
+}
+
+// Missed-run policy: when several due times of a schedule have passed (the scheduler was down), only the most
+// recent one fires; the older ones are counted as skipped. Each (schedule, due time) fires at most once: the
+// sweep's idempotency key is derived from the pair, and schedule_runs has it as its primary key.
+void SchedulerServer::FireSchedules() {
+  auto due = store_->DueSchedules(config_.now_override_unix_ms);
+  if (!due.ok()) {
+    metrics_->store_errors->Inc({"due_schedules"});
+    return;
+  }
+  int64_t now_ms = config_.now_override_unix_ms > 0
+                       ? config_.now_override_unix_ms
+                       : std::chrono::duration_cast<std::chrono::milliseconds>(
+                             std::chrono::system_clock::now().time_since_epoch()).count();
+  for (const auto& sch : *due) {
+    auto cron = sweep::ParseCron(sch.cron);
+    if (!cron.ok()) {
+      LogWarn("schedule_invalid", {{"schedule_id", std::to_string(sch.id)}, {"error", cron.status().ToString()}});
+      continue;
+    }
+    int64_t fire = sch.next_due_unix_ms, next = -1;
+    int32_t skipped = 0;
+    for (int i = 0; i < 1000000; ++i) {
+      next = sweep::CronNext(*cron, fire / 1000);
+      if (next < 0 || next * 1000 > now_ms) break;
+      fire = next * 1000;
+      ++skipped;
+    }
+    if (next < 0) next = fire / 1000 + int64_t{10} * 366 * 86400;  // never again (in practice)
+    int64_t sweep_id = 0;
+    auto exp = sweep::ParseAndExpand(sch.spec_yaml, config_.max_cells);
+    if (!exp.ok()) {
+      LogWarn("schedule_spec_invalid", {{"schedule_id", std::to_string(sch.id)}, {"error", exp.status().ToString()}});
+    } else {
+      NewSweep ns;
+      ns.name = exp->spec.name;
+      ns.spec_yaml = sch.spec_yaml;
+      ns.idempotency_key = "schedule:" + std::to_string(sch.id) + ":" + std::to_string(fire);
+      ns.spec_hash = exp->spec_hash;
+      ns.factor_names = exp->factor_names;
+      for (const auto& c : exp->cells) {
+        ns.jobs.push_back({c.cell_index, c.factors, c.params, c.config_hash, c.total_steps, c.mem_estimate_bytes, c.gpus});
+      }
+      auto created = store_->CreateSweep(ns);
+      if (!created.ok()) {
+        LogWarn("schedule_fire_failed", {{"schedule_id", std::to_string(sch.id)},
+                                         {"error", created.status().ToString()}});
+        continue;  // retried at the next tick; the idempotency key keeps it to one sweep
+      }
+      sweep_id = created->sweep.id;
+    }
+    auto rec = store_->RecordScheduleRun(sch.id, fire, sweep_id, sch.next_due_unix_ms, next * 1000, skipped);
+    if (rec.ok() && *rec) {
+      metrics_->schedule_fires->Inc();
+      LogInfo("schedule_fired", {{"schedule_id", std::to_string(sch.id)}, {"due_unix_ms", std::to_string(fire)},
+                                 {"sweep_id", std::to_string(sweep_id)}, {"skipped", std::to_string(skipped)}});
+    }
   }
 }
 
@@ -142,6 +306,9 @@ std::string SchedulerServer::ScrapeMetrics() {
   }
   if (auto w = store_->CountWorkersSeenWithin(2 * config_.lease_ttl_s); w.ok()) {
     metrics_->workers_alive->Set({}, static_cast<double>(*w));
+  }
+  if (auto q = store_->CountQuarantinedWorkers(); q.ok()) {
+    metrics_->workers_quarantined->Set({}, static_cast<double>(*q));
   }
   // job_id labels only for running jobs and at most max_job_series series: bounded cardinality.
   if (auto latest = store_->LatestMetricsOfRunningJobs(config_.max_job_series); latest.ok()) {

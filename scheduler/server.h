@@ -23,13 +23,27 @@ struct SchedulerConfig {
   std::string listen = "127.0.0.1:50051";          // gRPC host:port
   std::string metrics_listen = "127.0.0.1:9464";   // HTTP host:port; empty disables
   int lease_ttl_s = 15;
-  int max_attempts = 3;
+  int max_attempts = 8;                            // failed attempts per job (all classes); preemptions don't count
   int db_pool_size = 8;
   int reaper_interval_ms = 1000;
   int max_cells = 10000;
-  int max_message_bytes = 16 * 1024 * 1024;
+  int max_message_bytes = 1024 * 1024;             // largest request (a sweep file must fit); responses may be larger
+  int max_send_bytes = 64 * 1024 * 1024;
+  int max_metric_batch_bytes = 256 * 1024;
   int max_job_series = 256;                        // cap on ablate_job_latest series
   bool migrate_on_start = true;
+  int heartbeat_interval_ms = 0;                   // 0: lease TTL / 6 (six heartbeats may be lost)
+  int progress_timeout_s = 600;                    // hang detection: no new step for this long
+  int max_stream_s = 600;                          // streaming calls end after this (clients reconnect)
+  std::string retry_policy;                        // "crash=2,hang=2,infra=5,oom=0,diverged=0" overrides
+  int retry_backoff_ms = 10000;
+  int retry_backoff_max_ms = 600000;
+  int quarantine_after = 3;
+  int quarantine_s = 600;
+  int64_t now_override_unix_ms = 0;                // tests: the cron "now"
+  std::string replica_id;                          // leader-election holder name; default host-pid
+  // Security: TLS for the gRPC port; client certificates (workers) verified against tls_client_ca; bearer tokens.
+  std::string tls_cert, tls_key, tls_client_ca, tokens_file;
 };
 
 class SchedulerServer {
@@ -51,7 +65,8 @@ class SchedulerServer {
 
  private:
   explicit SchedulerServer(SchedulerConfig config);
-  void ReaperLoop();
+  void LeaderLoop();
+  void FireSchedules();
 
   SchedulerConfig config_;
   std::unique_ptr<JobStore> store_;
@@ -61,6 +76,8 @@ class SchedulerServer {
   std::atomic<bool> shutdown_started_{false};
   rpc::ServiceContext ctx_;
   std::unique_ptr<grpc::Service> sweep_service_, worker_service_;
+  std::unique_ptr<rpc::Authenticator> auth_;
+  int64_t leader_epoch_ = 0;
   std::unique_ptr<grpc::Server> grpc_server_;
   std::unique_ptr<httplib::Server> http_;
   std::thread http_thread_, reaper_thread_;

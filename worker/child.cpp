@@ -6,6 +6,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+extern char** environ;
+
 #include <cerrno>
 #include <cstring>
 #include <thread>
@@ -22,6 +24,19 @@ std::unique_ptr<ChildProcess> ChildProcess::Spawn(const Options& opts, std::stri
   std::vector<char*> argv;
   for (const auto& a : opts.argv) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
+  // The environment: ours, with opts.env entries replacing same-named ones; built before fork.
+  std::vector<std::string> env_store;
+  for (char** e = environ; e && *e; ++e) {
+    std::string kv(*e);
+    std::string key = kv.substr(0, kv.find('='));
+    bool overridden = false;
+    for (const auto& o : opts.env) overridden |= o.substr(0, o.find('=')) == key;
+    if (!overridden) env_store.push_back(kv);
+  }
+  for (const auto& o : opts.env) env_store.push_back(o);
+  std::vector<char*> envp;
+  for (auto& kv : env_store) envp.push_back(kv.data());
+  envp.push_back(nullptr);
 
   int log_fd = ::open(opts.log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (log_fd < 0) {
@@ -75,7 +90,7 @@ std::unique_ptr<ChildProcess> ChildProcess::Spawn(const Options& opts, std::stri
       ::_exit(127);
     }
     ::fcntl(target, F_SETFD, 0);  // dup2 cleared CLOEXEC unless ev == target, which F_DUPFD_CLOEXEC >= 10 rules out
-    ::execv(argv[0], argv.data());
+    ::execve(argv[0], argv.data(), envp.data());
     int e = errno;
     (void)!::write(exec_err[1], &e, sizeof e);
     ::_exit(127);

@@ -19,6 +19,7 @@ class ChildProcess {
     std::vector<std::string> argv;
     std::string log_path;   // stdout+stderr, appended
     int events_fd = 3;      // the write end of the events pipe, as the child sees it
+    std::vector<std::string> env;  // extra KEY=VALUE entries (override the worker's own environment)
   };
 
   // fork+exec. Returns nullptr with *error when the log cannot be opened or exec fails (reported back to the

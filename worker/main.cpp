@@ -4,6 +4,8 @@
 
 #include <CLI/CLI.hpp>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "worker/metrics.h"
@@ -32,7 +34,9 @@ int main(int argc, char** argv) {
   CLI::App app{
       "ablate-worker: leases jobs from ablate-scheduler and runs each one as an ablate-train child process\n"
       "(own process group, events on fd 3, log in <work_dir>/job-<id>/attempt-<n>.log).\n"
-      "SIGTERM/SIGINT: stop leasing, stop the running child (its lease then expires and the job is retried), exit."};
+      "SIGTERM/SIGINT: drain: stop leasing, SIGTERM the running child (it may checkpoint) and give it --drain_grace_ms,\n"
+      "report its checkpoint and release the job as PREEMPTED (re-queued at once, no retry budget spent), exit.\n"
+      "A second signal exits at once."};
   std::string scheduler, metrics_listen;
   WorkerOptions opts;
   opts.worker_id = DefaultWorkerId();
@@ -56,7 +60,33 @@ int main(int argc, char** argv) {
   app.add_flag("--once", opts.once, "Ask for one job once, run it if there is one, then exit");
   app.add_option("--kill_grace_ms", kill_grace_ms, "SIGTERM -> SIGKILL grace when stopping a child")
       ->capture_default_str();
+  int drain_ms = 60000, progress_ms = 0, startup_ms = 30000, outage_ms = 600000, fail_backoff_ms = 60000;
+  std::string tls_ca, tls_cert, tls_key, tls_server_name;
+  app.add_option("--drain_grace_ms", drain_ms, "SIGTERM -> SIGKILL grace for the child when the worker is drained")
+      ->capture_default_str();
+  app.add_option("--progress_timeout_ms", progress_ms,
+                 "Hang detection when the scheduler sends none: kill a child with no new step for this long (0: off)")
+      ->capture_default_str();
+  app.add_option("--startup_window_ms", startup_ms,
+                 "A child that crashes before its started event within this window is an infra failure")
+      ->capture_default_str();
+  app.add_option("--store_outage_tolerance_ms", outage_ms,
+                 "Keep training while the scheduler reports its database down, up to this long")
+      ->capture_default_str();
+  app.add_option("--failure_backoff_max_ms", fail_backoff_ms, "Cap of the backoff after consecutive failed attempts")
+      ->capture_default_str();
+  app.add_option("--gpus", opts.gpus_override, "Advertise these GPUs instead of nvidia-smi's: COUNTxMEMG[:CC], e.g. 2x80G:9.0");
+  app.add_option("--tls_ca", tls_ca, "PEM CA that signed the scheduler's certificate (enables TLS)")->envname("ABLATE_TLS_CA");
+  app.add_option("--tls_cert", tls_cert, "PEM client certificate of this worker (mTLS; its CN must be --worker_id)")
+      ->envname("ABLATE_TLS_CERT");
+  app.add_option("--tls_key", tls_key, "PEM private key of --tls_cert")->envname("ABLATE_TLS_KEY");
+  app.add_option("--tls_server_name", tls_server_name, "Expected name in the scheduler's certificate (default: host)");
   CLI11_PARSE(app, argc, argv);
+  opts.drain_grace = std::chrono::milliseconds(drain_ms);
+  opts.progress_timeout = std::chrono::milliseconds(progress_ms);
+  opts.startup_window = std::chrono::milliseconds(startup_ms);
+  opts.store_outage_tolerance = std::chrono::milliseconds(outage_ms);
+  opts.failure_backoff_max = std::chrono::milliseconds(std::max(fail_backoff_ms, 500));
   opts.poll_interval = std::chrono::milliseconds(poll_ms);
   opts.kill_grace = std::chrono::milliseconds(kill_grace_ms);
   // The child gets absolute paths: its own cwd is ours, but logs and reports are clearer this way.
@@ -98,7 +128,40 @@ int main(int argc, char** argv) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
-  auto channel = grpc::CreateCustomChannel(scheduler, grpc::InsecureChannelCredentials(), args);
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (!tls_ca.empty()) {
+    auto slurp = [](const std::string& path, std::string* out) {
+      std::ifstream in(path);
+      if (!in) return false;
+      std::stringstream ss;
+      ss << in.rdbuf();
+      *out = ss.str();
+      return true;
+    };
+    grpc::SslCredentialsOptions so;
+    if (!slurp(tls_ca, &so.pem_root_certs)) {
+      Log("error: --tls_ca ", tls_ca, ": cannot read");
+      return 1;
+    }
+    if (!tls_cert.empty() && (!slurp(tls_cert, &so.pem_cert_chain) || !slurp(tls_key, &so.pem_private_key))) {
+      Log("error: --tls_cert/--tls_key: cannot read");
+      return 1;
+    }
+    creds = grpc::SslCredentials(so);
+    if (!tls_server_name.empty()) args.SetSslTargetNameOverride(tls_server_name);
+  } else if (!tls_cert.empty()) {
+    Log("error: --tls_cert needs --tls_ca");
+    return 1;
+  }
+  // Several replicas: "10.0.0.1:50051,10.0.0.2:50051" -> one channel that fails over (pick_first).
+  std::string target = scheduler;
+  if (target.find(',') != std::string::npos && target.find(':') != std::string::npos &&
+      target.rfind("ipv4:", 0) != 0 && target.rfind("dns:", 0) != 0) {
+    target = "ipv4:" + target;
+  }
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+  auto channel = grpc::CreateCustomChannel(target, creds, args);
   Log("starting ", opts.worker_id, ": scheduler=", scheduler, " train_bin=", opts.train_bin,
       " data_root=", opts.data_root, " work_dir=", opts.work_dir);
   Worker worker(opts, channel, &metrics, &stop);

@@ -1,5 +1,7 @@
 #include "worker/metrics.h"
 
+#include <cstdio>
+
 #include <httplib.h>
 
 #include <sstream>
@@ -34,6 +36,40 @@ std::string WorkerMetrics::Render() const {
       "Metric points dropped (queue full, or undeliverable at job end).", points_dropped.load());
   one("ablate_worker_malformed_event_lines_total", "counter", "Lines on the events pipe that were not valid events.",
       malformed_event_lines.load());
+  one("ablate_worker_self_fences_total", "counter",
+      "Attempts stopped because the lease could not be renewed within its TTL (monotonic clock).", self_fences.load());
+  one("ablate_worker_hangs_detected_total", "counter", "Children killed for making no step progress.",
+      hangs_detected.load());
+  one("ablate_worker_checkpoint_verify_failures_total", "counter",
+      "Checkpoints whose manifest did not verify (not recorded / not resumed from).", checkpoint_verify_failures.load());
+  one("ablate_worker_checkpoints_reported_total", "counter", "Verified checkpoints recorded by the scheduler.",
+      checkpoints_reported.load());
+  one("ablate_worker_drains_total", "counter", "Attempts released because the worker was drained (SIGTERM).",
+      drains.load());
+  one("ablate_worker_quarantined", "gauge", "1 while the scheduler keeps this worker in quarantine.",
+      quarantined.load());
+  // GPU state, when nvidia-smi answers (bounded labels: the GPU index).
+  if (FILE* f = ::popen("command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=index,utilization.gpu,"
+                        "memory.used --format=csv,noheader,nounits 2>/dev/null", "r")) {
+    char line[256];
+    std::string util, mem;
+    while (std::fgets(line, sizeof line, f)) {
+      int idx = 0;
+      double u = 0, m = 0;
+      if (std::sscanf(line, "%d, %lf, %lf", &idx, &u, &m) == 3) {
+        util += "ablate_worker_gpu_utilization_ratio{gpu=\"" + std::to_string(idx) + "\"} " + std::to_string(u / 100) + "\n";
+        mem += "ablate_worker_gpu_memory_used_bytes{gpu=\"" + std::to_string(idx) + "\"} " +
+               std::to_string(static_cast<int64_t>(m * 1024 * 1024)) + "\n";
+      }
+    }
+    ::pclose(f);
+    if (!util.empty()) {
+      os << "# HELP ablate_worker_gpu_utilization_ratio GPU utilization (nvidia-smi).\n"
+         << "# TYPE ablate_worker_gpu_utilization_ratio gauge\n" << util
+         << "# HELP ablate_worker_gpu_memory_used_bytes GPU memory in use (nvidia-smi).\n"
+         << "# TYPE ablate_worker_gpu_memory_used_bytes gauge\n" << mem;
+    }
+  }
   return os.str();
 }
 

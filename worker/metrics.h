@@ -24,6 +24,12 @@ class WorkerMetrics {
   std::atomic<int64_t> points_sent{0};
   std::atomic<int64_t> points_dropped{0};
   std::atomic<int64_t> malformed_event_lines{0};
+  std::atomic<int64_t> self_fences{0};
+  std::atomic<int64_t> hangs_detected{0};
+  std::atomic<int64_t> checkpoint_verify_failures{0};
+  std::atomic<int64_t> checkpoints_reported{0};
+  std::atomic<int64_t> drains{0};
+  std::atomic<int64_t> quarantined{0};
 
   // Prometheus text exposition format 0.0.4.
   std::string Render() const;

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "worker/argv.h"
+#include "worker/checkpoint.h"
 #include "worker/child.h"
 #include "worker/events.h"
 #include "worker/outcome.h"
@@ -24,6 +25,11 @@ namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
+
+int64_t MonoMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 int64_t NowUnixMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
@@ -55,7 +61,15 @@ struct JobRun {
   bool child_exited = false;          // heartbeater stops
   std::atomic<int64_t> latest_step{-1};
   std::atomic<bool> lease_lost{false};
+  std::atomic<bool> self_fenced{false};
   std::atomic<bool> cancel_requested{false};
+  // Guarded by mu:
+  std::chrono::steady_clock::time_point renewed_at;    // when the last successful renewal was sent
+  std::optional<std::chrono::steady_clock::time_point> store_contact_at;  // last "database down" answer
+  std::chrono::steady_clock::time_point progress_at;   // last new step (or start)
+  bool started = false;
+  int64_t diverged_at = -1;                            // first step with a non-finite loss
+  std::chrono::steady_clock::time_point diverged_seen;
 
   v1::Lease CurrentLease() {
     std::lock_guard<std::mutex> lk(mu);
@@ -67,8 +81,27 @@ struct JobRun {
 
 bool LeaseHasJob(const v1::LeaseJobResponse& r) { return r.job_available() && r.has_job() && r.has_lease(); }
 
-v1::Resources DetectResources() {
+v1::Resources DetectResources(const std::string& gpus_override) {
   v1::Resources r;
+  if (!gpus_override.empty()) {
+    r.set_cpu_cores(static_cast<int32_t>(std::thread::hardware_concurrency()));
+    long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+    if (pages > 0 && page > 0) r.set_memory_bytes(static_cast<int64_t>(pages) * page);
+    // "<count>x<mem>G[:<cc>]", e.g. 2x80G:9.0
+    int count = 0;
+    double gib = 0;
+    char cc[16] = "9.0";
+    if (std::sscanf(gpus_override.c_str(), "%dx%lfG:%15s", &count, &gib, cc) >= 2) {
+      for (int i = 0; i < count && i < 64; ++i) {
+        auto* g = r.add_gpus();
+        g->set_index(i);
+        g->set_name("fake-gpu");
+        g->set_memory_bytes(static_cast<int64_t>(gib * 1024 * 1024 * 1024));
+        g->set_compute_capability(cc);
+      }
+    }
+    return r;
+  }
   r.set_cpu_cores(static_cast<int32_t>(std::thread::hardware_concurrency()));
   long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
   if (pages > 0 && page > 0) r.set_memory_bytes(static_cast<int64_t>(pages) * page);
@@ -108,7 +141,7 @@ v1::Resources DetectResources() {
 
 Worker::Worker(WorkerOptions opts, std::shared_ptr<grpc::Channel> channel, WorkerMetrics* metrics, Stopper* stop)
     : opts_(std::move(opts)), stub_(v1::WorkerService::NewStub(channel)), metrics_(metrics), stop_(stop) {
-  resources_ = DetectResources();
+  resources_ = DetectResources(opts_.gpus_override);
 }
 
 bool Worker::Register() {
@@ -126,6 +159,7 @@ bool Worker::Register() {
         opts_.rpc_timeout, stop_);
     if (s.ok()) {
       if (resp.heartbeat_interval_ms() > 0) heartbeat_interval_ = std::chrono::milliseconds(resp.heartbeat_interval_ms());
+      if (resp.lease_ttl_ms() > 0) lease_ttl_ = std::chrono::milliseconds(resp.lease_ttl_ms());
       Log("registered as ", opts_.worker_id, " (cpus=", resources_.cpu_cores(), " gpus=", resources_.gpus_size(),
           " heartbeat=", heartbeat_interval_.count(), "ms lease_ttl=", resp.lease_ttl_ms(), "ms)");
       return true;
@@ -142,18 +176,21 @@ int Worker::Run() {
   if (!Register()) return 0;
   int64_t jobs_done = 0;
   int poll_attempt = 0;
+  int consecutive_failures = 0;
   while (!stop_->stopped()) {
     v1::LeaseJobRequest req;
     req.set_worker_id(opts_.worker_id);
     *req.mutable_free() = resources_;  // one job at a time: all of it is free when we ask
     v1::LeaseJobResponse resp;
+    const auto lease_sent = Clock::now();
     grpc::Status s = CallWithRetry(
         "LeaseJob", [&](grpc::ClientContext* c) { return stub_->LeaseJob(c, req, &resp); }, opts_.rpc_timeout, stop_);
-    if (stop_->stopped()) break;
+    if (stop_->stopped() && !LeaseHasJob(resp)) break;
     if (!s.ok()) {
       if (IsFenced(s) || s.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
         // The scheduler forgot us (e.g. restarted on a fresh database): register again.
         Log("LeaseJob refused (", Describe(s), "); registering again");
+        stop_->SleepFor(Backoff(poll_attempt++, 1000ms, 30000ms));
         if (!Register()) break;
       } else {
         Log("LeaseJob failed: ", Describe(s));
@@ -163,12 +200,29 @@ int Worker::Run() {
       continue;
     }
     poll_attempt = 0;
+    if (resp.quarantined()) {
+      auto left = std::chrono::milliseconds(std::max<int64_t>(0, resp.quarantine_until_unix_ms() - NowUnixMs()));
+      Log("QUARANTINED by the scheduler for another ", left.count() / 1000, " s; not leasing");
+      metrics_->quarantined = 1;
+      stop_->SleepFor(std::min<std::chrono::milliseconds>(std::max(left, 500ms), 30000ms));
+      continue;
+    }
+    metrics_->quarantined = 0;
     if (LeaseHasJob(resp)) {
-      RunJob(resp);
+      bool node_failure = RunJob(resp, lease_sent);
       ++jobs_done;
       if (opts_.once || (opts_.max_jobs > 0 && jobs_done >= opts_.max_jobs)) {
         Log("done after ", jobs_done, " job(s)");
         break;
+      }
+      if (node_failure) {
+        // Crash loop on this node: exponential backoff before asking for more work (the scheduler quarantines a
+        // node that keeps failing; this keeps a bad node from burning through the queue meanwhile).
+        auto wait = Backoff(consecutive_failures++, 500ms, opts_.failure_backoff_max);
+        Log("attempt failed on this node (", consecutive_failures, " in a row); backing off ", wait.count(), "ms");
+        stop_->SleepFor(wait);
+      } else {
+        consecutive_failures = 0;
       }
       continue;  // ask for the next job at once
     }
@@ -182,8 +236,8 @@ int Worker::Run() {
   return 0;
 }
 
-void Worker::Complete(const v1::Lease& lease, v1::Outcome outcome, v1::FailureClass fc, const std::string& message,
-                      int exit_code) {
+bool Worker::Complete(const v1::Lease& lease, v1::Outcome outcome, v1::FailureClass fc, const std::string& message,
+                      int exit_code, bool retry) {
   v1::CompleteJobRequest req;
   req.set_worker_id(opts_.worker_id);
   *req.mutable_lease() = lease;
@@ -193,14 +247,16 @@ void Worker::Complete(const v1::Lease& lease, v1::Outcome outcome, v1::FailureCl
   req.set_exit_code(exit_code);
   v1::CompleteJobResponse resp;
   // Keep trying through a scheduler restart; past the lease TTL the scheduler re-queues the job anyway.
+  // Not tied to stop_: a draining worker must still get its report through.
   grpc::Status s = CallWithRetry(
       "CompleteJob", [&](grpc::ClientContext* c) { return stub_->CompleteJob(c, req, &resp); }, opts_.rpc_timeout,
-      stop_, 120s);
+      nullptr, retry ? 60s : 1ms);
   if (s.ok()) {
     Log("job ", lease.job_id(), " attempt ", lease.attempt(), " completed: ", OutcomeLabel(outcome),
         fc != v1::FAILURE_CLASS_UNSPECIFIED ? " (" + v1::FailureClass_Name(fc) + ")" : std::string(),
         " -> job state ", v1::JobState_Name(resp.state()));
     metrics_->JobFinished(OutcomeLabel(outcome));
+    return true;
   } else if (IsFenced(s)) {
     Log("job ", lease.job_id(), " attempt ", lease.attempt(), ": completion rejected, lease lost (", s.error_message(),
         ")");
@@ -210,14 +266,33 @@ void Worker::Complete(const v1::Lease& lease, v1::Outcome outcome, v1::FailureCl
         "; the lease will expire and the scheduler will retry the job");
     metrics_->JobFinished("unreported");
   }
+  return false;
 }
 
-void Worker::RunJob(const v1::LeaseJobResponse& leased) {
+bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_sent) {
   const v1::Job& job = leased.job();
   const v1::Lease lease0 = leased.lease();
+
+  // Resume from the newest reported checkpoint that still verifies; a corrupt one is skipped with an alert.
+  std::string resume;
+  int64_t resume_step = -1;
+  for (int i = 0; i < leased.resume_candidates_size(); ++i) {
+    std::string why;
+    if (VerifyCheckpoint(leased.resume_candidates(i), &why)) {
+      resume = leased.resume_candidates(i);
+      resume_step = i < leased.resume_candidate_steps_size() ? leased.resume_candidate_steps(i) : -1;
+      break;
+    }
+    ++metrics_->checkpoint_verify_failures;
+    Log("ALERT checkpoint_corrupt job=", job.id(), " path=", leased.resume_candidates(i), ": ", why,
+        "; falling back to an older checkpoint");
+  }
+  if (resume.empty() && leased.resume_candidates_size() == 0 && !leased.resume_checkpoint().empty()) {
+    std::string why;
+    if (VerifyCheckpoint(leased.resume_checkpoint(), &why)) resume = leased.resume_checkpoint();
+  }
   Log("leased job ", job.id(), " attempt ", lease0.attempt(), " (sweep ", job.sweep_id(), ", cell ", job.cell_index(),
-      ", epoch ", lease0.lease_epoch(), ")",
-      leased.resume_checkpoint().empty() ? std::string() : ", resuming from " + leased.resume_checkpoint());
+      ", epoch ", lease0.lease_epoch(), ")", resume.empty() ? std::string() : ", resuming from " + resume);
 
   TrainCommandInput in;
   in.train_bin = opts_.train_bin;
@@ -226,13 +301,13 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
   in.attempt = lease0.attempt();
   in.data_root = opts_.data_root;
   in.work_dir = opts_.work_dir;
-  in.resume_checkpoint = leased.resume_checkpoint();
+  in.resume_checkpoint = resume;
   TrainCommand cmd;
   std::string err;
   if (!BuildTrainCommand(in, &cmd, &err)) {
     Log("job ", job.id(), ": invalid params: ", err);
     Complete(lease0, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INVALID_CONFIG, err, 0);
-    return;
+    return false;
   }
   std::error_code ec;
   std::filesystem::create_directories(cmd.output_dir, ec);
@@ -240,23 +315,39 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
     std::string msg = "cannot create " + cmd.output_dir + ": " + ec.message();
     Log("job ", job.id(), ": ", msg);
     Complete(lease0, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, msg, 0);
-    return;
+    return true;
   }
   std::string argv_str;
   for (const auto& a : cmd.argv) argv_str += (argv_str.empty() ? "" : " ") + a;
   Log("job ", job.id(), ": starting ", argv_str, " (log ", cmd.log_path, ")");
 
-  auto child = ChildProcess::Spawn({cmd.argv, cmd.log_path, 3}, &err);
+  ChildProcess::Options copts{cmd.argv, cmd.log_path, 3, {}};
+  if (leased.assigned_gpus_size() > 0) {
+    std::string devs;
+    for (int i = 0; i < leased.assigned_gpus_size(); ++i) devs += (i ? "," : "") + std::to_string(leased.assigned_gpus(i));
+    copts.env.push_back("CUDA_VISIBLE_DEVICES=" + devs);
+  }
+  copts.env.push_back("ABLATE_JOB_ID=" + std::to_string(job.id()));
+  copts.env.push_back("ABLATE_ATTEMPT=" + std::to_string(lease0.attempt()));
+  copts.env.push_back("ABLATE_WORKER_ID=" + opts_.worker_id);
+  const auto spawned_at = Clock::now();
+  auto child = ChildProcess::Spawn(copts, &err);
   if (!child) {
     Log("job ", job.id(), ": spawn failed: ", err);
     Complete(lease0, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, "spawn failed: " + err, 0);
-    return;
+    return true;
   }
   metrics_->child_running = 1;
-  Log("job ", job.id(), ": child pid ", child->pid());
+  // Machine-readable lines for the fault suite's history checker (monotonic clock: comparable across processes).
+  Log("EVENT child_start job=", job.id(), " attempt=", lease0.attempt(), " epoch=", lease0.lease_epoch(),
+      " pid=", child->pid(), " mono_ms=", MonoMs(), " resume_step=", resume_step);
 
   JobRun run;
   run.lease = lease0;
+  run.renewed_at = lease_sent;
+  run.progress_at = spawned_at;
+  const auto progress_timeout = leased.progress_timeout_ms() > 0 ? std::chrono::milliseconds(leased.progress_timeout_ms())
+                                                                 : opts_.progress_timeout;
 
   // Event pump: the child's pipe -> queues. Never blocks on the network, so the child never blocks on us.
   std::thread pump([&] {
@@ -264,10 +355,19 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
         child->events_fd(),
         [&](const Event& ev) {
           if (auto* m = std::get_if<MetricsEvent>(&ev)) {
-            run.latest_step = std::max(run.latest_step.load(), m->step);
+            if (m->step > run.latest_step.load()) {
+              run.latest_step = m->step;
+              std::lock_guard<std::mutex> lk(run.mu);
+              run.progress_at = Clock::now();
+            }
             int64_t t = m->time_unix_ms > 0 ? m->time_unix_ms : NowUnixMs();
             std::lock_guard<std::mutex> lk(run.mu);
             for (const auto& [name, value] : m->values) {
+              // NaN guard: a non-finite loss marks divergence at this step; no checkpoint at or after it is recorded.
+              if ((name == "train/loss" || name == "eval/loss") && !std::isfinite(value) && run.diverged_at < 0) {
+                run.diverged_at = m->step;
+                run.diverged_seen = Clock::now();
+              }
               if (run.points.size() >= JobRun::kMaxQueuedPoints) {
                 run.points.pop_front();  // keep the newest: the latest values matter most
                 ++metrics_->points_dropped;
@@ -281,12 +381,24 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
             }
             run.cv.notify_all();
           } else if (auto* c = std::get_if<CheckpointEvent>(&ev)) {
-            Log("job ", job.id(), ": checkpoint at step ", c->step, ": ", c->path);
+            std::string why;
             std::lock_guard<std::mutex> lk(run.mu);
-            run.checkpoints.push_back(*c);
-            run.cv.notify_all();
+            if (run.diverged_at >= 0 && c->step >= run.diverged_at) {
+              Log("job ", job.id(), ": NOT recording checkpoint at step ", c->step, " (loss diverged at step ",
+                  run.diverged_at, ")");
+            } else if (!VerifyCheckpoint(c->path, &why)) {
+              ++metrics_->checkpoint_verify_failures;
+              Log("ALERT checkpoint_invalid job=", job.id(), " step=", c->step, ": ", why, " (not recorded)");
+            } else {
+              Log("job ", job.id(), ": checkpoint at step ", c->step, " verified: ", c->path);
+              run.checkpoints.push_back(*c);
+              run.cv.notify_all();
+            }
           } else if (auto* s = std::get_if<StartedEvent>(&ev)) {
             Log("job ", job.id(), ": started, total_steps=", s->total_steps, " params=", s->params);
+            std::lock_guard<std::mutex> lk(run.mu);
+            run.started = true;
+            run.progress_at = Clock::now();
           } else if (auto* f = std::get_if<FinishedEvent>(&ev)) {
             Log("job ", job.id(), ": child reports finished ", f->succeeded ? "succeeded" : "failed",
                 f->failure_class.empty() ? "" : " (" + f->failure_class + ")",
@@ -305,21 +417,10 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
     (void)st;
   });
 
-  // Metric sender: one client stream, rotated every minute so it never hits its deadline; reopened on failure.
+  // Metric and checkpoint sender. Each flush is one short client stream that ends with the scheduler's ack, so
+  // a batch is only dropped from the queue once it is stored; a failed flush puts everything back and is retried
+  // (the scheduler stores points idempotently). Checkpoints go after the metrics of their step.
   std::thread sender([&] {
-    std::unique_ptr<grpc::ClientContext> ctx;
-    std::unique_ptr<grpc::ClientWriter<v1::MetricBatch>> writer;
-    v1::ReportMetricsResponse ack;
-    Clock::time_point opened;
-    auto close_stream = [&](bool writes_done) -> grpc::Status {
-      if (!writer) return grpc::Status::OK;
-      if (writes_done) writer->WritesDone();
-      grpc::Status s = writer->Finish();
-      writer.reset();
-      ctx.reset();
-      if (IsFenced(s)) run.lease_lost = true;
-      return s;
-    };
     std::optional<Clock::time_point> flush_deadline;
     int failures = 0;
     for (;;) {
@@ -328,8 +429,8 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
       bool closed;
       {
         std::unique_lock<std::mutex> lk(run.mu);
-        run.cv.wait_for(lk, 500ms, [&] { return !run.points.empty() || !run.checkpoints.empty() || run.events_closed; });
-        while (!run.points.empty() && batch.size() < JobRun::kBatchPoints) {
+        run.cv.wait_for(lk, 250ms, [&] { return !run.points.empty() || !run.checkpoints.empty() || run.events_closed; });
+        while (!run.points.empty() && batch.size() < JobRun::kBatchPoints * 8) {
           batch.push_back(std::move(run.points.front()));
           run.points.pop_front();
         }
@@ -338,7 +439,7 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
         closed = run.events_closed;
       }
       if (closed && !flush_deadline) flush_deadline = Clock::now() + 30s;
-      const bool give_up = run.lease_lost || stop_->stopped() || (flush_deadline && Clock::now() > *flush_deadline);
+      const bool give_up = run.lease_lost || (flush_deadline && Clock::now() > *flush_deadline);
       if (give_up) {
         std::lock_guard<std::mutex> lk(run.mu);
         int64_t dropped = static_cast<int64_t>(batch.size() + run.points.size());
@@ -347,56 +448,69 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
         run.points.clear();
         break;
       }
-      // Metrics first, so the checkpoint's step is never ahead of the stored curve.
+      bool ok = true;
       if (!batch.empty()) {
-        if (writer && Clock::now() - opened > 60s) {
-          grpc::Status s = close_stream(true);
-          if (s.ok()) Log("job ", job.id(), ": metrics stream rotated, ", ack.points_accepted(), " points accepted");
+        grpc::ClientContext ctx;
+        ctx.set_deadline(std::chrono::system_clock::now() + opts_.rpc_timeout);
+        v1::ReportMetricsResponse ack;
+        auto writer = stub_->ReportMetrics(&ctx, &ack);
+        for (size_t i = 0; i < batch.size() && ok; i += JobRun::kBatchPoints) {
+          v1::MetricBatch mb;
+          mb.set_worker_id(opts_.worker_id);
+          *mb.mutable_lease() = run.CurrentLease();
+          for (size_t j = i; j < std::min(batch.size(), i + JobRun::kBatchPoints); ++j) *mb.add_points() = batch[j];
+          ok = writer->Write(mb);
         }
-        if (!writer) {
-          ctx = std::make_unique<grpc::ClientContext>();
-          ctx->set_deadline(std::chrono::system_clock::now() + 120s);
-          ack.Clear();
-          writer = stub_->ReportMetrics(ctx.get(), &ack);
-          opened = Clock::now();
-        }
-        v1::MetricBatch mb;
-        mb.set_worker_id(opts_.worker_id);
-        *mb.mutable_lease() = run.CurrentLease();
-        for (auto& p : batch) *mb.add_points() = std::move(p);
-        if (writer->Write(mb)) {
-          metrics_->points_sent += mb.points_size();
+        if (ok) writer->WritesDone();
+        grpc::Status s = writer->Finish();
+        ok = ok && s.ok();
+        if (ok) {
+          metrics_->points_sent += static_cast<int64_t>(batch.size());
           failures = 0;
+        } else if (IsFenced(s)) {
+          run.lease_lost = true;
+          Log("job ", job.id(), ": metrics rejected, lease lost (", s.error_message(), ")");
         } else {
-          grpc::Status s = close_stream(false);
-          if (run.lease_lost) {
-            Log("job ", job.id(), ": metrics rejected, lease lost (", s.error_message(), ")");
-          } else {
-            auto wait = Backoff(failures++);
-            Log("job ", job.id(), ": metrics stream broke (", Describe(s), "), reopening in ", wait.count(), "ms");
-            std::this_thread::sleep_for(wait);
-          }
-          // Put the batch back: it is sent again on the new stream (the scheduler stores points idempotently).
+          auto wait = Backoff(failures++, 200ms, 5000ms);
+          if (failures == 1 || failures % 10 == 0)
+            Log("job ", job.id(), ": metrics flush failed (", Describe(s), "), retrying in ", wait.count(), "ms");
           std::lock_guard<std::mutex> lk(run.mu);
-          for (int i = mb.points_size() - 1; i >= 0; --i) run.points.push_front(mb.points(i));
+          for (auto it = batch.rbegin(); it != batch.rend(); ++it) run.points.push_front(std::move(*it));
+          for (auto it = cps.rbegin(); it != cps.rend(); ++it) run.checkpoints.push_front(*it);
+          cps.clear();
+          while (run.points.size() > JobRun::kMaxQueuedPoints) {  // bounded buffer: oldest points go, counted
+            run.points.pop_front();
+            ++metrics_->points_dropped;
+          }
+        }
+        if (!ok && !run.lease_lost) {
+          std::this_thread::sleep_for(Backoff(failures, 200ms, 5000ms));
           continue;
         }
       }
-      for (const auto& c : cps) {
+      for (size_t k = 0; k < cps.size(); ++k) {
+        const auto& c = cps[k];
         v1::ReportCheckpointRequest req;
         req.set_worker_id(opts_.worker_id);
         *req.mutable_lease() = run.CurrentLease();
         req.set_step(c.step);
         req.set_path(c.path);
         v1::ReportCheckpointResponse resp;
-        grpc::Status s = CallWithRetry(
-            "ReportCheckpoint", [&](grpc::ClientContext* cc) { return stub_->ReportCheckpoint(cc, req, &resp); },
-            opts_.rpc_timeout, stop_, 60s);
-        if (IsFenced(s)) {
+        grpc::ClientContext cc;
+        cc.set_deadline(std::chrono::system_clock::now() + opts_.rpc_timeout);
+        grpc::Status s = stub_->ReportCheckpoint(&cc, req, &resp);
+        if (s.ok()) {
+          ++metrics_->checkpoints_reported;
+          Log("job ", job.id(), ": checkpoint step ", c.step, " recorded");
+        } else if (IsFenced(s)) {
           run.lease_lost = true;
           Log("job ", job.id(), ": checkpoint rejected, lease lost (", s.error_message(), ")");
-        } else if (!s.ok()) {
-          Log("job ", job.id(), ": ReportCheckpoint step ", c.step, " failed: ", Describe(s));
+          break;
+        } else {
+          Log("job ", job.id(), ": ReportCheckpoint step ", c.step, " failed: ", Describe(s), "; will retry");
+          std::lock_guard<std::mutex> lk(run.mu);
+          for (size_t r = cps.size(); r-- > k;) run.checkpoints.push_front(cps[r]);
+          break;
         }
       }
       if (closed) {
@@ -404,31 +518,34 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
         if (run.points.empty() && run.checkpoints.empty()) break;
       }
     }
-    grpc::Status s = close_stream(true);
-    if (!s.ok() && !run.lease_lost) Log("job ", job.id(), ": closing metrics stream: ", Describe(s));
   });
 
-  // Heartbeater: renews the lease, carries the latest step, learns about cancellation and lost leases.
+  // Heartbeater: renews the lease, carries the latest step, learns about cancellation and lost leases. The
+  // renewal time is when the request was sent: the scheduler's expiry is later than sent + TTL, never earlier.
   std::thread heartbeater([&] {
     for (;;) {
       {
         std::unique_lock<std::mutex> lk(run.mu);
         if (run.cv.wait_for(lk, heartbeat_interval_, [&] { return run.child_exited; })) return;
       }
+      if (run.lease_lost) continue;
       v1::HeartbeatRequest req;
       req.set_worker_id(opts_.worker_id);
       *req.mutable_lease() = run.CurrentLease();
       req.set_step(run.latest_step.load());
       v1::HeartbeatResponse resp;
       grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() + std::min<std::chrono::milliseconds>(heartbeat_interval_, 5s));
-      // No retry loop: the next tick is the retry; a lease that expires meanwhile comes back as fenced.
+      ctx.set_deadline(std::chrono::system_clock::now() +
+                       std::max<std::chrono::milliseconds>(200ms, std::min<std::chrono::milliseconds>(heartbeat_interval_, 5s)));
+      const auto sent = Clock::now();
       grpc::Status s = stub_->Heartbeat(&ctx, req, &resp);
       if (s.ok()) {
         ++metrics_->heartbeats;
+        std::lock_guard<std::mutex> lk(run.mu);
+        run.renewed_at = sent;
+        run.store_contact_at.reset();
         if (resp.has_lease() && resp.lease().job_id() == job.id()) {
-          std::lock_guard<std::mutex> lk(run.mu);
-          run.lease = resp.lease();
+          run.lease.set_expires_unix_ms(resp.lease().expires_unix_ms());
         }
         if (resp.cancel_requested() && !run.cancel_requested) {
           Log("job ", job.id(), ": cancel requested by the scheduler");
@@ -440,32 +557,91 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
         run.lease_lost = true;
       } else {
         ++metrics_->heartbeat_failures;
-        Log("job ", job.id(), ": heartbeat failed: ", Describe(s));
+        bool store_down = false;
+        for (const auto& [k, v] : ctx.GetServerTrailingMetadata()) {
+          if (std::string(k.data(), k.size()) == "ablate-store-unavailable") store_down = true;
+        }
+        if (store_down) {
+          std::lock_guard<std::mutex> lk(run.mu);
+          run.store_contact_at = sent;
+        }
+        Log("job ", job.id(), ": heartbeat failed: ", Describe(s), store_down ? " (scheduler up, database down)" : "");
       }
     }
   });
 
-  // Supervise: wait for the child, or stop it when the lease is lost, the job cancelled, or we shut down.
+  // Supervise: wait for the child, or stop it when the lease is lost (rejected, or not renewed within the TTL on
+  // our monotonic clock: self-fence), the job is cancelled, it hangs, it diverged, or we drain.
   ExitStatus status;
   const char* stop_reason = nullptr;
+  v1::FailureClass forced_class = v1::FAILURE_CLASS_UNSPECIFIED;
+  std::string forced_message;
+  bool draining = false;
   for (;;) {
     if (auto st = child->TryWait()) {
       status = *st;
       break;
     }
-    if (run.lease_lost) stop_reason = "lease lost";
-    else if (run.cancel_requested) stop_reason = "cancelled";
-    else if (stop_->stopped()) stop_reason = "worker shutting down";
+    const auto now = Clock::now();
+    Clock::time_point fence_deadline, progress_at, diverged_seen;
+    bool started;
+    int64_t diverged_at;
+    {
+      std::lock_guard<std::mutex> lk(run.mu);
+      fence_deadline = run.renewed_at + lease_ttl_;
+      if (run.store_contact_at) {
+        // The scheduler answers but its database does not: nobody can take our lease meanwhile.
+        fence_deadline = std::max(fence_deadline,
+                                  std::min(*run.store_contact_at + lease_ttl_, run.renewed_at + opts_.store_outage_tolerance));
+      }
+      progress_at = run.progress_at;
+      started = run.started;
+      diverged_at = run.diverged_at;
+      diverged_seen = run.diverged_seen;
+    }
+    if (!run.lease_lost && now > fence_deadline) {
+      run.lease_lost = true;
+      run.self_fenced = true;
+      ++metrics_->self_fences;
+      Log("EVENT self_fence job=", job.id(), " attempt=", lease0.attempt(), " mono_ms=", MonoMs(),
+          ": no lease renewal within ", lease_ttl_.count(), "ms; stopping the child");
+    }
+    if (run.lease_lost) {
+      stop_reason = run.self_fenced ? "self-fenced" : "lease lost";
+    } else if (run.cancel_requested) {
+      stop_reason = "cancelled";
+    } else if (diverged_at >= 0 && now - diverged_seen > std::min<std::chrono::milliseconds>(opts_.kill_grace, 5s)) {
+      stop_reason = "diverged";
+      forced_class = v1::FAILURE_CLASS_DIVERGED;
+      forced_message = "non-finite loss at step " + std::to_string(diverged_at) + " (worker NaN guard)";
+    } else if (progress_timeout.count() > 0 && now - progress_at > progress_timeout) {
+      stop_reason = "hang";
+      forced_class = v1::FAILURE_CLASS_HANG;
+      forced_message = std::string("no step progress for ") + std::to_string(progress_timeout.count()) + "ms (" +
+                       (started ? "last step " + std::to_string(run.latest_step.load()) : "never started") + ")";
+      ++metrics_->hangs_detected;
+      Log("EVENT hang_detected job=", job.id(), " attempt=", lease0.attempt(), " mono_ms=", MonoMs(),
+          " last_step=", run.latest_step.load());
+    } else if (stop_->stopped()) {
+      stop_reason = "drain";
+      draining = true;
+    }
     if (stop_reason) {
+      // Self-fencing is urgent (another worker may get the job soon); a drain gives the child time to checkpoint.
+      auto grace = draining ? opts_.drain_grace
+                  : run.lease_lost ? std::min<std::chrono::milliseconds>(opts_.kill_grace, 1000ms) : opts_.kill_grace;
       Log("job ", job.id(), ": stopping child pid ", child->pid(), " (", stop_reason, "): SIGTERM, SIGKILL after ",
-          opts_.kill_grace.count(), "ms");
-      status = child->Stop(opts_.kill_grace);
+          grace.count(), "ms");
+      if (draining) ++metrics_->drains;
+      status = child->Stop(grace);
       break;
     }
-    std::this_thread::sleep_for(100ms);
+    std::this_thread::sleep_for(50ms);
   }
   child->SignalGroup(SIGKILL);  // stragglers in the group would keep the events pipe open
   metrics_->child_running = 0;
+  Log("EVENT child_end job=", job.id(), " attempt=", lease0.attempt(), " mono_ms=", MonoMs(),
+      " last_step=", run.latest_step.load());
   pump.join();
   {
     std::lock_guard<std::mutex> lk(run.mu);
@@ -482,7 +658,7 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
   }
   Log("job ", job.id(), ": child exited ",
       status.exited ? "with code " + std::to_string(status.code) : "by signal " + std::to_string(status.signal));
-  if (!run.lease_lost && status.exited && run.latest_step >= 0) {
+  if (!run.lease_lost && run.latest_step >= 0) {
     // One last heartbeat so the scheduler's step is the final one, not the one of the previous tick.
     v1::HeartbeatRequest req;
     req.set_worker_id(opts_.worker_id);
@@ -500,22 +676,47 @@ void Worker::RunJob(const v1::LeaseJobResponse& leased) {
   }
   const v1::Lease lease = run.CurrentLease();
   if (run.lease_lost) {
+    if (run.self_fenced) {
+      // Release early if the lease happens to be still ours; after a partition this is the zombie's late write,
+      // which the scheduler must reject (FAILED_PRECONDITION).
+      Log("job ", job.id(), " attempt ", lease.attempt(), ": self-fenced; reporting once (expected to be rejected "
+          "if the job was re-dispatched)");
+      Complete(lease, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, "worker self-fenced: lease not renewed in time",
+               0, false);
+      return true;
+    }
     Log("job ", job.id(), " attempt ", lease.attempt(), ": not reported (lease lost); the scheduler owns it now");
     metrics_->JobFinished("lease_lost");
-    return;
+    return false;
   }
   if (run.cancel_requested) {
     Complete(lease, v1::OUTCOME_CANCELLED, v1::FAILURE_CLASS_UNSPECIFIED, "cancelled", status.exited ? status.code : 0);
-    return;
-  }
-  if (stop_reason && stop_->stopped()) {
-    // No drain/checkpoint handover yet: leave the job to lease expiry, which re-queues it.
-    Log("job ", job.id(), " attempt ", lease.attempt(), ": interrupted by shutdown; left to lease expiry");
-    metrics_->JobFinished("interrupted");
-    return;
+    return false;
   }
   JobResult r = MapOutcome(status, finished);
+  if (draining && r.outcome != v1::OUTCOME_SUCCEEDED) {
+    Log("job ", job.id(), " attempt ", lease.attempt(), ": drained; releasing as PREEMPTED (last step ",
+        run.latest_step.load(), ")");
+    Complete(lease, v1::OUTCOME_PREEMPTED, v1::FAILURE_CLASS_UNSPECIFIED, "worker drained (SIGTERM)",
+             r.exit_code);
+    return false;
+  }
+  if (forced_class != v1::FAILURE_CLASS_UNSPECIFIED) {
+    r.outcome = v1::OUTCOME_FAILED;
+    r.failure_class = forced_class;
+    r.message = forced_message;
+  } else if (r.outcome == v1::OUTCOME_FAILED && r.failure_class == v1::FAILURE_CLASS_CRASH && !run.started &&
+             Clock::now() - spawned_at < opts_.startup_window) {
+    // Died before it could even start: a bad node or image, not the job's fault.
+    r.failure_class = v1::FAILURE_CLASS_INFRA;
+    r.message = "ablate-train died during start-up (before its started event): " + r.message;
+  } else if (r.outcome == v1::OUTCOME_FAILED && run.diverged_at >= 0 && r.failure_class == v1::FAILURE_CLASS_CRASH) {
+    r.failure_class = v1::FAILURE_CLASS_DIVERGED;
+  }
   Complete(lease, r.outcome, r.failure_class, r.message, r.exit_code);
+  return r.outcome == v1::OUTCOME_FAILED &&
+         (r.failure_class == v1::FAILURE_CLASS_INFRA || r.failure_class == v1::FAILURE_CLASS_CRASH ||
+          r.failure_class == v1::FAILURE_CLASS_HANG);
 }
 
 }  // namespace ablate::worker

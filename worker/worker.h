@@ -25,10 +25,24 @@ struct WorkerOptions {
   std::chrono::milliseconds kill_grace{10000};  // SIGTERM -> SIGKILL for the child's process group
   std::chrono::milliseconds rpc_timeout{10000};
   std::string version = "0.1.0";
+  // Drain (SIGTERM): the child gets SIGTERM (it may write a checkpoint) and this long to exit; the attempt is
+  // released as PREEMPTED so the job is re-queued at once without spending its retry budget.
+  std::chrono::milliseconds drain_grace{60000};
+  // Hang detection when the scheduler sends no progress timeout (0: off).
+  std::chrono::milliseconds progress_timeout{0};
+  // A child that dies (crash class) within this long and before its "started" event is a node problem (infra).
+  std::chrono::milliseconds startup_window{30000};
+  // Keep training while the scheduler answers "database unavailable" (nobody can take the lease then), up to this
+  // long after the last real renewal; past it, self-fence as if unreachable.
+  std::chrono::milliseconds store_outage_tolerance{600000};
+  // Back off before leasing again after consecutive failed attempts (crash loop).
+  std::chrono::milliseconds failure_backoff_max{60000};
+  std::string gpus_override;  // "2x80G:9.0" — advertise fake GPUs (tests, placement drills)
 };
 
-// CPU cores, memory and (when nvidia-smi is on PATH and answers) GPUs of this node.
-v1::Resources DetectResources();
+// CPU cores, memory and (when nvidia-smi is on PATH and answers) GPUs of this node; `gpus_override`
+// ("2x80G:9.0": count x memory[:compute capability]) replaces the GPU list.
+v1::Resources DetectResources(const std::string& gpus_override = "");
 
 // "lease returned a job": the flag and the job itself (both must be there).
 bool LeaseHasJob(const v1::LeaseJobResponse& r);
@@ -41,9 +55,10 @@ class Worker {
 
  private:
   bool Register();
-  void RunJob(const v1::LeaseJobResponse& leased);
-  void Complete(const v1::Lease& lease, v1::Outcome outcome, v1::FailureClass fc, const std::string& message,
-                int exit_code);
+  // Returns true when the attempt ended in a failure that counts against this node (crash loop backoff).
+  bool RunJob(const v1::LeaseJobResponse& leased, std::chrono::steady_clock::time_point lease_sent);
+  bool Complete(const v1::Lease& lease, v1::Outcome outcome, v1::FailureClass fc, const std::string& message,
+                int exit_code, bool retry = true);
 
   WorkerOptions opts_;
   std::unique_ptr<v1::WorkerService::Stub> stub_;
@@ -51,6 +66,7 @@ class Worker {
   Stopper* stop_;
   v1::Resources resources_;
   std::chrono::milliseconds heartbeat_interval_{5000};
+  std::chrono::milliseconds lease_ttl_{30000};
 };
 
 }  // namespace ablate::worker

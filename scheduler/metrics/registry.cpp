@@ -143,6 +143,26 @@ SchedulerMetrics::SchedulerMetrics(Registry* r)
       workers_alive(r->Gauge("ablate_workers_alive", "Workers seen within two lease TTLs.")),
       job_latest(r->Gauge("ablate_job_latest", "Latest value of each metric of running jobs (capped series).",
                           {"job_id", "metric"})),
-      store_errors(r->Counter("ablate_scheduler_store_errors_total", "Failed store operations.", {"op"})) {}
+      store_errors(r->Counter("ablate_scheduler_store_errors_total", "Failed store operations.", {"op"})),
+      fenced_writes(r->Counter("ablate_scheduler_fenced_writes_total",
+                               "Worker writes rejected because their lease was not current (stale epoch/nonce).",
+                               {"method"})),
+      dispatch_latency(r->Histogram("ablate_scheduler_dispatch_latency_seconds",
+                                    "Time from job creation to its first lease.", {},
+                                    {0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600})),
+      checkpoints(r->Counter("ablate_scheduler_checkpoints_recorded_total", "Checkpoints recorded (fenced).")),
+      attempts_finished(r->Counter("ablate_scheduler_attempts_finished_total",
+                                   "Attempts reported by workers, by outcome and failure class.",
+                                   {"outcome", "failure_class"})),
+      retries(r->Counter("ablate_scheduler_retries_total", "Failed attempts re-queued, by failure class.",
+                         {"failure_class"})),
+      quarantines(r->Counter("ablate_scheduler_worker_quarantines_total", "Workers put into quarantine.")),
+      workers_quarantined(r->Gauge("ablate_workers_quarantined", "Workers currently quarantined.")),
+      is_leader(r->Gauge("ablate_scheduler_is_leader", "1 while this replica holds the leader lock.")),
+      leader_epoch(r->Gauge("ablate_scheduler_leader_epoch", "Leader term this replica holds (0: follower).")),
+      schedule_fires(r->Counter("ablate_scheduler_schedule_fires_total", "Sweeps started by cron schedules.")),
+      store_up(r->Gauge("ablate_scheduler_store_up", "1 when the database answered the last readiness probe.")),
+      store_latency(r->Histogram("ablate_scheduler_store_probe_seconds", "Database readiness probe round trip.", {},
+                                 {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1})) {}
 
 }  // namespace ablate::scheduler::metrics

@@ -68,6 +68,18 @@ struct SchedulerMetrics {
   Family* workers_alive;          // ablate_workers_alive
   Family* job_latest;             // ablate_job_latest{job_id,metric}, running jobs only, capped
   Family* store_errors;           // ablate_scheduler_store_errors_total{op}
+  Family* fenced_writes;          // ablate_scheduler_fenced_writes_total{method}
+  Family* dispatch_latency;       // ablate_scheduler_dispatch_latency_seconds
+  Family* checkpoints;            // ablate_scheduler_checkpoints_recorded_total
+  Family* attempts_finished;      // ablate_scheduler_attempts_finished_total{outcome,failure_class}
+  Family* retries;                // ablate_scheduler_retries_total{failure_class}
+  Family* quarantines;            // ablate_scheduler_worker_quarantines_total
+  Family* workers_quarantined;    // ablate_workers_quarantined
+  Family* is_leader;              // ablate_scheduler_is_leader
+  Family* leader_epoch;           // ablate_scheduler_leader_epoch
+  Family* schedule_fires;         // ablate_scheduler_schedule_fires_total
+  Family* store_up;               // ablate_scheduler_store_up
+  Family* store_latency;          // ablate_scheduler_store_probe_seconds
 };
 
 }  // namespace ablate::scheduler::metrics

@@ -8,6 +8,23 @@ grpc::Status ToGrpc(const absl::Status& s) {
   return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())), std::string(s.message()));
 }
 
+grpc::Status CheckName(const std::string& field, const std::string& v, size_t max_len, bool required) {
+  if (v.empty()) {
+    return required ? grpc::Status(grpc::INVALID_ARGUMENT, field + ": required") : grpc::Status::OK;
+  }
+  if (v.size() > max_len) {
+    return grpc::Status(grpc::INVALID_ARGUMENT,
+                        field + ": longer than " + std::to_string(max_len) + " characters (" +
+                            std::to_string(v.size()) + ")");
+  }
+  for (unsigned char ch : v) {
+    if (ch < 0x21 || ch > 0x7e) {
+      return grpc::Status(grpc::INVALID_ARGUMENT, field + ": only printable ASCII without spaces is allowed");
+    }
+  }
+  return grpc::Status::OK;
+}
+
 std::string GrpcCodeName(grpc::StatusCode c) {
   switch (c) {
     case grpc::OK: return "OK";
@@ -93,6 +110,10 @@ void ToProto(const SweepRecord& in, v1::Sweep* out) {
 
 void ToProto(const JobRecord& in, v1::Job* out) {
   out->set_id(in.id);
+  out->set_reused_from_job_id(in.reused_from);
+  out->set_mem_estimate_bytes(in.mem_estimate_bytes);
+  out->set_gpus(in.gpus);
+  out->set_not_before_unix_ms(in.not_before_unix_ms);
   out->set_sweep_id(in.sweep_id);
   out->set_cell_index(in.cell_index);
   out->set_state(ToProto(in.state));
@@ -115,9 +136,25 @@ void ToProto(const Lease& in, v1::Lease* out) {
   out->set_job_id(in.job_id);
   out->set_attempt(in.attempt);
   out->set_lease_epoch(in.lease_epoch);
+  out->set_lease_nonce(in.lease_nonce);
   out->set_expires_unix_ms(in.expires_unix_ms);
 }
 
-Lease FromProto(const v1::Lease& in) { return Lease{in.job_id(), in.attempt(), in.lease_epoch(), in.expires_unix_ms()}; }
+Lease FromProto(const v1::Lease& in) {
+  return Lease{in.job_id(), in.attempt(), in.lease_epoch(), in.expires_unix_ms(), in.lease_nonce()};
+}
+
+void ToProto(const ScheduleRecord& in, v1::Schedule* out) {
+  out->set_id(in.id);
+  out->set_name(in.name);
+  out->set_cron(in.cron);
+  out->set_spec_yaml(in.spec_yaml);
+  out->set_next_due_unix_ms(in.next_due_unix_ms);
+  out->set_last_fired_unix_ms(in.last_fired_unix_ms);
+  out->set_last_sweep_id(in.last_sweep_id);
+  out->set_created_unix_ms(in.created_unix_ms);
+  out->set_fired_count(in.fired_count);
+  out->set_skipped_count(in.skipped_count);
+}
 
 }  // namespace ablate::scheduler::rpc

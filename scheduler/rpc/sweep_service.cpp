@@ -5,6 +5,9 @@
 #include <cmath>
 #include <thread>
 
+#include <regex>
+
+#include "scheduler/sweep/cron.h"
 #include "scheduler/sweep/grid.h"
 #include "scheduler/util/log.h"
 
@@ -24,9 +27,11 @@ double Metric(const JobRecord& j, const std::string& name) {
 
 }  // namespace
 
-grpc::Status SweepServiceImpl::SubmitSweep(grpc::ServerContext*, const v1::SubmitSweepRequest* req,
+grpc::Status SweepServiceImpl::SubmitSweep(grpc::ServerContext* sctx, const v1::SubmitSweepRequest* req,
                                            v1::SubmitSweepResponse* resp) {
-  return Instrumented(ctx_, "SubmitSweep", [&]() -> grpc::Status {
+  return Instrumented(ctx_, sctx, "SweepService", "SubmitSweep", [&](const Identity& who) -> grpc::Status {
+    (void)who;
+    if (req->idempotency_key().size() > 256) return grpc::Status(grpc::INVALID_ARGUMENT, "idempotency_key: longer than 256 characters");
     auto exp = sweep::ParseAndExpand(req->spec_yaml(), ctx_->max_cells);
     if (!exp.ok()) return ToGrpc(exp.status());  // kInvalidArgument naming the field; nothing stored
     std::string key = req->idempotency_key().empty() ? "spec:" + exp->spec_hash : req->idempotency_key();
@@ -46,6 +51,8 @@ grpc::Status SweepServiceImpl::SubmitSweep(grpc::ServerContext*, const v1::Submi
         for (const auto& [k, v] : c.params) (*j->mutable_params())[k] = v;
         j->set_config_hash(c.config_hash);
         j->set_total_steps(c.total_steps);
+        j->set_mem_estimate_bytes(c.mem_estimate_bytes);
+        j->set_gpus(c.gpus);
       }
       resp->set_created(false);
       return grpc::Status::OK;
@@ -57,7 +64,9 @@ grpc::Status SweepServiceImpl::SubmitSweep(grpc::ServerContext*, const v1::Submi
     ns.idempotency_key = key;
     ns.spec_hash = exp->spec_hash;
     ns.factor_names = exp->factor_names;
-    for (const auto& c : exp->cells) ns.jobs.push_back({c.cell_index, c.factors, c.params, c.config_hash, c.total_steps});
+    for (const auto& c : exp->cells) {
+      ns.jobs.push_back({c.cell_index, c.factors, c.params, c.config_hash, c.total_steps, c.mem_estimate_bytes, c.gpus});
+    }
     auto created = ctx_->store->CreateSweep(ns);
     if (!created.ok()) return ToGrpc(created.status());
     auto jobs = ctx_->store->ListJobs(created->sweep.id);
@@ -72,8 +81,9 @@ grpc::Status SweepServiceImpl::SubmitSweep(grpc::ServerContext*, const v1::Submi
   });
 }
 
-grpc::Status SweepServiceImpl::GetSweep(grpc::ServerContext*, const v1::GetSweepRequest* req, v1::Sweep* resp) {
-  return Instrumented(ctx_, "GetSweep", [&]() -> grpc::Status {
+grpc::Status SweepServiceImpl::GetSweep(grpc::ServerContext* sctx, const v1::GetSweepRequest* req, v1::Sweep* resp) {
+  return Instrumented(ctx_, sctx, "SweepService", "GetSweep", [&](const Identity& who) -> grpc::Status {
+    (void)who;
     if (auto st = RequireId(req->sweep_id(), "sweep_id"); !st.ok()) return st;
     auto s = ctx_->store->GetSweep(req->sweep_id());
     if (!s.ok()) return ToGrpc(s.status());
@@ -82,9 +92,10 @@ grpc::Status SweepServiceImpl::GetSweep(grpc::ServerContext*, const v1::GetSweep
   });
 }
 
-grpc::Status SweepServiceImpl::ListSweeps(grpc::ServerContext*, const v1::ListSweepsRequest* req,
+grpc::Status SweepServiceImpl::ListSweeps(grpc::ServerContext* sctx, const v1::ListSweepsRequest* req,
                                           v1::ListSweepsResponse* resp) {
-  return Instrumented(ctx_, "ListSweeps", [&]() -> grpc::Status {
+  return Instrumented(ctx_, sctx, "SweepService", "ListSweeps", [&](const Identity& who) -> grpc::Status {
+    (void)who;
     auto v = ctx_->store->ListSweeps(req->limit());
     if (!v.ok()) return ToGrpc(v.status());
     for (const auto& s : *v) ToProto(s, resp->add_sweeps());
@@ -92,9 +103,10 @@ grpc::Status SweepServiceImpl::ListSweeps(grpc::ServerContext*, const v1::ListSw
   });
 }
 
-grpc::Status SweepServiceImpl::CancelSweep(grpc::ServerContext*, const v1::CancelSweepRequest* req,
+grpc::Status SweepServiceImpl::CancelSweep(grpc::ServerContext* sctx, const v1::CancelSweepRequest* req,
                                            v1::CancelSweepResponse* resp) {
-  return Instrumented(ctx_, "CancelSweep", [&]() -> grpc::Status {
+  return Instrumented(ctx_, sctx, "SweepService", "CancelSweep", [&](const Identity& who) -> grpc::Status {
+    (void)who;
     if (auto st = RequireId(req->sweep_id(), "sweep_id"); !st.ok()) return st;
     auto n = ctx_->store->CancelSweep(req->sweep_id());
     if (!n.ok()) return ToGrpc(n.status());
@@ -104,9 +116,10 @@ grpc::Status SweepServiceImpl::CancelSweep(grpc::ServerContext*, const v1::Cance
   });
 }
 
-grpc::Status SweepServiceImpl::ListJobs(grpc::ServerContext*, const v1::ListJobsRequest* req,
+grpc::Status SweepServiceImpl::ListJobs(grpc::ServerContext* sctx, const v1::ListJobsRequest* req,
                                         v1::ListJobsResponse* resp) {
-  return Instrumented(ctx_, "ListJobs", [&]() -> grpc::Status {
+  return Instrumented(ctx_, sctx, "SweepService", "ListJobs", [&](const Identity& who) -> grpc::Status {
+    (void)who;
     if (auto st = RequireId(req->sweep_id(), "sweep_id"); !st.ok()) return st;
     auto v = ctx_->store->ListJobs(req->sweep_id());
     if (!v.ok()) return ToGrpc(v.status());
@@ -115,8 +128,9 @@ grpc::Status SweepServiceImpl::ListJobs(grpc::ServerContext*, const v1::ListJobs
   });
 }
 
-grpc::Status SweepServiceImpl::GetJob(grpc::ServerContext*, const v1::GetJobRequest* req, v1::Job* resp) {
-  return Instrumented(ctx_, "GetJob", [&]() -> grpc::Status {
+grpc::Status SweepServiceImpl::GetJob(grpc::ServerContext* sctx, const v1::GetJobRequest* req, v1::Job* resp) {
+  return Instrumented(ctx_, sctx, "SweepService", "GetJob", [&](const Identity& who) -> grpc::Status {
+    (void)who;
     if (auto st = RequireId(req->job_id(), "job_id"); !st.ok()) return st;
     auto j = ctx_->store->GetJob(req->job_id());
     if (!j.ok()) return ToGrpc(j.status());
@@ -127,12 +141,15 @@ grpc::Status SweepServiceImpl::GetJob(grpc::ServerContext*, const v1::GetJobRequ
 
 grpc::Status SweepServiceImpl::WatchSweep(grpc::ServerContext* sctx, const v1::WatchSweepRequest* req,
                                           grpc::ServerWriter<v1::SweepEvent>* writer) {
-  return Instrumented(ctx_, "WatchSweep", [&]() -> grpc::Status {
+  return Instrumented(ctx_, sctx, "SweepService", "WatchSweep", [&](const Identity& who) -> grpc::Status {
+    (void)who;
     if (auto st = RequireId(req->sweep_id(), "sweep_id"); !st.ok()) return st;
     int poll_ms = req->poll_interval_ms() > 0 ? req->poll_interval_ms() : 1000;
     poll_ms = std::clamp(poll_ms, 50, 60000);
     v1::SweepEvent last;
     bool sent_any = false;
+    // F36: no stream runs unbounded, whatever deadline the client set (or none); the CLI reconnects.
+    auto stream_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(ctx_->max_stream_s);
     // Poll the store; send an event first and then whenever something changed; end once the sweep is terminal.
     while (true) {
       auto s = ctx_->store->GetSweep(req->sweep_id());
@@ -148,6 +165,7 @@ grpc::Status SweepServiceImpl::WatchSweep(grpc::ServerContext* sctx, const v1::W
         sent_any = true;
       }
       if (s->state != SweepState::kActive) return grpc::Status::OK;
+      if (std::chrono::steady_clock::now() >= stream_deadline) return grpc::Status::OK;
       auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(poll_ms);
       while (std::chrono::steady_clock::now() < deadline) {
         if (sctx->IsCancelled()) return grpc::Status(grpc::CANCELLED, "watch cancelled by the client");
@@ -158,9 +176,10 @@ grpc::Status SweepServiceImpl::WatchSweep(grpc::ServerContext* sctx, const v1::W
   });
 }
 
-grpc::Status SweepServiceImpl::CompareSweep(grpc::ServerContext*, const v1::CompareSweepRequest* req,
+grpc::Status SweepServiceImpl::CompareSweep(grpc::ServerContext* sctx, const v1::CompareSweepRequest* req,
                                             v1::CompareSweepResponse* resp) {
-  return Instrumented(ctx_, "CompareSweep", [&]() -> grpc::Status {
+  return Instrumented(ctx_, sctx, "SweepService", "CompareSweep", [&](const Identity& who) -> grpc::Status {
+    (void)who;
     if (auto st = RequireId(req->sweep_id(), "sweep_id"); !st.ok()) return st;
     auto s = ctx_->store->GetSweep(req->sweep_id());
     if (!s.ok()) return ToGrpc(s.status());
@@ -183,6 +202,99 @@ grpc::Status SweepServiceImpl::CompareSweep(grpc::ServerContext*, const v1::Comp
       row->set_steps(j.latest_step);
     }
     return grpc::Status::OK;
+  });
+}
+
+grpc::Status SweepServiceImpl::CancelJob(grpc::ServerContext* sctx, const v1::CancelJobRequest* req,
+                                         v1::CancelJobResponse* resp) {
+  return Instrumented(ctx_, sctx, "SweepService", "CancelJob", [&](const Identity& who) -> grpc::Status {
+    if (auto st = RequireId(req->job_id(), "job_id"); !st.ok()) return st;
+    auto r = ctx_->store->CancelJob(req->job_id());
+    if (!r.ok()) return ToGrpc(r.status());
+    resp->set_cancelled(*r);
+    LogInfo("job_cancel_requested", {{"job_id", std::to_string(req->job_id())}, {"by", who.name}});
+    return grpc::Status::OK;
+  });
+}
+
+grpc::Status SweepServiceImpl::ExtendSweep(grpc::ServerContext* sctx, const v1::ExtendSweepRequest* req,
+                                           v1::ExtendSweepResponse* resp) {
+  return Instrumented(ctx_, sctx, "SweepService", "ExtendSweep", [&](const Identity& who) -> grpc::Status {
+    if (auto st = RequireId(req->sweep_id(), "sweep_id"); !st.ok()) return st;
+    auto exp = sweep::ParseAndExpand(req->spec_yaml(), ctx_->max_cells);
+    if (!exp.ok()) return ToGrpc(exp.status());
+    NewSweep ns;
+    ns.name = exp->spec.name;
+    ns.factor_names = exp->factor_names;
+    for (const auto& c : exp->cells) {
+      ns.jobs.push_back({c.cell_index, c.factors, c.params, c.config_hash, c.total_steps, c.mem_estimate_bytes, c.gpus});
+    }
+    auto r = ctx_->store->ExtendSweep(req->sweep_id(), ns);
+    if (!r.ok()) return ToGrpc(r.status());
+    auto s = ctx_->store->GetSweep(req->sweep_id());
+    if (!s.ok()) return ToGrpc(s.status());
+    ToProto(*s, resp->mutable_sweep());
+    resp->set_added(r->added);
+    resp->set_reused(r->reused);
+    resp->set_already_present(r->already_present);
+    LogInfo("sweep_extended", {{"sweep_id", std::to_string(req->sweep_id())}, {"added", std::to_string(r->added)},
+                               {"reused", std::to_string(r->reused)}, {"by", who.name}});
+    return grpc::Status::OK;
+  });
+}
+
+grpc::Status SweepServiceImpl::CreateSchedule(grpc::ServerContext* sctx, const v1::CreateScheduleRequest* req,
+                                              v1::Schedule* resp) {
+  return Instrumented(ctx_, sctx, "SweepService", "CreateSchedule", [&](const Identity& who) -> grpc::Status {
+    static const std::regex name_re(R"(^[A-Za-z0-9._-]{1,64}$)");
+    if (!req->name().empty() && !std::regex_match(req->name(), name_re)) {
+      return grpc::Status(grpc::INVALID_ARGUMENT, "name: must match [A-Za-z0-9._-]{1,64}");
+    }
+    auto cron = sweep::ParseCron(req->cron());
+    if (!cron.ok()) return ToGrpc(cron.status());
+    auto exp = sweep::ParseAndExpand(req->spec_yaml(), ctx_->max_cells);  // reject a bad file now, not at 2 am
+    if (!exp.ok()) return ToGrpc(exp.status());
+    int64_t now_s = std::chrono::duration_cast<std::chrono::seconds>(
+                        std::chrono::system_clock::now().time_since_epoch()).count();
+    int64_t next = sweep::CronNext(*cron, now_s);
+    if (next < 0) return grpc::Status(grpc::INVALID_ARGUMENT, "cron: never fires within 5 years");
+    auto r = ctx_->store->CreateSchedule(req->name().empty() ? exp->spec.name : req->name(), req->cron(),
+                                         req->spec_yaml(), next * 1000);
+    if (!r.ok()) return ToGrpc(r.status());
+    ToProto(*r, resp);
+    LogInfo("schedule_created", {{"schedule_id", std::to_string(r->id)}, {"cron", req->cron()}, {"by", who.name}});
+    return grpc::Status::OK;
+  });
+}
+
+grpc::Status SweepServiceImpl::ListSchedules(grpc::ServerContext* sctx, const v1::ListSchedulesRequest*,
+                                             v1::ListSchedulesResponse* resp) {
+  return Instrumented(ctx_, sctx, "SweepService", "ListSchedules", [&](const Identity&) -> grpc::Status {
+    auto r = ctx_->store->ListSchedules();
+    if (!r.ok()) return ToGrpc(r.status());
+    for (const auto& s : *r) ToProto(s, resp->add_schedules());
+    return grpc::Status::OK;
+  });
+}
+
+grpc::Status SweepServiceImpl::DeleteSchedule(grpc::ServerContext* sctx, const v1::DeleteScheduleRequest* req,
+                                              v1::DeleteScheduleResponse*) {
+  return Instrumented(ctx_, sctx, "SweepService", "DeleteSchedule", [&](const Identity&) -> grpc::Status {
+    if (auto st = RequireId(req->schedule_id(), "schedule_id"); !st.ok()) return st;
+    return ToGrpc(ctx_->store->DeleteSchedule(req->schedule_id()));
+  });
+}
+
+grpc::Status SweepServiceImpl::QuarantineWorker(grpc::ServerContext* sctx, const v1::QuarantineWorkerRequest* req,
+                                                v1::QuarantineWorkerResponse*) {
+  return Instrumented(ctx_, sctx, "SweepService", "QuarantineWorker", [&](const Identity& who) -> grpc::Status {
+    if (auto st = CheckName("worker_id", req->worker_id(), 128); !st.ok()) return st;
+    int dur = req->duration_s() > 0 ? req->duration_s() : ctx_->policy.quarantine_s;
+    auto st = ctx_->store->SetQuarantine(req->worker_id(), req->quarantine(), dur,
+                                         req->reason().substr(0, 500) + " (by " + who.name + ")");
+    if (st.ok()) LogWarn(req->quarantine() ? "worker_quarantined" : "worker_released",
+                         {{"worker_id", req->worker_id()}, {"by", who.name}});
+    return ToGrpc(st);
   });
 }
 

@@ -20,6 +20,15 @@ class SweepServiceImpl final : public v1::SweepService::Service {
                           grpc::ServerWriter<v1::SweepEvent>*) override;
   grpc::Status CompareSweep(grpc::ServerContext*, const v1::CompareSweepRequest*,
                             v1::CompareSweepResponse*) override;
+  grpc::Status CancelJob(grpc::ServerContext*, const v1::CancelJobRequest*, v1::CancelJobResponse*) override;
+  grpc::Status ExtendSweep(grpc::ServerContext*, const v1::ExtendSweepRequest*, v1::ExtendSweepResponse*) override;
+  grpc::Status CreateSchedule(grpc::ServerContext*, const v1::CreateScheduleRequest*, v1::Schedule*) override;
+  grpc::Status ListSchedules(grpc::ServerContext*, const v1::ListSchedulesRequest*,
+                             v1::ListSchedulesResponse*) override;
+  grpc::Status DeleteSchedule(grpc::ServerContext*, const v1::DeleteScheduleRequest*,
+                              v1::DeleteScheduleResponse*) override;
+  grpc::Status QuarantineWorker(grpc::ServerContext*, const v1::QuarantineWorkerRequest*,
+                                v1::QuarantineWorkerResponse*) override;
 
  private:
   ServiceContext* ctx_;

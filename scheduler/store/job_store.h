@@ -19,7 +19,7 @@ namespace ablate::scheduler {
 enum class JobState { kQueued, kLeased, kRunning, kSucceeded, kFailed, kCancelled };
 enum class SweepState { kActive, kSucceeded, kFailed, kCancelled };
 enum class FailureClass { kUnspecified, kOom, kDiverged, kCrash, kHang, kInfra, kInvalidConfig };
-enum class Outcome { kSucceeded, kFailed, kCancelled };
+enum class Outcome { kSucceeded, kFailed, kCancelled, kPreempted };
 
 // Names used in the database and in metric labels ("queued", "running", ..., "invalid_config").
 std::string_view JobStateName(JobState s);
@@ -42,6 +42,45 @@ struct Lease {
   int32_t attempt = 0;
   int64_t lease_epoch = 0;
   int64_t expires_unix_ms = 0;
+  std::string lease_nonce;  // random per lease; part of the fence (an epoch reissued after failover never matches)
+};
+
+// Retry policy per failure class (docs/control-plane.md has the table). A failed attempt is re-queued while
+// its class has retries left and the job's failed attempts stay under max_failed_attempts; crash and hang
+// wait an exponential backoff first; infra (lease lost, spawn failed, node fault) is re-queued at once.
+// Preemptions (drain) never count.
+struct RetryPolicy {
+  std::map<FailureClass, int> max_retries = {
+      {FailureClass::kCrash, 2}, {FailureClass::kHang, 2}, {FailureClass::kInfra, 5},
+      {FailureClass::kOom, 0},   {FailureClass::kDiverged, 0}, {FailureClass::kInvalidConfig, 0},
+      {FailureClass::kUnspecified, 2}};
+  int max_failed_attempts = 8;
+  int64_t backoff_base_ms = 10000;
+  int64_t backoff_max_ms = 600000;
+  int quarantine_after = 3;   // consecutive crash/hang/infra failures of one worker; 0 = never
+  int quarantine_s = 600;
+  int MaxRetries(FailureClass c) const {
+    auto it = max_retries.find(c);
+    return it == max_retries.end() ? 0 : it->second;
+  }
+  // The pre-0002 behaviour: every class but invalid_config retried until max_attempts, no backoff.
+  static RetryPolicy Legacy(int max_attempts);
+  // "crash=2,hang=2,infra=5,oom=0,diverged=0": overrides of max_retries.
+  static absl::StatusOr<RetryPolicy> Parse(const std::string& spec, RetryPolicy base);
+};
+// Backoff before retry number `n` (1-based) of a class that backs off.
+int64_t RetryBackoffMs(const RetryPolicy& p, FailureClass c, int n);
+
+// What a worker offers when it asks for a job: its free GPUs (index, memory), or none (CPU worker: its host
+// memory counts as one device).
+struct Capacity {
+  struct Gpu {
+    int32_t index = 0;
+    int64_t memory_bytes = 0;
+  };
+  std::vector<Gpu> gpus;
+  int64_t host_memory_bytes = 0;
+  bool unlimited = false;  // tests and legacy callers: anything fits
 };
 
 struct NewJob {
@@ -50,6 +89,8 @@ struct NewJob {
   std::map<std::string, std::string> params;
   std::string config_hash;
   int64_t total_steps = 0;
+  int64_t mem_estimate_bytes = 0;  // per GPU
+  int32_t gpus = 1;
 };
 
 struct NewSweep {
@@ -59,6 +100,7 @@ struct NewSweep {
   std::string spec_hash;                  // same key + different spec_hash → kAlreadyExists
   std::vector<std::string> factor_names;  // for CompareSweep
   std::vector<NewJob> jobs;
+  bool reuse_succeeded = true;  // cells whose config_hash already succeeded are stored as reused, not run
 };
 
 struct SweepRecord {
@@ -95,6 +137,11 @@ struct JobRecord {
   int64_t total_steps = 0;
   bool cancel_requested = false;
   std::map<std::string, double> latest_metrics;  // filled by ListJobs/GetJob
+  int64_t reused_from = 0;
+  int64_t mem_estimate_bytes = 0;
+  int32_t gpus = 1;
+  int64_t not_before_unix_ms = 0;
+  std::string lease_nonce;
 };
 
 struct CreateSweepResult {
@@ -106,6 +153,19 @@ struct LeaseGrant {
   JobRecord job;
   Lease lease;
   std::string resume_checkpoint;  // latest reported checkpoint of this job, "" if none
+  std::vector<std::pair<int64_t, std::string>> checkpoints;  // (step, path), newest first
+  std::vector<int32_t> assigned_gpus;
+};
+
+struct LeaseAttempt {
+  std::optional<LeaseGrant> grant;
+  int64_t quarantined_until_unix_ms = 0;  // > 0: the worker is quarantined, no grant
+};
+
+struct CompleteResult {
+  JobState state = JobState::kQueued;
+  bool worker_quarantined = false;
+  int64_t retry_in_ms = 0;
 };
 
 struct HeartbeatResult {
@@ -136,6 +196,26 @@ struct ExpireResult {
   int requeued = 0;
   int failed = 0;
   int cancelled = 0;
+  std::vector<std::string> quarantined_workers;
+};
+
+struct ExtendResult {
+  int32_t added = 0;
+  int32_t reused = 0;
+  int32_t already_present = 0;
+};
+
+struct ScheduleRecord {
+  int64_t id = 0;
+  std::string name;
+  std::string cron;
+  std::string spec_yaml;
+  int64_t next_due_unix_ms = 0;
+  int64_t last_fired_unix_ms = 0;
+  int64_t last_sweep_id = 0;
+  int64_t created_unix_ms = 0;
+  int32_t fired_count = 0;
+  int32_t skipped_count = 0;
 };
 
 struct RunningJobMetric {
@@ -161,25 +241,66 @@ class JobStore {
   // Per job of the sweep: the max value of `metric` over all its points.
   virtual absl::StatusOr<std::map<int64_t, double>> MaxMetric(int64_t sweep_id, const std::string& metric) = 0;
 
+  // Queued job → cancelled; a leased/running one is flagged (its worker stops it at the next heartbeat).
+  // Returns false when the job was already terminal.
+  virtual absl::StatusOr<bool> CancelJob(int64_t job_id) = 0;
+  // Adds the cells of `sweep` that the sweep lacks (by config_hash); see ExtendSweepRequest.
+  virtual absl::StatusOr<ExtendResult> ExtendSweep(int64_t sweep_id, const NewSweep& sweep) = 0;
+
   virtual absl::Status UpsertWorker(const WorkerInfo& worker) = 0;
-  // The oldest queued job, claimed atomically; nullopt when none is runnable.
-  virtual absl::StatusOr<std::optional<LeaseGrant>> LeaseNextJob(const std::string& worker_id, int lease_ttl_s) = 0;
+  virtual absl::Status SetQuarantine(const std::string& worker_id, bool quarantined, int duration_s,
+                                     const std::string& reason) = 0;
+  // The oldest runnable queued job that fits `free` (gpus ≤ free GPUs, per-GPU memory estimate ≤ the smallest of
+  // them), claimed atomically with a fresh lease (epoch+1, new nonce) and its attempt row; none when nothing fits
+  // or the worker is quarantined.
+  virtual absl::StatusOr<LeaseAttempt> LeaseJobFor(const std::string& worker_id, const Capacity& free,
+                                                   int lease_ttl_s) = 0;
+  absl::StatusOr<std::optional<LeaseGrant>> LeaseNextJob(const std::string& worker_id, int lease_ttl_s) {
+    Capacity any;
+    any.unlimited = true;
+    auto r = LeaseJobFor(worker_id, any, lease_ttl_s);
+    if (!r.ok()) return r.status();
+    return std::move(r->grant);
+  }
   virtual absl::StatusOr<HeartbeatResult> Heartbeat(const std::string& worker_id, const Lease& lease, int64_t step,
                                                     int lease_ttl_s) = 0;
   virtual absl::StatusOr<AppendMetricsResult> AppendMetrics(const Lease& lease,
                                                             const std::vector<MetricSample>& points) = 0;
   virtual absl::Status RecordCheckpoint(const Lease& lease, int64_t step, const std::string& path) = 0;
-  // Returns the job's state afterwards (kQueued when a failed attempt will be retried).
-  virtual absl::StatusOr<JobState> CompleteJob(const Lease& lease, Outcome outcome, FailureClass failure_class,
-                                               const std::string& message, int32_t exit_code, int max_attempts) = 0;
-  // Leased/running jobs whose lease ran out: back to queued, or failed (hang) after max_attempts.
-  virtual absl::StatusOr<ExpireResult> ExpireLeases(int max_attempts) = 0;
+  // Returns the job's state afterwards (kQueued when a failed attempt will be retried), per `policy`.
+  virtual absl::StatusOr<CompleteResult> Complete(const Lease& lease, Outcome outcome, FailureClass failure_class,
+                                                  const std::string& message, int32_t exit_code, int64_t last_step,
+                                                  const RetryPolicy& policy) = 0;
+  absl::StatusOr<JobState> CompleteJob(const Lease& lease, Outcome outcome, FailureClass failure_class,
+                                       const std::string& message, int32_t exit_code, int max_attempts) {
+    auto r = Complete(lease, outcome, failure_class, message, exit_code, -1, RetryPolicy::Legacy(max_attempts));
+    if (!r.ok()) return r.status();
+    return r->state;
+  }
+  // Leased/running jobs whose lease ran out: back to queued (class infra), or failed when the budget is spent.
+  // leader_epoch > 0: only while that epoch is still the leader's (a deposed leader's reaper changes nothing).
+  virtual absl::StatusOr<ExpireResult> Expire(const RetryPolicy& policy, int64_t leader_epoch) = 0;
+  absl::StatusOr<ExpireResult> ExpireLeases(int max_attempts) { return Expire(RetryPolicy::Legacy(max_attempts), 0); }
+
+  // Cron schedules (the cron expression is validated by the caller).
+  virtual absl::StatusOr<ScheduleRecord> CreateSchedule(const std::string& name, const std::string& cron,
+                                                        const std::string& spec_yaml, int64_t next_due_unix_ms) = 0;
+  virtual absl::StatusOr<std::vector<ScheduleRecord>> ListSchedules() = 0;
+  virtual absl::Status DeleteSchedule(int64_t schedule_id) = 0;
+  // Schedules whose next_due ≤ now (database time, or now_override_unix_ms when > 0).
+  virtual absl::StatusOr<std::vector<ScheduleRecord>> DueSchedules(int64_t now_override_unix_ms) = 0;
+  // Records that (schedule, due) fired as sweep_id and moves next_due from `expected_next_due` to `new_next_due`
+  // (compare-and-set). false when another replica/restart already recorded that due time.
+  virtual absl::StatusOr<bool> RecordScheduleRun(int64_t schedule_id, int64_t due_unix_ms, int64_t sweep_id,
+                                                 int64_t expected_next_due_unix_ms, int64_t new_next_due_unix_ms,
+                                                 int32_t skipped) = 0;
 
   // For /metrics.
   virtual absl::StatusOr<std::map<std::string, int64_t>> CountJobsByState() = 0;
   virtual absl::StatusOr<std::map<std::string, int64_t>> CountSweepsByState() = 0;
   virtual absl::StatusOr<int64_t> CountWorkersSeenWithin(int seconds) = 0;
   virtual absl::StatusOr<std::vector<RunningJobMetric>> LatestMetricsOfRunningJobs(int max_series) = 0;
+  virtual absl::StatusOr<int64_t> CountQuarantinedWorkers() = 0;
 };
 
 }  // namespace ablate::scheduler

@@ -36,7 +36,7 @@ std::string Join(const std::vector<std::string>& v, std::string_view sep) {
   return out;
 }
 
-const std::vector<std::string> kTopLevelKeys = {"name", "grid", "exclude", "train"};
+const std::vector<std::string> kTopLevelKeys = {"name", "grid", "exclude", "train", "resources"};
 const std::vector<std::string> kModelPresets = {"tiny", "mini", "small"};
 // Canonical names first; the aliases come from docs/contracts.md §1 and are passed through as written.
 const std::vector<std::string> kAttention = {"dense", "nsa", "native_sparse_attention", "fsa",
@@ -257,6 +257,31 @@ absl::StatusOr<SweepSpec> ParseSweepYaml(std::string_view yaml) {
       spec.grid.push_back(std::move(ax));
     }
 
+    // resources
+    if (const YAML::Node rs = root["resources"]; rs && !rs.IsNull()) {
+      if (!rs.IsMap()) return Invalid("resources: must be a map with gpus, memory_gb" + MarkOf(rs));
+      for (const auto& kv : rs) {
+        std::string key = kv.first.as<std::string>();
+        std::string f = "resources." + key;
+        auto v = Scalar(kv.second, f);
+        if (!v.ok()) return v.status();
+        if (key == "gpus") {
+          int64_t n = 0;
+          if (!ParseInt(*v, &n) || n < 1 || n > 64) return Invalid(f + ": must be an integer 1..64, got '" + *v + "'");
+          spec.gpus = static_cast<int32_t>(n);
+        } else if (key == "memory_gb") {
+          char* end = nullptr;
+          double gb = std::strtod(v->c_str(), &end);
+          if (v->empty() || *end || !std::isfinite(gb) || gb <= 0 || gb > 4096) {
+            return Invalid(f + ": must be a number of GiB in (0, 4096], got '" + *v + "'");
+          }
+          spec.memory_bytes = static_cast<int64_t>(gb * 1024 * 1024 * 1024);
+        } else {
+          return Invalid(f + ": unknown resource" + MarkOf(kv.first) + " (expected gpus, memory_gb)");
+        }
+      }
+    }
+
     // exclude
     if (const YAML::Node ex = root["exclude"]; ex && !ex.IsNull()) {
       if (!ex.IsSequence()) return Invalid("exclude: must be a list of maps" + MarkOf(ex));
@@ -354,6 +379,8 @@ absl::StatusOr<Expansion> Expand(const SweepSpec& spec, int max_cells) {
       c.factors = std::move(factors);
       c.config_hash = ConfigHash(c.params);
       c.total_steps = total_steps;
+      c.gpus = spec.gpus;
+      c.mem_estimate_bytes = spec.memory_bytes > 0 ? spec.memory_bytes : EstimateMemoryBytes(c.params, spec.gpus);
       out.cells.push_back(std::move(c));
     }
     for (size_t a = spec.grid.size(); a-- > 0;) {
@@ -379,6 +406,9 @@ absl::StatusOr<Expansion> Expand(const SweepSpec& spec, int max_cells) {
     canon += "\n";
   }
   for (const auto& [k, v] : train) canon += "train." + k + "=" + v + "\n";
+  if (spec.gpus != 1 || spec.memory_bytes != 0) {
+    canon += "resources=" + std::to_string(spec.gpus) + "," + std::to_string(spec.memory_bytes) + "\n";
+  }
   out.spec_hash = Sha256Hex(canon);
   return out;
 }
@@ -387,6 +417,50 @@ absl::StatusOr<Expansion> ParseAndExpand(std::string_view yaml, int max_cells) {
   auto spec = ParseSweepYaml(yaml);
   if (!spec.ok()) return spec.status();
   return Expand(*spec, max_cells);
+}
+
+int64_t ModelParams(const std::string& size) {
+  static const std::map<std::string, int64_t> kPresets = {
+      {"tiny", 140000},          {"mini", 1000000},         {"small", 5500000},
+      {"SMALL", 150000000},      {"MEDIUM", 350000000},     {"LARGE", 760000000}, {"XLARGE", 1300000000}};
+  if (auto it = kPresets.find(size); it != kPresets.end()) return it->second;
+  if (size.size() < 2) return 0;
+  char unit = static_cast<char>(std::toupper(static_cast<unsigned char>(size.back())));
+  double mult = unit == 'K' ? 1e3 : unit == 'M' ? 1e6 : unit == 'B' ? 1e9 : unit == 'T' ? 1e12 : 0;
+  if (mult == 0) return 0;
+  char* end = nullptr;
+  std::string num = size.substr(0, size.size() - 1);
+  double v = std::strtod(num.c_str(), &end);
+  if (num.empty() || *end || !std::isfinite(v) || v <= 0) return 0;
+  return static_cast<int64_t>(v * mult);
+}
+
+int64_t EstimateMemoryBytes(const std::map<std::string, std::string>& params, int32_t gpus) {
+  auto get = [&](const char* k, const std::string& dflt) {
+    auto it = params.find(k);
+    return it == params.end() ? dflt : it->second;
+  };
+  int64_t n = ModelParams(get("model_size", ""));
+  if (n <= 0) return 0;
+  std::string opt = get("optimizer_type", "adamw");
+  // fp32 weights + fp32 grads + optimizer state, bytes per parameter.
+  double per_param = 8 + (opt == "adamw" ? 8 : opt == "adamw8bit" ? 2 : opt == "adamw4bit" ? 1
+                          : opt == "soap" || opt == "shampoo" ? 16 : opt == "soap8bit" ? 8 : opt == "soap4bit" ? 6 : 8);
+  // Width and depth from the count: params ≈ 12·L·d², with L ≈ d/64.
+  double d = std::cbrt(static_cast<double>(n) * 64.0 / 12.0);
+  double layers = std::max(1.0, d / 64.0);
+  auto num = [&](const char* k, double dflt) {
+    std::string v = get(k, "");
+    char* end = nullptr;
+    double x = std::strtod(v.c_str(), &end);
+    return (v.empty() || *end || !std::isfinite(x) || x <= 0) ? dflt : x;
+  };
+  double batch = num("batch_size", 8), ctx = num("context_length", 1024);
+  double act = batch * ctx * layers * d * 34.0;
+  std::string ckpt = get("activation_checkpointing", "false");
+  if (ckpt == "true" || ckpt == "1") act /= layers;
+  double total = per_param * static_cast<double>(n) / std::max(1, gpus) + act + 512.0 * 1024 * 1024;
+  return static_cast<int64_t>(total);
 }
 
 }  // namespace ablate::scheduler::sweep

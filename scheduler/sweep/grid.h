@@ -24,6 +24,9 @@ struct SweepSpec {
   std::vector<GridAxis> grid;                          // file order
   std::vector<std::map<std::string, std::string>> exclude;
   KeyValues train;                                     // file order
+  // resources: (optional) placement needs of every cell. gpus: all on one worker, leased together.
+  int32_t gpus = 1;
+  int64_t memory_bytes = 0;                            // per GPU; 0 = estimate from the config
 };
 
 struct Cell {
@@ -32,7 +35,16 @@ struct Cell {
   std::map<std::string, std::string> params;  // ablate-train flag → value (train settings + mapped factors)
   std::string config_hash;                    // sha256 of sorted "key=value\n" lines of params
   int64_t total_steps = 0;                    // train.num_train_steps, 0 when not set
+  int64_t mem_estimate_bytes = 0;             // per GPU (resources.memory_gb, else EstimateMemoryBytes)
+  int32_t gpus = 1;
 };
+
+// Parameter count of a model size (presets, the legacy table, or "100M"/"0.6B"); 0 when unknown.
+int64_t ModelParams(const std::string& model_size);
+// Rough per-GPU training memory of a cell from its params: weights, gradients and optimizer state by optimizer
+// type, plus activations (batch × context × layers × width × 34 bytes, ÷ layers with activation checkpointing),
+// split over `gpus` for the state, plus 512 MiB of runtime overhead. See docs/control-plane.md.
+int64_t EstimateMemoryBytes(const std::map<std::string, std::string>& params, int32_t gpus);
 
 struct Expansion {
   SweepSpec spec;

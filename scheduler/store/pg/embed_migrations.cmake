@@ -1,5 +1,6 @@
 # Writes OUT: a header with every migration as {version, name, sql}. FILES are NNNN_name.sql, sorted.
 set(body "")
+string(REPLACE "|" ";" FILES "${FILES}")
 foreach(f ${FILES})
   get_filename_component(stem ${f} NAME_WE)
   string(REGEX MATCH "^([0-9]+)_(.*)$" _ ${stem})

@@ -59,7 +59,12 @@ absl::Status ExecScript(PGconn* conn, const char* what, const char* sql) {
 }
 
 absl::StatusOr<PgConnPtr> Connect(const std::string& dsn) {
-  PgConnPtr c(PQconnectdb(dsn.c_str()));
+  // Defaults first, the DSN after them (expand_dbname), so anything the operator wrote wins: fail fast on a dead
+  // server or a half-open TCP connection instead of hanging for the kernel's 15 minutes.
+  const char* keys[] = {"connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+                        "keepalives_count", "tcp_user_timeout", "dbname", nullptr};
+  const char* vals[] = {"5", "1", "10", "3", "3", "10000", dsn.c_str(), nullptr};
+  PgConnPtr c(PQconnectdbParams(keys, vals, 1));
   if (!c || PQstatus(c.get()) != CONNECTION_OK) {
     // libpq's message names host/socket and user, never the password.
     std::string msg = c ? PQerrorMessage(c.get()) : "out of memory";
@@ -67,7 +72,9 @@ absl::StatusOr<PgConnPtr> Connect(const std::string& dsn) {
     return absl::UnavailableError("connecting to PostgreSQL: " + msg);
   }
   // Timestamps are converted to unix ms in SQL; keep sessions in UTC so nothing depends on the server's zone.
-  if (auto st = ExecScript(c.get(), "session settings", "SET TIME ZONE 'UTC'; SET client_min_messages = warning");
+  if (auto st = ExecScript(c.get(), "session settings", "SET TIME ZONE 'UTC'; SET client_min_messages = warning; "
+                                "SET statement_timeout = '15s'; SET lock_timeout = '5s'; "
+                                "SET idle_in_transaction_session_timeout = '60s'");
       !st.ok()) {
     return st;
   }

@@ -20,7 +20,13 @@ constexpr const char* kJobCols =
     "j.id, j.sweep_id, j.cell_index, j.state, j.attempt, j.lease_epoch, " ABLATE_MS("j.lease_expires_at") ", "
     "coalesce(j.worker_id, ''), j.factors::text, j.params::text, j.config_hash, j.last_error, j.failure_class, "
     ABLATE_MS("j.created_at") ", " ABLATE_MS("j.started_at") ", " ABLATE_MS("j.finished_at") ", "
-    "j.latest_step, j.total_steps, j.cancel_requested";
+    "j.latest_step, j.total_steps, j.cancel_requested, coalesce(j.reused_from, 0), j.mem_estimate_bytes, j.gpus, "
+    "CASE WHEN isfinite(j.not_before) THEN (extract(epoch from j.not_before) * 1000)::bigint ELSE 0 END, "
+    "j.lease_nonce";
+
+// The fence: the lease is current (job, attempt, epoch and nonce) and the job still leased or running.
+#define ABLATE_FENCE(a, b, c, d) \
+  "id = " a " AND attempt = " b " AND lease_epoch = " c " AND lease_nonce = " d " AND state IN ('leased', 'running')"
 
 constexpr const char* kSweepCols =
     "s.id, s.name, s.state, s.spec_yaml, s.idempotency_key, " ABLATE_MS("s.created_at") ", s.factor_names::text, "
@@ -69,6 +75,11 @@ JobRecord ReadJob(const PgResult& r, int row) {
   j.latest_step = r.Int(row, 16);
   j.total_steps = r.Int(row, 17);
   j.cancel_requested = r.Bool(row, 18);
+  j.reused_from = r.Int(row, 19);
+  j.mem_estimate_bytes = r.Int(row, 20);
+  j.gpus = static_cast<int32_t>(r.Int(row, 21));
+  j.not_before_unix_ms = r.Int(row, 22);
+  j.lease_nonce = r.Str(row, 23);
   return j;
 }
 
@@ -101,13 +112,17 @@ std::string FloatText(double v) {
 
 // Explains why a fenced write matched no row: unknown job (kNotFound) or stale lease (kFailedPrecondition).
 absl::Status FenceError(PGconn* c, const Lease& lease, const char* what) {
-  auto r = Exec(c, "fence lookup", "SELECT state, attempt, lease_epoch FROM jobs WHERE id = $1", {Num(lease.job_id)});
+  auto r = Exec(c, "fence lookup", "SELECT state, attempt, lease_epoch, lease_nonce = $2 FROM jobs WHERE id = $1",
+                {Num(lease.job_id), lease.lease_nonce});
   if (!r.ok()) return r.status();
   if (r->rows() == 0) return absl::NotFoundError("job " + Num(lease.job_id) + " not found");
+  bool same_epoch = r->Str(0, 1) == Num(lease.attempt) && r->Str(0, 2) == Num(lease.lease_epoch);
   return absl::FailedPreconditionError(
       std::string(what) + " rejected: stale lease for job " + Num(lease.job_id) + ": got attempt " +
       Num(lease.attempt) + " epoch " + Num(lease.lease_epoch) + ", current is attempt " + r->Str(0, 1) + " epoch " +
-      r->Str(0, 2) + " in state " + r->Str(0, 0) + " (writes need the current lease and state leased|running)");
+      r->Str(0, 2) + " in state " + r->Str(0, 0) +
+      (same_epoch && !r->Bool(0, 3) ? " (same epoch, different lease nonce: the epoch was reissued)" : "") +
+      " (writes need the current lease and state leased|running)");
 }
 
 absl::Status RefreshSweep(PGconn* c, int64_t sweep_id) {
@@ -137,8 +152,9 @@ absl::Status FillJobCounts(PGconn* c, std::vector<SweepRecord>* sweeps) {
 absl::Status FillLatestMetrics(PGconn* c, const char* where, const std::string& id, std::vector<JobRecord>* jobs) {
   // Latest value per (job, name): the newest attempt's highest step.
   std::string sql =
-      "SELECT DISTINCT ON (m.job_id, m.name) m.job_id, m.name, m.value FROM metrics m JOIN jobs j ON j.id = m.job_id "
-      "WHERE " + std::string(where) + " ORDER BY m.job_id, m.name, m.attempt DESC, m.step DESC";
+      "SELECT DISTINCT ON (j.id, m.name) j.id, m.name, m.value FROM jobs j "
+      "JOIN metrics m ON m.job_id = coalesce(j.reused_from, j.id) "
+      "WHERE " + std::string(where) + " ORDER BY j.id, m.name, m.step DESC";
   auto r = Exec(c, "latest metrics", sql.c_str(), {id});
   if (!r.ok()) return r.status();
   std::map<int64_t, JobRecord*> by_id;
@@ -147,6 +163,94 @@ absl::Status FillLatestMetrics(PGconn* c, const char* where, const std::string& 
     if (auto it = by_id.find(r->Int(i, 0)); it != by_id.end()) it->second->latest_metrics[r->Str(i, 1)] = r->Double(i, 2);
   }
   return absl::OkStatus();
+}
+
+// Inserts jobs (json array of cell_index, factors, params, config_hash, total_steps, mem, gpus). With `reuse`, a
+// cell whose config_hash already succeeded (as a job that ran) is stored succeeded, pointing at that job.
+// Returns (rows inserted, rows reused).
+absl::StatusOr<std::pair<int64_t, int64_t>> InsertJobs(PGconn* c, int64_t sweep_id, const json& jobs, bool reuse) {
+  auto jr = Exec(c, "insert jobs",
+                 "WITH ins AS (INSERT INTO jobs (sweep_id, cell_index, factors, params, config_hash, total_steps, "
+                 "  mem_estimate_bytes, gpus, state, reused_from, latest_step, started_at, finished_at) "
+                 "SELECT $1, x.cell_index, x.factors, x.params, x.config_hash, x.total_steps, "
+                 "  coalesce(x.mem, 0), coalesce(x.gpus, 1), CASE WHEN r.id IS NULL THEN 'queued' ELSE 'succeeded' END, "
+                 "  r.id, coalesce(r.latest_step, 0), r.started_at, CASE WHEN r.id IS NULL THEN NULL ELSE now() END "
+                 "FROM jsonb_to_recordset($2::jsonb) AS x(cell_index int, factors jsonb, params jsonb, "
+                 "  config_hash text, total_steps bigint, mem bigint, gpus int) "
+                 "LEFT JOIN LATERAL (SELECT o.id, o.latest_step, o.started_at FROM jobs o "
+                 "  WHERE $3::boolean AND o.config_hash = x.config_hash AND o.state = 'succeeded' "
+                 "  AND o.reused_from IS NULL ORDER BY o.id LIMIT 1) r ON TRUE "
+                 "RETURNING reused_from) "
+                 "SELECT count(*), count(reused_from) FROM ins",
+                 {Num(sweep_id), jobs.dump(), reuse ? "true" : "false"});
+  if (!jr.ok()) return jr.status();
+  return std::make_pair(jr->Int(0, 0), jr->Int(0, 1));
+}
+
+// What happens to a job after an attempt ends (docs/control-plane.md, failure-class policy).
+struct Decision {
+  std::string next;            // queued | succeeded | failed | cancelled
+  std::string class_failures;  // updated JSON
+  int64_t backoff_ms = 0;
+  bool preempted = false;
+  bool worker_fault = false;   // counts towards the worker's quarantine
+  bool worker_ok = false;      // resets it
+};
+
+Decision Decide(Outcome outcome, FailureClass fc, const std::string& class_failures_text, bool cancel_requested,
+                const RetryPolicy& policy) {
+  Decision d;
+  json cf = json::parse(class_failures_text, nullptr, false);
+  if (!cf.is_object()) cf = json::object();
+  d.class_failures = cf.dump();
+  if (outcome == Outcome::kSucceeded) {
+    d.next = "succeeded";
+    d.worker_ok = true;
+    return d;
+  }
+  if (outcome == Outcome::kCancelled || cancel_requested) {
+    d.next = "cancelled";
+    return d;
+  }
+  if (outcome == Outcome::kPreempted) {
+    d.next = "queued";
+    d.preempted = true;
+    return d;
+  }
+  std::string name(FailureClassName(fc));
+  if (name.empty()) name = "unspecified";
+  int n = cf.value(name, 0) + 1;
+  cf[name] = n;
+  int total = 0;
+  for (auto& [k, v] : cf.items()) total += v.is_number_integer() ? v.get<int>() : 0;
+  d.class_failures = cf.dump();
+  d.worker_fault = fc == FailureClass::kCrash || fc == FailureClass::kHang || fc == FailureClass::kInfra;
+  if (n <= policy.MaxRetries(fc) && total < policy.max_failed_attempts) {
+    d.next = "queued";
+    d.backoff_ms = RetryBackoffMs(policy, fc, n);
+  } else {
+    d.next = "failed";
+  }
+  return d;
+}
+
+// Counts a worker's consecutive faulty attempts; quarantines it at policy.quarantine_after. Returns true when the
+// worker is (now) quarantined because of this failure.
+absl::StatusOr<bool> NoteWorkerResult(PGconn* c, const std::string& worker_id, const Decision& d,
+                                      const RetryPolicy& policy, const std::string& why) {
+  if (worker_id.empty() || (!d.worker_fault && !d.worker_ok)) return false;
+  auto r = Exec(c, "worker failures",
+                "UPDATE workers SET consecutive_failures = CASE WHEN $2::boolean THEN consecutive_failures + 1 ELSE 0 END, "
+                "quarantined_until = CASE WHEN $2::boolean AND $3::int > 0 AND consecutive_failures + 1 >= $3::int "
+                "  THEN now() + make_interval(secs => $4::int) ELSE quarantined_until END, "
+                "quarantine_reason = CASE WHEN $2::boolean AND $3::int > 0 AND consecutive_failures + 1 >= $3::int "
+                "  THEN (consecutive_failures + 1)::text || ' consecutive failed attempts, last: ' || $5 "
+                "  ELSE quarantine_reason END "
+                "WHERE id = $1 RETURNING $2::boolean AND $3::int > 0 AND consecutive_failures >= $3::int",
+                {worker_id, d.worker_fault ? "true" : "false", std::to_string(policy.quarantine_after),
+                 std::to_string(policy.quarantine_s), why.substr(0, 500)});
+  if (!r.ok()) return r.status();
+  return r->rows() == 1 && r->Bool(0, 0);
 }
 
 }  // namespace
@@ -169,7 +273,9 @@ absl::StatusOr<CreateSweepResult> PgJobStore::CreateSweep(const NewSweep& sw) {
                     {"factors", factors},
                     {"params", j.params},
                     {"config_hash", j.config_hash},
-                    {"total_steps", j.total_steps}});
+                    {"total_steps", j.total_steps},
+                    {"mem", j.mem_estimate_bytes},
+                    {"gpus", j.gpus}});
   }
 
   {
@@ -183,15 +289,13 @@ absl::StatusOr<CreateSweepResult> PgJobStore::CreateSweep(const NewSweep& sw) {
     if (!ins.ok()) return ins.status();
     if (ins->rows() == 1) {
       sweep_id = ins->Int(0, 0);
-      auto jr = Exec(c, "insert jobs",
-                     "INSERT INTO jobs (sweep_id, cell_index, factors, params, config_hash, total_steps) "
-                     "SELECT $1, x.cell_index, x.factors, x.params, x.config_hash, x.total_steps "
-                     "FROM jsonb_to_recordset($2::jsonb) AS x(cell_index int, factors jsonb, params jsonb, "
-                     "config_hash text, total_steps bigint)",
-                     {Num(sweep_id), jobs.dump()});
+      auto jr = InsertJobs(c, sweep_id, jobs, sw.reuse_succeeded);
       if (!jr.ok()) return jr.status();  // tx rolls back: no sweep without its jobs
-      if (jr->Affected() != static_cast<int64_t>(sw.jobs.size())) {
-        return absl::InternalError("inserted " + Num(jr->Affected()) + " jobs, expected " + Num(sw.jobs.size()));
+      if (jr->first != static_cast<int64_t>(sw.jobs.size())) {
+        return absl::InternalError("inserted " + Num(jr->first) + " jobs, expected " + Num(sw.jobs.size()));
+      }
+      if (jr->second > 0) {
+        if (auto st = RefreshSweep(c, sweep_id); !st.ok()) return st;
       }
       if (auto st = tx.Commit(); !st.ok()) return st;
       created = true;
@@ -298,8 +402,8 @@ absl::StatusOr<std::map<int64_t, double>> PgJobStore::MaxMetric(int64_t sweep_id
   if (!conn.ok()) return conn.status();
   // NaN sorts above every number in Postgres; leave it out of a maximum.
   auto r = Exec(conn->get(), "max metric",
-                "SELECT m.job_id, max(m.value) FROM metrics m JOIN jobs j ON j.id = m.job_id "
-                "WHERE j.sweep_id = $1 AND m.name = $2 AND m.value <> 'NaN'::float8 GROUP BY m.job_id",
+                "SELECT j.id, max(m.value) FROM jobs j JOIN metrics m ON m.job_id = coalesce(j.reused_from, j.id) "
+                "WHERE j.sweep_id = $1 AND m.name = $2 AND m.value <> 'NaN'::float8 GROUP BY j.id",
                 {Num(sweep_id), metric});
   if (!r.ok()) return r.status();
   std::map<int64_t, double> out;
@@ -318,30 +422,79 @@ absl::Status PgJobStore::UpsertWorker(const WorkerInfo& w) {
   return r.ok() ? absl::OkStatus() : r.status();
 }
 
-absl::StatusOr<std::optional<LeaseGrant>> PgJobStore::LeaseNextJob(const std::string& worker_id, int lease_ttl_s) {
+absl::Status PgJobStore::SetQuarantine(const std::string& worker_id, bool quarantined, int duration_s,
+                                       const std::string& reason) {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  auto r = Exec(conn->get(), "set quarantine",
+                "UPDATE workers SET quarantined_until = CASE WHEN $2::boolean THEN now() + make_interval(secs => $3::int) "
+                "ELSE NULL END, quarantine_reason = $4, consecutive_failures = 0 WHERE id = $1 RETURNING id",
+                {worker_id, quarantined ? "true" : "false", std::to_string(std::max(duration_s, 1)), reason});
+  if (!r.ok()) return r.status();
+  if (r->rows() == 0) return absl::NotFoundError("worker '" + worker_id + "' not registered");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LeaseAttempt> PgJobStore::LeaseJobFor(const std::string& worker_id, const Capacity& free,
+                                                     int lease_ttl_s) {
   auto conn = pool_.Acquire();
   if (!conn.ok()) return conn.status();
   PGconn* c = conn->get();
-  (void)Exec(c, "touch worker", "UPDATE workers SET last_seen = now() WHERE id = $1", {worker_id});
-  // One statement, autocommit: SKIP LOCKED lets concurrent claimers pass over a row another one is taking,
-  // so no job is handed out twice and nobody waits.
+  LeaseAttempt out;
+  auto w = Exec(c, "touch worker",
+                "UPDATE workers SET last_seen = now() WHERE id = $1 RETURNING "
+                "CASE WHEN quarantined_until > now() THEN " ABLATE_MS("quarantined_until") " ELSE 0 END",
+                {worker_id});
+  if (!w.ok()) return w.status();
+  if (w->rows() == 1 && w->Int(0, 0) > 0) {
+    out.quarantined_until_unix_ms = w->Int(0, 0);
+    return out;
+  }
+  // Device memories offered: the free GPUs, or the host memory as one device on a CPU worker.
+  std::vector<int64_t> mems;
+  for (const auto& g : free.gpus) mems.push_back(g.memory_bytes);
+  if (mems.empty()) mems.push_back(free.host_memory_bytes > 0 ? free.host_memory_bytes : 0);
+  std::string arr = "{";
+  for (size_t i = 0; i < mems.size(); ++i) arr += (i ? "," : "") + Num(mems[i]);
+  arr += "}";
+  // One statement, autocommit: SKIP LOCKED lets concurrent claimers pass over a row another one is taking, so no
+  // job is handed out twice and nobody waits. A job fits when at least `gpus` offered devices each have its
+  // per-GPU memory estimate: all of them at once, or the job is not leased here.
   std::string sql =
-      "WITH next AS (SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, id LIMIT 1 "
-      "FOR UPDATE SKIP LOCKED) "
-      "UPDATE jobs j SET state = 'leased', attempt = j.attempt + 1, lease_epoch = j.lease_epoch + 1, "
-      "lease_expires_at = now() + make_interval(secs => $2::int), worker_id = $1, "
-      "started_at = coalesce(j.started_at, now()) FROM next WHERE j.id = next.id RETURNING " +
-      std::string(kJobCols);
-  auto r = Exec(c, "lease next job", sql.c_str(), {worker_id, std::to_string(lease_ttl_s)});
+      "WITH next AS (SELECT id FROM jobs WHERE state = 'queued' AND not_before <= now() "
+      "  AND ($3::boolean OR (SELECT count(*) FROM unnest($4::bigint[]) AS d(mem) "
+      "                       WHERE d.mem >= jobs.mem_estimate_bytes) >= jobs.gpus) "
+      "  ORDER BY queued_at, id LIMIT 1 FOR UPDATE SKIP LOCKED), "
+      "upd AS (UPDATE jobs j SET state = 'leased', attempt = j.attempt + 1, lease_epoch = j.lease_epoch + 1, "
+      "  lease_nonce = replace(gen_random_uuid()::text, '-', ''), "
+      "  lease_expires_at = now() + make_interval(secs => $2::int), worker_id = $1, "
+      "  started_at = coalesce(j.started_at, now()) FROM next WHERE j.id = next.id RETURNING j.*), "
+      "hist AS (INSERT INTO job_attempts (job_id, attempt, lease_epoch, lease_nonce, worker_id, outcome, acquired_at) "
+      "  SELECT id, attempt, lease_epoch, lease_nonce, worker_id, 'running', now() FROM upd "
+      "  ON CONFLICT (job_id, attempt) DO UPDATE SET lease_epoch = EXCLUDED.lease_epoch, "
+      "  lease_nonce = EXCLUDED.lease_nonce, worker_id = EXCLUDED.worker_id, outcome = 'running', "
+      "  acquired_at = EXCLUDED.acquired_at, finished_at = NULL) "
+      "SELECT " + std::string(kJobCols) + " FROM upd j";
+  auto r = Exec(c, "lease next job", sql.c_str(),
+                {worker_id, std::to_string(lease_ttl_s), free.unlimited ? "true" : "false", arr});
   if (!r.ok()) return r.status();
-  if (r->rows() == 0) return std::optional<LeaseGrant>();
+  if (r->rows() == 0) return out;
   LeaseGrant g;
   g.job = ReadJob(*r, 0);
-  g.lease = Lease{g.job.id, g.job.attempt, g.job.lease_epoch, g.job.lease_expires_unix_ms};
-  auto cp = Exec(c, "resume checkpoint", "SELECT path FROM checkpoints WHERE job_id = $1 ORDER BY step DESC LIMIT 1",
-                 {Num(g.job.id)});
-  if (cp.ok() && cp->rows() == 1) g.resume_checkpoint = cp->Str(0, 0);
-  return std::optional<LeaseGrant>(std::move(g));
+  g.lease = Lease{g.job.id, g.job.attempt, g.job.lease_epoch, g.job.lease_expires_unix_ms, g.job.lease_nonce};
+  auto cp = Exec(c, "resume checkpoints",
+                 "SELECT step, path FROM checkpoints WHERE job_id = $1 ORDER BY step DESC LIMIT 8", {Num(g.job.id)});
+  if (cp.ok()) {
+    for (int i = 0; i < cp->rows(); ++i) g.checkpoints.emplace_back(cp->Int(i, 0), cp->Str(i, 1));
+    if (!g.checkpoints.empty()) g.resume_checkpoint = g.checkpoints.front().second;
+  }
+  // GPU indices: the first `gpus` offered GPUs with enough memory.
+  for (const auto& gpu : free.gpus) {
+    if (static_cast<int32_t>(g.assigned_gpus.size()) >= g.job.gpus) break;
+    if (gpu.memory_bytes >= g.job.mem_estimate_bytes) g.assigned_gpus.push_back(gpu.index);
+  }
+  out.grant = std::move(g);
+  return out;
 }
 
 absl::StatusOr<HeartbeatResult> PgJobStore::Heartbeat(const std::string& worker_id, const Lease& lease, int64_t step,
@@ -349,14 +502,16 @@ absl::StatusOr<HeartbeatResult> PgJobStore::Heartbeat(const std::string& worker_
   auto conn = pool_.Acquire();
   if (!conn.ok()) return conn.status();
   PGconn* c = conn->get();
+  // Single-row updates, no table locks: the worker's row and the job's row.
   (void)Exec(c, "touch worker", "UPDATE workers SET last_seen = now() WHERE id = $1", {worker_id});
   auto r = Exec(c, "heartbeat",
                 "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $5::int), "
                 "state = CASE WHEN state = 'leased' AND $4::bigint >= 0 THEN 'running' ELSE state END, "
                 "latest_step = greatest(latest_step, $4::bigint) "
-                "WHERE id = $1 AND attempt = $2 AND lease_epoch = $3 AND state IN ('leased', 'running') "
+                "WHERE " ABLATE_FENCE("$1", "$2", "$3", "$6") " "
                 "RETURNING " ABLATE_MS("lease_expires_at") ", cancel_requested",
-                {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), Num(step), std::to_string(lease_ttl_s)});
+                {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), Num(step), std::to_string(lease_ttl_s),
+                 lease.lease_nonce});
   if (!r.ok()) return r.status();
   if (r->rows() == 0) return FenceError(c, lease, "heartbeat");
   HeartbeatResult out;
@@ -375,18 +530,21 @@ absl::StatusOr<AppendMetricsResult> PgJobStore::AppendMetrics(const Lease& lease
   for (const auto& p : points) {
     rows.push_back({{"step", p.step}, {"name", p.name}, {"value", FloatText(p.value)}, {"time_ms", p.time_unix_ms}});
   }
-  // Fence and bulk insert in one statement; FOR SHARE keeps the job's lease from changing underneath.
+  // Fence and bulk upsert in one statement; FOR SHARE keeps the job's lease from changing underneath. Unique on
+  // (job, name, step): a retried batch changes nothing, a step replayed by a newer attempt (resume) replaces the
+  // older attempt's value. DISTINCT ON: a batch naming a point twice keeps one.
   auto r = Exec(c, "append metrics",
-                "WITH fence AS (SELECT id FROM jobs WHERE id = $1 AND attempt = $2 AND lease_epoch = $3 "
-                "               AND state IN ('leased', 'running') FOR SHARE), "
+                "WITH fence AS (SELECT id FROM jobs WHERE " ABLATE_FENCE("$1", "$2", "$3", "$5") " FOR SHARE), "
                 "ins AS (INSERT INTO metrics (job_id, attempt, step, name, value, time) "
-                "        SELECT $1, $2, x.step, x.name, x.value::float8, "
+                "        SELECT DISTINCT ON (x.name, x.step) $1::bigint, $2::int, x.step, x.name, x.value::float8, "
                 "               CASE WHEN x.time_ms > 0 THEN to_timestamp(x.time_ms / 1000.0) ELSE now() END "
                 "        FROM jsonb_to_recordset($4::jsonb) AS x(step bigint, name text, value text, time_ms bigint) "
                 "        WHERE EXISTS (SELECT 1 FROM fence) "
-                "        ON CONFLICT DO NOTHING RETURNING 1) "
+                "        ON CONFLICT (job_id, name, step) DO UPDATE SET value = EXCLUDED.value, "
+                "           attempt = EXCLUDED.attempt, time = EXCLUDED.time, ingested_at = now() "
+                "        WHERE metrics.attempt < EXCLUDED.attempt RETURNING 1) "
                 "SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM ins)",
-                {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), rows.dump()});
+                {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), rows.dump(), lease.lease_nonce});
   if (!r.ok()) return r.status();
   if (r->Int(0, 0) == 0) return FenceError(c, lease, "metrics");
   return AppendMetricsResult{static_cast<int64_t>(points.size()), r->Int(0, 1)};
@@ -397,104 +555,322 @@ absl::Status PgJobStore::RecordCheckpoint(const Lease& lease, int64_t step, cons
   if (!conn.ok()) return conn.status();
   PGconn* c = conn->get();
   auto r = Exec(c, "record checkpoint",
-                "WITH fence AS (SELECT id FROM jobs WHERE id = $1 AND attempt = $2 AND lease_epoch = $3 "
-                "               AND state IN ('leased', 'running') FOR SHARE), "
-                "ins AS (INSERT INTO checkpoints (job_id, attempt, step, path) "
-                "        SELECT $1, $2, $4, $5 WHERE EXISTS (SELECT 1 FROM fence) "
-                "        ON CONFLICT (job_id, step) DO UPDATE SET path = EXCLUDED.path, attempt = EXCLUDED.attempt "
+                "WITH fence AS (SELECT id FROM jobs WHERE " ABLATE_FENCE("$1", "$2", "$3", "$6") " FOR SHARE), "
+                "ins AS (INSERT INTO checkpoints (job_id, attempt, step, path, lease_epoch) "
+                "        SELECT $1, $2, $4, $5, $3 WHERE EXISTS (SELECT 1 FROM fence) "
+                "        ON CONFLICT (job_id, step) DO UPDATE SET path = EXCLUDED.path, attempt = EXCLUDED.attempt, "
+                "        lease_epoch = EXCLUDED.lease_epoch, created_at = now() "
                 "        RETURNING 1) "
                 "SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM ins)",
-                {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), Num(step), path});
+                {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), Num(step), path, lease.lease_nonce});
   if (!r.ok()) return r.status();
   if (r->Int(0, 0) == 0) return FenceError(c, lease, "checkpoint");
   return absl::OkStatus();
 }
 
-absl::StatusOr<JobState> PgJobStore::CompleteJob(const Lease& lease, Outcome outcome, FailureClass fc,
-                                                 const std::string& message, int32_t exit_code, int max_attempts) {
-  auto conn = pool_.Acquire();
-  if (!conn.ok()) return conn.status();
-  PGconn* c = conn->get();
-  std::string outcome_s = outcome == Outcome::kSucceeded ? "succeeded"
-                          : outcome == Outcome::kCancelled ? "cancelled" : "failed";
-  std::string fc_s(outcome == Outcome::kFailed ? FailureClassName(fc) : "");
-  std::string retryable = (outcome == Outcome::kFailed && IsRetryable(fc)) ? "true" : "false";
-  PgTransaction tx(c);
-  if (auto st = tx.Begin(); !st.ok()) return st;
-  auto hist = Exec(c, "record attempt",
-                   "INSERT INTO job_attempts (job_id, attempt, lease_epoch, worker_id, outcome, failure_class, message, "
-                   "exit_code) SELECT id, attempt, lease_epoch, worker_id, $4, $5, $6, $7 FROM jobs "
-                   "WHERE id = $1 AND attempt = $2 AND lease_epoch = $3 AND state IN ('leased', 'running') "
-                   "ON CONFLICT (job_id, attempt) DO NOTHING",
-                   {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), outcome_s, fc_s, message,
-                    std::to_string(exit_code)});
-  if (!hist.ok()) return hist.status();
-  // The fence is the WHERE of this UPDATE; a failed attempt goes back to the queue while attempts remain,
-  // unless its class is never retried or the sweep was cancelled.
-  auto r = Exec(c, "complete job",
-                "UPDATE jobs SET state = n.next, last_error = $5, failure_class = $6, lease_expires_at = NULL, "
-                "finished_at = CASE WHEN n.next = 'queued' THEN NULL ELSE now() END, "
-                "queued_at = CASE WHEN n.next = 'queued' THEN now() ELSE queued_at END, "
-                "worker_id = CASE WHEN n.next = 'queued' THEN NULL ELSE worker_id END "
-                "FROM (SELECT CASE WHEN $4 = 'succeeded' THEN 'succeeded' WHEN $4 = 'cancelled' THEN 'cancelled' "
-                "             WHEN cancel_requested THEN 'cancelled' "
-                "             WHEN $7::boolean AND attempt < $8::int THEN 'queued' ELSE 'failed' END AS next "
-                "      FROM jobs WHERE id = $1) n "
-                "WHERE id = $1 AND attempt = $2 AND lease_epoch = $3 AND state IN ('leased', 'running') "
-                "RETURNING state, sweep_id",
-                {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), outcome_s,
-                 outcome == Outcome::kSucceeded ? "" : message, fc_s, retryable, std::to_string(max_attempts)});
-  if (!r.ok()) return r.status();
-  if (r->rows() == 0) return FenceError(c, lease, "completion");
-  JobState next = JobStateFromName(r->Str(0, 0)).value_or(JobState::kFailed);
-  if (IsTerminal(next)) {
-    if (auto st = RefreshSweep(c, r->Int(0, 1)); !st.ok()) return st;
+namespace {
+const char* OutcomeName(Outcome o) {
+  switch (o) {
+    case Outcome::kSucceeded: return "succeeded";
+    case Outcome::kCancelled: return "cancelled";
+    case Outcome::kPreempted: return "preempted";
+    default: return "failed";
   }
-  if (auto st = tx.Commit(); !st.ok()) return st;
-  return next;
 }
 
-absl::StatusOr<ExpireResult> PgJobStore::ExpireLeases(int max_attempts) {
+// Moves one job after its attempt ended (completion or expiry). The caller holds the job row FOR UPDATE and has
+// checked the fence; this UPDATE repeats the fence in its WHERE.
+absl::StatusOr<std::string> ApplyDecision(PGconn* c, const Lease& lease, const Decision& d, const std::string& fc_s,
+                                          const std::string& message) {
+  auto r = Exec(c, "move job",
+                "UPDATE jobs SET state = $5, last_error = $6, failure_class = $7, lease_expires_at = NULL, "
+                "class_failures = $8::jsonb, preemptions = preemptions + $9::int, "
+                "not_before = CASE WHEN $5 = 'queued' THEN now() + make_interval(secs => $10::float8 / 1000.0) "
+                "  ELSE not_before END, "
+                "finished_at = CASE WHEN $5 = 'queued' THEN NULL ELSE now() END, "
+                "queued_at = CASE WHEN $5 = 'queued' THEN now() ELSE queued_at END, "
+                "worker_id = CASE WHEN $5 = 'queued' THEN NULL ELSE worker_id END "
+                "WHERE " ABLATE_FENCE("$1", "$2", "$3", "$4") " RETURNING sweep_id",
+                {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), lease.lease_nonce, d.next,
+                 d.next == "succeeded" ? "" : message, fc_s, d.class_failures, d.preempted ? "1" : "0",
+                 Num(d.backoff_ms)});
+  if (!r.ok()) return r.status();
+  if (r->rows() == 0) return absl::AbortedError("job " + Num(lease.job_id) + " changed underneath; retry");
+  return r->Str(0, 0);
+}
+}  // namespace
+
+absl::StatusOr<CompleteResult> PgJobStore::Complete(const Lease& lease, Outcome outcome, FailureClass fc,
+                                                    const std::string& message, int32_t exit_code, int64_t last_step,
+                                                    const RetryPolicy& policy) {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  PGconn* c = conn->get();
+  std::string fc_s(outcome == Outcome::kFailed ? FailureClassName(fc) : "");
+  PgTransaction tx(c);
+  if (auto st = tx.Begin(); !st.ok()) return st;
+  // Fence check and row lock in one statement.
+  auto cur = Exec(c, "lock job",
+                  "SELECT class_failures::text, cancel_requested, coalesce(worker_id, '') FROM jobs "
+                  "WHERE " ABLATE_FENCE("$1", "$2", "$3", "$4") " FOR UPDATE",
+                  {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), lease.lease_nonce});
+  if (!cur.ok()) return cur.status();
+  if (cur->rows() == 0) return FenceError(c, lease, "completion");
+  Decision d = Decide(outcome, fc, cur->Str(0, 0), cur->Bool(0, 1), policy);
+  std::string worker_id = cur->Str(0, 2);
+  auto hist = Exec(c, "close attempt",
+                   "INSERT INTO job_attempts (job_id, attempt, lease_epoch, lease_nonce, worker_id, outcome, "
+                   "failure_class, message, exit_code, finished_at, last_step) "
+                   "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), nullif($10::bigint, -1)) "
+                   "ON CONFLICT (job_id, attempt) DO UPDATE SET outcome = EXCLUDED.outcome, "
+                   "failure_class = EXCLUDED.failure_class, message = EXCLUDED.message, "
+                   "exit_code = EXCLUDED.exit_code, finished_at = now(), last_step = EXCLUDED.last_step",
+                   {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), lease.lease_nonce, worker_id,
+                    OutcomeName(outcome), fc_s, message.substr(0, 4096), std::to_string(exit_code), Num(last_step)});
+  if (!hist.ok()) return hist.status();
+  auto sweep = ApplyDecision(c, lease, d, fc_s, message.substr(0, 4096));
+  if (!sweep.ok()) return sweep.status();
+  CompleteResult out;
+  out.state = JobStateFromName(d.next).value_or(JobState::kFailed);
+  out.retry_in_ms = d.next == "queued" ? d.backoff_ms : 0;
+  auto q = NoteWorkerResult(c, worker_id, d, policy, fc_s + ": " + message.substr(0, 200));
+  if (!q.ok()) return q.status();
+  out.worker_quarantined = *q;
+  if (IsTerminal(out.state)) {
+    if (auto st = RefreshSweep(c, std::stoll(*sweep)); !st.ok()) return st;
+  }
+  if (auto st = tx.Commit(); !st.ok()) return st;
+  return out;
+}
+
+absl::StatusOr<ExpireResult> PgJobStore::Expire(const RetryPolicy& policy, int64_t leader_epoch) {
   auto conn = pool_.Acquire();
   if (!conn.ok()) return conn.status();
   PGconn* c = conn->get();
   PgTransaction tx(c);
   if (auto st = tx.Begin(); !st.ok()) return st;
-  // All CTEs see the pre-update rows, so the history row records the lease that expired.
-  auto r = Exec(c, "expire leases",
-                "WITH exp AS (SELECT id FROM jobs WHERE state IN ('leased', 'running') AND lease_expires_at < now() "
-                "             FOR UPDATE SKIP LOCKED), "
-                "hist AS (INSERT INTO job_attempts (job_id, attempt, lease_epoch, worker_id, outcome, failure_class, "
-                "         message) SELECT j.id, j.attempt, j.lease_epoch, j.worker_id, 'expired', 'infra', "
-                "         'lease expired: worker ' || coalesce(j.worker_id, '?') || ' stopped heartbeating' "
-                "         FROM jobs j JOIN exp ON exp.id = j.id ON CONFLICT (job_id, attempt) DO NOTHING) "
-                "UPDATE jobs j SET state = CASE WHEN j.cancel_requested THEN 'cancelled' "
-                "                               WHEN j.attempt >= $1::int THEN 'failed' ELSE 'queued' END, "
-                "  failure_class = 'infra', "
-                "  last_error = 'lease expired: worker ' || coalesce(j.worker_id, '?') || ' stopped heartbeating', "
-                "  lease_expires_at = NULL, "
-                "  worker_id = CASE WHEN j.cancel_requested OR j.attempt >= $1::int THEN j.worker_id ELSE NULL END, "
-                "  queued_at = now(), "
-                "  finished_at = CASE WHEN j.cancel_requested OR j.attempt >= $1::int THEN now() ELSE NULL END "
-                "FROM exp WHERE j.id = exp.id RETURNING j.state, j.sweep_id",
-                {std::to_string(max_attempts)});
+  if (leader_epoch > 0) {
+    // FOR SHARE: a new leader's epoch bump waits for this transaction, and this one sees a bump that committed.
+    auto l = Exec(c, "leader fence", "SELECT epoch FROM leader WHERE id = 1 FOR SHARE");
+    if (!l.ok()) return l.status();
+    if (l->rows() == 0 || l->Int(0, 0) != leader_epoch) {
+      return absl::FailedPreconditionError("not the leader any more (epoch " + Num(leader_epoch) + " is stale)");
+    }
+  }
+  auto r = Exec(c, "expired leases",
+                "SELECT id, attempt, lease_epoch, lease_nonce, coalesce(worker_id, ''), class_failures::text, "
+                "cancel_requested, latest_step FROM jobs "
+                "WHERE state IN ('leased', 'running') AND lease_expires_at < now() "
+                "ORDER BY lease_expires_at LIMIT 500 FOR UPDATE SKIP LOCKED");
   if (!r.ok()) return r.status();
   ExpireResult out;
   std::set<int64_t> touched;
   for (int i = 0; i < r->rows(); ++i) {
-    std::string s = r->Str(i, 0);
-    if (s == "queued") {
+    Lease lease{r->Int(i, 0), static_cast<int32_t>(r->Int(i, 1)), r->Int(i, 2), 0, r->Str(i, 3)};
+    std::string worker_id = r->Str(i, 4);
+    std::string msg = "lease expired: worker " + (worker_id.empty() ? std::string("?") : worker_id) +
+                      " stopped heartbeating";
+    Decision d = Decide(Outcome::kFailed, FailureClass::kInfra, r->Str(i, 5), r->Bool(i, 6), policy);
+    auto hist = Exec(c, "close expired attempt",
+                     "INSERT INTO job_attempts (job_id, attempt, lease_epoch, lease_nonce, worker_id, outcome, "
+                     "failure_class, message, finished_at, leader_epoch, last_step) "
+                     "VALUES ($1, $2, $3, $4, nullif($5, ''), 'expired', 'infra', $6, now(), nullif($7::bigint, 0), $8) "
+                     "ON CONFLICT (job_id, attempt) DO UPDATE SET outcome = 'expired', failure_class = 'infra', "
+                     "message = EXCLUDED.message, finished_at = now(), leader_epoch = EXCLUDED.leader_epoch, "
+                     "last_step = EXCLUDED.last_step",
+                     {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), lease.lease_nonce, worker_id, msg,
+                      Num(leader_epoch), Num(r->Int(i, 7))});
+    if (!hist.ok()) return hist.status();
+    auto sweep = ApplyDecision(c, lease, d, "infra", msg);
+    if (!sweep.ok()) return sweep.status();
+    if (d.next == "queued") {
       ++out.requeued;
     } else {
-      (s == "failed" ? out.failed : out.cancelled)++;
-      touched.insert(r->Int(i, 1));
+      (d.next == "failed" ? out.failed : out.cancelled)++;
+      touched.insert(std::stoll(*sweep));
     }
+    auto q = NoteWorkerResult(c, worker_id, d, policy, msg);
+    if (!q.ok()) return q.status();
+    if (*q) out.quarantined_workers.push_back(worker_id);
   }
   for (int64_t sweep_id : touched) {
     if (auto st = RefreshSweep(c, sweep_id); !st.ok()) return st;
   }
   if (auto st = tx.Commit(); !st.ok()) return st;
   return out;
+}
+
+absl::StatusOr<bool> PgJobStore::CancelJob(int64_t job_id) {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  PGconn* c = conn->get();
+  PgTransaction tx(c);
+  if (auto st = tx.Begin(); !st.ok()) return st;
+  auto r = Exec(c, "cancel job",
+                "UPDATE jobs SET state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END, "
+                "finished_at = CASE WHEN state = 'queued' THEN now() ELSE finished_at END, "
+                "cancel_requested = TRUE WHERE id = $1 AND state IN ('queued', 'leased', 'running') RETURNING sweep_id",
+                {Num(job_id)});
+  if (!r.ok()) return r.status();
+  if (r->rows() == 0) {
+    auto e = Exec(c, "job exists", "SELECT 1 FROM jobs WHERE id = $1", {Num(job_id)});
+    if (!e.ok()) return e.status();
+    if (e->rows() == 0) return absl::NotFoundError("job " + Num(job_id) + " not found");
+    return false;
+  }
+  if (auto st = RefreshSweep(c, r->Int(0, 0)); !st.ok()) return st;
+  if (auto st = tx.Commit(); !st.ok()) return st;
+  return true;
+}
+
+absl::StatusOr<ExtendResult> PgJobStore::ExtendSweep(int64_t sweep_id, const NewSweep& sw) {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  PGconn* c = conn->get();
+  PgTransaction tx(c);
+  if (auto st = tx.Begin(); !st.ok()) return st;
+  auto s = Exec(c, "lock sweep", "SELECT id FROM sweeps WHERE id = $1 FOR UPDATE", {Num(sweep_id)});
+  if (!s.ok()) return s.status();
+  if (s->rows() == 0) return absl::NotFoundError("sweep " + Num(sweep_id) + " not found");
+  auto have = Exec(c, "sweep cells", "SELECT config_hash, coalesce(max(cell_index) OVER (), -1) FROM jobs "
+                   "WHERE sweep_id = $1", {Num(sweep_id)});
+  if (!have.ok()) return have.status();
+  std::set<std::string> hashes;
+  int64_t next_index = 0;
+  for (int i = 0; i < have->rows(); ++i) {
+    hashes.insert(have->Str(i, 0));
+    next_index = std::max<int64_t>(next_index, have->Int(i, 1) + 1);
+  }
+  ExtendResult out;
+  json jobs = json::array();
+  for (const auto& j : sw.jobs) {
+    if (!hashes.insert(j.config_hash).second) {
+      ++out.already_present;
+      continue;
+    }
+    json factors = json::object();
+    for (const auto& [k, v] : j.factors) factors[k] = v;
+    jobs.push_back({{"cell_index", next_index++}, {"factors", factors}, {"params", j.params},
+                    {"config_hash", j.config_hash}, {"total_steps", j.total_steps}, {"mem", j.mem_estimate_bytes},
+                    {"gpus", j.gpus}});
+  }
+  if (!jobs.empty()) {
+    auto ins = InsertJobs(c, sweep_id, jobs, sw.reuse_succeeded);
+    if (!ins.ok()) return ins.status();
+    out.added = static_cast<int32_t>(ins->first - ins->second);
+    out.reused = static_cast<int32_t>(ins->second);
+    auto u = Exec(c, "extend sweep", "UPDATE sweeps SET cancel_requested = FALSE, factor_names = $2::jsonb "
+                  "WHERE id = $1", {Num(sweep_id), json(sw.factor_names).dump()});
+    if (!u.ok()) return u.status();
+    if (auto st = RefreshSweep(c, sweep_id); !st.ok()) return st;
+  }
+  if (auto st = tx.Commit(); !st.ok()) return st;
+  return out;
+}
+
+namespace {
+constexpr const char* kScheduleCols =
+    "s.id, s.name, s.cron, s.spec_yaml, " ABLATE_MS("s.next_due") ", "
+    "coalesce((SELECT " ABLATE_MS("max(r.due_time)") " FROM schedule_runs r WHERE r.schedule_id = s.id), 0), "
+    "coalesce((SELECT r.sweep_id FROM schedule_runs r WHERE r.schedule_id = s.id ORDER BY r.due_time DESC LIMIT 1), 0), "
+    ABLATE_MS("s.created_at") ", (SELECT count(*) FROM schedule_runs r WHERE r.schedule_id = s.id), s.skipped_count";
+
+ScheduleRecord ReadSchedule(const PgResult& r, int i) {
+  ScheduleRecord s;
+  s.id = r.Int(i, 0);
+  s.name = r.Str(i, 1);
+  s.cron = r.Str(i, 2);
+  s.spec_yaml = r.Str(i, 3);
+  s.next_due_unix_ms = r.Int(i, 4);
+  s.last_fired_unix_ms = r.Int(i, 5);
+  s.last_sweep_id = r.Int(i, 6);
+  s.created_unix_ms = r.Int(i, 7);
+  s.fired_count = static_cast<int32_t>(r.Int(i, 8));
+  s.skipped_count = static_cast<int32_t>(r.Int(i, 9));
+  return s;
+}
+std::string MsToTs(int64_t ms) { return "to_timestamp(" + Num(ms) + " / 1000.0)"; }
+}  // namespace
+
+absl::StatusOr<ScheduleRecord> PgJobStore::CreateSchedule(const std::string& name, const std::string& cron,
+                                                          const std::string& spec_yaml, int64_t next_due_unix_ms) {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  auto r = Exec(conn->get(), "create schedule",
+                "INSERT INTO schedules (name, cron, spec_yaml, next_due) VALUES ($1, $2, $3, "
+                "to_timestamp($4::bigint / 1000.0)) RETURNING id",
+                {name, cron, spec_yaml, Num(next_due_unix_ms)});
+  if (!r.ok()) return r.status();
+  std::string sql = std::string("SELECT ") + kScheduleCols + " FROM schedules s WHERE s.id = $1";
+  auto g = Exec(conn->get(), "get schedule", sql.c_str(), {r->Str(0, 0)});
+  if (!g.ok()) return g.status();
+  return ReadSchedule(*g, 0);
+}
+
+absl::StatusOr<std::vector<ScheduleRecord>> PgJobStore::ListSchedules() {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  std::string sql = std::string("SELECT ") + kScheduleCols + " FROM schedules s ORDER BY s.id";
+  auto r = Exec(conn->get(), "list schedules", sql.c_str());
+  if (!r.ok()) return r.status();
+  std::vector<ScheduleRecord> out;
+  for (int i = 0; i < r->rows(); ++i) out.push_back(ReadSchedule(*r, i));
+  return out;
+}
+
+absl::Status PgJobStore::DeleteSchedule(int64_t schedule_id) {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  auto r = Exec(conn->get(), "delete schedule", "DELETE FROM schedules WHERE id = $1", {Num(schedule_id)});
+  if (!r.ok()) return r.status();
+  if (r->Affected() == 0) return absl::NotFoundError("schedule " + Num(schedule_id) + " not found");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<ScheduleRecord>> PgJobStore::DueSchedules(int64_t now_override_unix_ms) {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  std::string now = now_override_unix_ms > 0 ? MsToTs(now_override_unix_ms) : "now()";
+  std::string sql = std::string("SELECT ") + kScheduleCols + " FROM schedules s WHERE s.next_due <= " + now +
+                    " ORDER BY s.next_due LIMIT 100";
+  auto r = Exec(conn->get(), "due schedules", sql.c_str());
+  if (!r.ok()) return r.status();
+  std::vector<ScheduleRecord> out;
+  for (int i = 0; i < r->rows(); ++i) out.push_back(ReadSchedule(*r, i));
+  return out;
+}
+
+absl::StatusOr<bool> PgJobStore::RecordScheduleRun(int64_t schedule_id, int64_t due_unix_ms, int64_t sweep_id,
+                                                   int64_t expected_next_due_unix_ms, int64_t new_next_due_unix_ms,
+                                                   int32_t skipped) {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  PGconn* c = conn->get();
+  PgTransaction tx(c);
+  if (auto st = tx.Begin(); !st.ok()) return st;
+  auto ins = Exec(c, "schedule run",
+                  "INSERT INTO schedule_runs (schedule_id, due_time, sweep_id) "
+                  "VALUES ($1, to_timestamp($2::bigint / 1000.0), nullif($3::bigint, 0)) "
+                  "ON CONFLICT (schedule_id, due_time) DO NOTHING RETURNING 1",
+                  {Num(schedule_id), Num(due_unix_ms), Num(sweep_id)});
+  if (!ins.ok()) return ins.status();
+  auto upd = Exec(c, "advance schedule",
+                  "UPDATE schedules SET next_due = to_timestamp($3::bigint / 1000.0), "
+                  "skipped_count = skipped_count + $4::int "
+                  "WHERE id = $1 AND next_due = to_timestamp($2::bigint / 1000.0)",
+                  {Num(schedule_id), Num(expected_next_due_unix_ms), Num(new_next_due_unix_ms),
+                   std::to_string(ins->rows() == 1 ? skipped : 0)});
+  if (!upd.ok()) return upd.status();
+  if (auto st = tx.Commit(); !st.ok()) return st;
+  return ins->rows() == 1;
+}
+
+absl::StatusOr<int64_t> PgJobStore::CountQuarantinedWorkers() {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  auto r = Exec(conn->get(), "count quarantined", "SELECT count(*) FROM workers WHERE quarantined_until > now()");
+  if (!r.ok()) return r.status();
+  return r->Int(0, 0);
 }
 
 namespace {

@@ -21,16 +21,31 @@ class PgJobStore final : public JobStore {
   absl::StatusOr<JobRecord> GetJob(int64_t job_id) override;
   absl::StatusOr<std::map<int64_t, double>> MaxMetric(int64_t sweep_id, const std::string& metric) override;
 
+  absl::StatusOr<bool> CancelJob(int64_t job_id) override;
+  absl::StatusOr<ExtendResult> ExtendSweep(int64_t sweep_id, const NewSweep& sweep) override;
   absl::Status UpsertWorker(const WorkerInfo& worker) override;
-  absl::StatusOr<std::optional<LeaseGrant>> LeaseNextJob(const std::string& worker_id, int lease_ttl_s) override;
+  absl::Status SetQuarantine(const std::string& worker_id, bool quarantined, int duration_s,
+                             const std::string& reason) override;
+  absl::StatusOr<LeaseAttempt> LeaseJobFor(const std::string& worker_id, const Capacity& free,
+                                           int lease_ttl_s) override;
   absl::StatusOr<HeartbeatResult> Heartbeat(const std::string& worker_id, const Lease& lease, int64_t step,
                                             int lease_ttl_s) override;
   absl::StatusOr<AppendMetricsResult> AppendMetrics(const Lease& lease,
                                                     const std::vector<MetricSample>& points) override;
   absl::Status RecordCheckpoint(const Lease& lease, int64_t step, const std::string& path) override;
-  absl::StatusOr<JobState> CompleteJob(const Lease& lease, Outcome outcome, FailureClass failure_class,
-                                       const std::string& message, int32_t exit_code, int max_attempts) override;
-  absl::StatusOr<ExpireResult> ExpireLeases(int max_attempts) override;
+  absl::StatusOr<CompleteResult> Complete(const Lease& lease, Outcome outcome, FailureClass failure_class,
+                                          const std::string& message, int32_t exit_code, int64_t last_step,
+                                          const RetryPolicy& policy) override;
+  absl::StatusOr<ExpireResult> Expire(const RetryPolicy& policy, int64_t leader_epoch) override;
+  absl::StatusOr<ScheduleRecord> CreateSchedule(const std::string& name, const std::string& cron,
+                                                const std::string& spec_yaml, int64_t next_due_unix_ms) override;
+  absl::StatusOr<std::vector<ScheduleRecord>> ListSchedules() override;
+  absl::Status DeleteSchedule(int64_t schedule_id) override;
+  absl::StatusOr<std::vector<ScheduleRecord>> DueSchedules(int64_t now_override_unix_ms) override;
+  absl::StatusOr<bool> RecordScheduleRun(int64_t schedule_id, int64_t due_unix_ms, int64_t sweep_id,
+                                         int64_t expected_next_due_unix_ms, int64_t new_next_due_unix_ms,
+                                         int32_t skipped) override;
+  absl::StatusOr<int64_t> CountQuarantinedWorkers() override;
 
   absl::StatusOr<std::map<std::string, int64_t>> CountJobsByState() override;
   absl::StatusOr<std::map<std::string, int64_t>> CountSweepsByState() override;
