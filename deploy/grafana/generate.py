@@ -263,6 +263,14 @@ def cluster_health():
         prom('histogram_quantile(0.95, sum by (method, le) '
              '(rate(ablate_scheduler_rpc_duration_seconds_bucket[$__rate_interval])))', "{{method}}")],
         w=12, h=8, unit="s")
+    b.panel("timeseries", "Scheduler leader (1 = holds the leader lock)", [
+        prom('max by (instance) (ablate_scheduler_is_leader)', "{{instance}}")], w=8, h=8, field={"min": 0, "max": 1})
+    b.panel("timeseries", "Dispatch latency p95 (job created -> first lease)", [
+        prom('histogram_quantile(0.95, sum by (le) '
+             '(rate(ablate_scheduler_dispatch_latency_seconds_bucket[$__rate_interval])))', "p95")],
+        w=8, h=8, unit="s")
+    b.panel("timeseries", "Workers quarantined", [prom('max(ablate_workers_quarantined)', "quarantined")],
+            w=8, h=8, field={"min": 0})
     b.panel("timeseries", "Worker children running", [
         prom('ablate_worker_child_running', "{{instance}}")], w=12, h=8, field={"min": 0})
     b.panel("timeseries", "Heartbeats per second (ok / failed)", [
