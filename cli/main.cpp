@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "cli/commands.h"
+#include "cli/report.h"
 
 int main(int argc, char** argv) {
   using namespace ablate::cli;
@@ -101,6 +102,16 @@ int main(int argc, char** argv) {
   cancel->add_option("SWEEP", cancel_sweep, "Sweep id")->required();
   add_conn(cancel);
   cancel->callback([&] { rc = CmdCancel(conn, cancel_sweep); });
+
+  int64_t report_sweep = 0;
+  std::string report_out = "report.html";
+  auto* report = app.add_subcommand(
+      "report", "Write a self-contained HTML report of a sweep: the cells, a table per factor, and the train/eval "
+                "loss curves of every run as inline SVG (opens in any browser, no network needed).");
+  report->add_option("SWEEP", report_sweep, "Sweep id")->required();
+  report->add_option("--out", report_out, "Output file")->capture_default_str();
+  add_conn(report);
+  report->callback([&] { rc = CmdReport(conn, report_sweep, report_out); });
 
   CLI11_PARSE(app, argc, argv);
   return rc;

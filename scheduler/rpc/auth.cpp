@@ -25,8 +25,8 @@ const std::map<std::string, std::set<Role>>& MethodPolicy() {
     const std::set<Role> workers = {Role::kWorker};
     std::map<std::string, std::set<Role>> p;
     for (const char* m : {"SubmitSweep", "GetSweep", "ListSweeps", "CancelSweep", "ListJobs", "GetJob", "WatchSweep",
-                          "CompareSweep", "CancelJob", "ExtendSweep", "CreateSchedule", "ListSchedules",
-                          "DeleteSchedule"}) {
+                          "CompareSweep", "GetJobMetrics", "CancelJob", "ExtendSweep", "CreateSchedule",
+                          "ListSchedules", "DeleteSchedule"}) {
       p["ablate.v1.SweepService/" + std::string(m)] = people;
     }
     p["ablate.v1.SweepService/QuarantineWorker"] = {Role::kAdmin};

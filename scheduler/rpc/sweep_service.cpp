@@ -176,6 +176,42 @@ grpc::Status SweepServiceImpl::WatchSweep(grpc::ServerContext* sctx, const v1::W
   });
 }
 
+grpc::Status SweepServiceImpl::GetJobMetrics(grpc::ServerContext* sctx, const v1::GetJobMetricsRequest* req,
+                                             v1::GetJobMetricsResponse* resp) {
+  return Instrumented(ctx_, sctx, "SweepService", "GetJobMetrics", [&](const Identity& who) -> grpc::Status {
+    (void)who;
+    if (auto st = RequireId(req->job_id(), "job_id"); !st.ok()) return st;
+    if (req->max_points_per_name() < 0 || req->max_points_per_name() > 20000) {
+      return grpc::Status(grpc::INVALID_ARGUMENT, "max_points_per_name: must be 0..20000, got " +
+                                                      std::to_string(req->max_points_per_name()));
+    }
+    auto job = ctx_->store->GetJob(req->job_id());  // NOT_FOUND for an unknown job
+    if (!job.ok()) return ToGrpc(job.status());
+    std::vector<std::string> names(req->names().begin(), req->names().end());
+    auto points = ctx_->store->JobMetrics(req->job_id(), names);
+    if (!points.ok()) return ToGrpc(points.status());
+    const size_t cap = req->max_points_per_name() > 0 ? static_cast<size_t>(req->max_points_per_name()) : 2000;
+    resp->set_job_id(req->job_id());
+    // Points arrive grouped by name, ascending steps.
+    for (size_t b = 0; b < points->size();) {
+      size_t e = b;
+      while (e < points->size() && (*points)[e].name == (*points)[b].name) ++e;
+      v1::MetricSeries* s = resp->add_series();
+      s->set_name((*points)[b].name);
+      const size_t n = e - b;
+      const size_t keep = n < cap ? n : cap;
+      for (size_t k = 0; k < keep; ++k) {
+        // Evenly thinned; k = 0 and k = keep-1 are the first and last points.
+        size_t idx = keep == n ? k : (keep == 1 ? n - 1 : k * (n - 1) / (keep - 1));
+        s->add_steps((*points)[b + idx].step);
+        s->add_values((*points)[b + idx].value);
+      }
+      b = e;
+    }
+    return grpc::Status::OK;
+  });
+}
+
 grpc::Status SweepServiceImpl::CompareSweep(grpc::ServerContext* sctx, const v1::CompareSweepRequest* req,
                                             v1::CompareSweepResponse* resp) {
   return Instrumented(ctx_, sctx, "SweepService", "CompareSweep", [&](const Identity& who) -> grpc::Status {

@@ -20,6 +20,8 @@ class SweepServiceImpl final : public v1::SweepService::Service {
                           grpc::ServerWriter<v1::SweepEvent>*) override;
   grpc::Status CompareSweep(grpc::ServerContext*, const v1::CompareSweepRequest*,
                             v1::CompareSweepResponse*) override;
+  grpc::Status GetJobMetrics(grpc::ServerContext*, const v1::GetJobMetricsRequest*,
+                             v1::GetJobMetricsResponse*) override;
   grpc::Status CancelJob(grpc::ServerContext*, const v1::CancelJobRequest*, v1::CancelJobResponse*) override;
   grpc::Status ExtendSweep(grpc::ServerContext*, const v1::ExtendSweepRequest*, v1::ExtendSweepResponse*) override;
   grpc::Status CreateSchedule(grpc::ServerContext*, const v1::CreateScheduleRequest*, v1::Schedule*) override;

@@ -240,6 +240,13 @@ class JobStore {
   virtual absl::StatusOr<JobRecord> GetJob(int64_t job_id) = 0;
   // Per job of the sweep: the max value of `metric` over all its points.
   virtual absl::StatusOr<std::map<int64_t, double>> MaxMetric(int64_t sweep_id, const std::string& metric) = 0;
+  // Every point of one job (names empty: all names), one per (name, step): the newest attempt's. Ordered by
+  // name, then step. (Default: unimplemented, for stores that don't keep history.)
+  virtual absl::StatusOr<std::vector<MetricSample>> JobMetrics(int64_t job_id, const std::vector<std::string>& names) {
+    (void)job_id;
+    (void)names;
+    return absl::UnimplementedError("JobMetrics is not implemented by this store");
+  }
 
   // Queued job → cancelled; a leased/running one is flagged (its worker stops it at the next heartbeat).
   // Returns false when the job was already terminal.

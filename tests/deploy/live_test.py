@@ -463,6 +463,8 @@ def run(args, bin_dir, work, dsn, ro, ro_dsn, procs):
     extra = []
     if "--retry_backoff_ms" in sched_help:
         extra += ["--retry_backoff_ms", "200", "--retry_backoff_max_ms", "500"]
+    if "--retry_policy" in sched_help:
+        extra += ["--retry_policy", "crash=2,hang=2,infra=5,oom=0,diverged=1"]
     sched = procs.start("scheduler", [os.path.join(bin_dir, "ablate-scheduler"), "serve", "--db", dsn,
                                       "--listen", "127.0.0.1:0", "--metrics_listen", "127.0.0.1:0",
                                       "--lease_ttl_s", "3", "--max_attempts", "3", *extra])
@@ -528,8 +530,9 @@ def run(args, bin_dir, work, dsn, ro, ro_dsn, procs):
     log("jobs:\n" + q("SELECT id, sweep_id, state, attempt, failure_class FROM jobs ORDER BY id"))
     if q("SELECT count(*) FROM jobs WHERE sweep_id = %d AND state = 'succeeded'" % demo) != "4":
         fail("the demo sweep did not succeed: " + q("SELECT id, state, last_error FROM jobs WHERE sweep_id=%d" % demo))
-    if q("SELECT state FROM jobs WHERE sweep_id = %d" % diverge) != "failed":
-        fail("the diverging sweep's job did not fail")
+    if q("SELECT count(*) FROM jobs WHERE sweep_id = %d AND state = 'failed' AND failure_class = 'diverged'"
+         % diverge) != "2":
+        fail("the diverging sweep's jobs did not fail as diverged")
     if int(q("SELECT max(attempt) FROM jobs WHERE sweep_id = %d" % demo)) < 2:
         fail("no demo job was retried after the worker was killed")
     time.sleep(3)  # a few more scrapes of the final state

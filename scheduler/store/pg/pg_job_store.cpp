@@ -397,6 +397,33 @@ absl::StatusOr<JobRecord> PgJobStore::GetJob(int64_t job_id) {
   return v[0];
 }
 
+absl::StatusOr<std::vector<MetricSample>> PgJobStore::JobMetrics(int64_t job_id,
+                                                                 const std::vector<std::string>& names) {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  std::string arr = "{";  // a text[] literal, every element quoted
+  for (size_t i = 0; i < names.size(); ++i) {
+    arr += i ? ",\"" : "\"";
+    for (char ch : names[i]) {
+      if (ch == '"' || ch == '\\') arr += '\\';
+      arr += ch;
+    }
+    arr += '"';
+  }
+  arr += "}";
+  auto r = Exec(conn->get(), "job metrics",
+                "SELECT DISTINCT ON (name, step) step, name, value, "
+                "(extract(epoch FROM time) * 1000)::bigint FROM metrics "
+                "WHERE job_id = $1 AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[])) "
+                "ORDER BY name, step, attempt DESC",
+                {Num(job_id), arr});
+  if (!r.ok()) return r.status();
+  std::vector<MetricSample> out;
+  out.reserve(r->rows());
+  for (int i = 0; i < r->rows(); ++i) out.push_back({r->Int(i, 0), r->Str(i, 1), r->Double(i, 2), r->Int(i, 3)});
+  return out;
+}
+
 absl::StatusOr<std::map<int64_t, double>> PgJobStore::MaxMetric(int64_t sweep_id, const std::string& metric) {
   auto conn = pool_.Acquire();
   if (!conn.ok()) return conn.status();

@@ -20,6 +20,7 @@ class PgJobStore final : public JobStore {
   absl::StatusOr<std::vector<JobRecord>> ListJobs(int64_t sweep_id) override;
   absl::StatusOr<JobRecord> GetJob(int64_t job_id) override;
   absl::StatusOr<std::map<int64_t, double>> MaxMetric(int64_t sweep_id, const std::string& metric) override;
+  absl::StatusOr<std::vector<MetricSample>> JobMetrics(int64_t job_id, const std::vector<std::string>& names) override;
 
   absl::StatusOr<bool> CancelJob(int64_t job_id) override;
   absl::StatusOr<ExtendResult> ExtendSweep(int64_t sweep_id, const NewSweep& sweep) override;
