@@ -1,4 +1,5 @@
-// The training loop, evaluation, metrics/events and checkpoints of ablate-train.
+// The training loop of ablate-train: optimizer (core/optim), precision (autocast, fp16 loss scaling),
+// evaluation, metrics/events (docs/contracts.md §3), checkpoints (core/checkpoint.h) and exact resume.
 #include "core/train.h"
 
 #include <sys/resource.h>
@@ -16,11 +17,22 @@
 #include <thread>
 #include <torch/torch.h>
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <functional>
+#include <mutex>
+#include <sstream>
+
 #if ABLATE_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
+#include "core/checkpoint.h"
 #include "core/data.h"
+#include "core/flops.h"
+#include "core/optim/optimizer.h"
+#include "core/precision.h"
 #include "core/fsutil.h"
 #include "core/model.h"
 #include "core/sha256.h"
@@ -72,6 +84,13 @@ json config_json(const TrainConfig& c) {
           {"block_pattern", c.block_pattern},
           {"attn_type", c.attn_type},
           {"optimizer_type", c.optimizer_type},
+          {"beta1", c.beta1},
+          {"beta2", c.beta2},
+          {"adam_eps", c.adam_eps},
+          {"precondition_frequency", c.precondition_frequency},
+          {"shampoo_beta", c.shampoo_beta},
+          {"max_precond_dim", c.max_precond_dim},
+          {"block_repeats", c.block_repeats},
           {"rope_theta", c.rope_theta},
           {"context_length", c.context_length},
           {"batch_size", c.batch_size},
@@ -92,17 +111,6 @@ json dims_json(const ModelDims& m) {
           {"n_kv_heads", m.n_kv_heads}, {"intermediate", m.intermediate}, {"padded_vocab", m.padded_vocab}};
 }
 
-void write_text_atomic(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    f << text;
-    f.flush();
-    if (!f) throw std::runtime_error("cannot write " + tmp.string());
-  }
-  fs::rename(tmp, path);
-}
-
 int64_t peak_memory_bytes(const torch::Device& dev) {
 #if ABLATE_WITH_CUDA
   if (dev.is_cuda()) {
@@ -114,75 +122,166 @@ int64_t peak_memory_bytes(const torch::Device& dev) {
 #endif
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
-  return static_cast<int64_t>(ru.ru_maxrss) * 1024;  // Linux reports KiB
+  return static_cast<int64_t>(ru.ru_maxrss) * 1024;  // CPU: peak resident set of the process (Linux: KiB)
 }
 
-// Files in a checkpoint, in the order they are written; manifest.json comes last.
-const std::vector<std::string> kCheckpointFiles = {"model.pt", "optimizer.pt", "state.json"};
+std::string device_name(const torch::Device& dev) {
+#if ABLATE_WITH_CUDA
+  if (dev.is_cuda()) return at::cuda::getDeviceProperties(dev.index() < 0 ? 0 : dev.index())->name;
+#endif
+  return dev.str();
+}
 
-std::string save_checkpoint(const fs::path& run_dir, int64_t step, Transformer& model, torch::optim::AdamW& opt,
-                            const json& state) {
-  const fs::path final_dir = run_dir / ("checkpoint-" + std::to_string(step));
-  // Written into a temporary directory and renamed, so a crash never leaves a half checkpoint under the final name.
-  const fs::path tmp_dir = run_dir / ("checkpoint-" + std::to_string(step) + ".tmp-" + std::to_string(::getpid()));
-  remove_tree(tmp_dir);
-  fs::create_directories(tmp_dir);
-  torch::save(model, (tmp_dir / "model.pt").string());
-  torch::save(opt, (tmp_dir / "optimizer.pt").string());
-  write_text_atomic(tmp_dir / "state.json", state.dump(2) + "\n");
-  json files = json::object();
-  for (const auto& f : kCheckpointFiles) {
-    const auto p = tmp_dir / f;
-    files[f] = {{"bytes", static_cast<int64_t>(fs::file_size(p))}, {"sha256", sha256_file(p.string())}};
+// Compute precision. Master weights and optimizer state are always fp32; bf16/fp16 autocast the matmuls and
+// attention (LibTorch's autocast lists, on CPU as on CUDA) while norms, softmax statistics and the loss stay fp32.
+struct Precision {
+  bool autocast = false;
+  c10::ScalarType dtype = torch::kFloat32;
+  bool loss_scaling = false;  // fp16 only: bf16 has fp32's exponent range
+};
+
+Precision precision_for(const std::string& dtype) {
+  Precision p;
+  if (dtype == "bfloat16") {
+    p.autocast = true;
+    p.dtype = torch::kBFloat16;
+  } else if (dtype == "float16") {
+    p.autocast = true;
+    p.dtype = torch::kFloat16;
+    p.loss_scaling = true;
   }
-  write_text_atomic(tmp_dir / "manifest.json",
-                    json{{"format", "ablate-checkpoint-v1"}, {"step", step}, {"files", files}}.dump(2) + "\n");
-  remove_tree(final_dir);  // the end-of-run save may repeat the last periodic step
-  fs::rename(tmp_dir, final_dir);
-  return fs::absolute(final_dir).lexically_normal().string();
+  return p;
 }
+
+// Serialized bytes of an archive (written by write_file_durable so that every file is fsynced).
+std::string archive_bytes(torch::serialize::OutputArchive& ar) {
+  std::ostringstream os;
+  ar.save_to(os);
+  return os.str();
+}
+
+// The default generators' states: nothing in the loop draws random numbers today (the data stream is a pure
+// function of the cursor), but a dropout or a stochastic rounding added later must resume exactly too.
+torch::serialize::OutputArchive rng_archive() {
+  torch::serialize::OutputArchive ar;
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    ar.write("cpu", gen.get_state());
+  }
+#if ABLATE_WITH_CUDA
+  if (torch::cuda::is_available()) {
+    auto gen = at::cuda::detail::getDefaultCUDAGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    ar.write("cuda", gen.get_state());
+  }
+#endif
+  return ar;
+}
+
+void restore_rng(const std::string& path) {
+  torch::serialize::InputArchive ar;
+  ar.load_from(path);
+  torch::Tensor st;
+  ar.read("cpu", st);
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(st);
+  }
+#if ABLATE_WITH_CUDA
+  if (torch::cuda::is_available() && ar.try_read("cuda", st)) {
+    auto gen = at::cuda::detail::getDefaultCUDAGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(st);
+  }
+#endif
+}
+
+// Names the first non-finite floating tensor of a serialized archive (recursing into nested archives), or ""
+// when all are finite. Works on the exact bytes about to be written, so it covers every optimizer's state
+// (moments, quantization scales, factors, eigenbases) without reaching into the optimizer.
+std::string first_nonfinite(torch::serialize::InputArchive& ar, const std::string& prefix) {
+  for (const auto& key : ar.keys()) {
+    c10::IValue v;
+    if (!ar.try_read(key, v)) continue;
+    if (v.isTensor()) {
+      const auto t = v.toTensor();
+      if (t.is_floating_point() && t.numel() > 0 && !torch::isfinite(t).all().item<bool>()) return prefix + key;
+    } else if (v.isObject()) {
+      torch::serialize::InputArchive sub;
+      if (ar.try_read(key, sub))
+        if (auto bad = first_nonfinite(sub, prefix + key + "."); !bad.empty()) return bad;
+    }
+  }
+  return "";
+}
+
+std::string first_nonfinite(const std::string& bytes) {
+  torch::serialize::InputArchive ar;
+  ar.load_from(bytes.data(), bytes.size());
+  return first_nonfinite(ar, "");
+}
+
+json scaler_json(const LossScaler& s) {
+  return {{"enabled", s.enabled()},
+          {"scale", s.scale()},
+          {"growth_tracker", s.growth_tracker()},
+          {"skipped_steps", s.skipped_steps()}};
+}
+
+// Writes checkpoint-<step> (see core/checkpoint.h). Refuses (Diverged) to write non-finite weights or state.
+std::string save_checkpoint(const fs::path& run_dir, int64_t step, Transformer& model, core::optim::Optimizer& opt,
+                            const json& state) {
+  torch::NoGradGuard ng;
+  for (const auto& p : model->named_parameters())
+    if (!torch::isfinite(p.value()).all().item<bool>())
+      throw Diverged("parameter " + p.key() + " is not finite at step " + std::to_string(step) +
+                     "; no checkpoint written");
+  torch::serialize::OutputArchive model_ar;
+  model->save(model_ar);
+  const std::string model_bytes = archive_bytes(model_ar);
+  torch::serialize::OutputArchive opt_ar;
+  opt.save(opt_ar);
+  const std::string opt_bytes = archive_bytes(opt_ar);
+  if (const auto bad = first_nonfinite(opt_bytes); !bad.empty())
+    throw Diverged("optimizer state '" + bad + "' is not finite at step " + std::to_string(step) +
+                   "; no checkpoint written");
+  auto rng_ar = rng_archive();
+  const std::string rng_bytes = archive_bytes(rng_ar);
+
+  fs::create_directories(run_dir);
+  const fs::path final_dir = run_dir / ("checkpoint-" + std::to_string(step));
+  const fs::path tmp_dir = run_dir / ("checkpoint-" + std::to_string(step) + ".tmp-" + std::to_string(::getpid()));
+  remove_tree(tmp_dir.string());
+  fs::create_directories(tmp_dir);
+  write_file_durable((tmp_dir / "model.pt").string(), model_bytes);
+  write_file_durable((tmp_dir / "optimizer.pt").string(), opt_bytes);
+  write_file_durable((tmp_dir / "rng.pt").string(), rng_bytes);
+  write_file_durable((tmp_dir / "state.json").string(), state.dump(2) + "\n");
+  write_manifest(tmp_dir.string(), step, checkpoint_files());  // last: its presence marks a complete checkpoint
+  return publish_checkpoint(tmp_dir.string(), final_dir.string());
+}
+
+bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.begin(), v.end(), x) != v.end(); }
 
 }  // namespace
 
-void verify_checkpoint(const std::string& dir_str) {
-  const fs::path dir(dir_str);
-  if (!fs::is_directory(dir)) throw ConfigError("--resume_from " + dir_str + ": not a directory");
-  const fs::path mpath = dir / "manifest.json";
-  if (!fs::exists(mpath))
-    throw ConfigError("checkpoint " + dir_str + ": missing manifest.json (incomplete or not an ablate checkpoint)");
-  json m;
-  try {
-    std::ifstream f(mpath);
-    m = json::parse(f);
-  } catch (const std::exception& e) {
-    throw ConfigError("checkpoint " + mpath.string() + ": unreadable manifest (" + e.what() + ")");
-  }
-  if (!m.contains("files") || !m["files"].is_object())
-    throw ConfigError("checkpoint " + mpath.string() + ": manifest has no 'files' table");
-  for (const auto& f : kCheckpointFiles)
-    if (!m["files"].contains(f)) throw ConfigError("checkpoint " + mpath.string() + ": manifest does not list " + f);
-  for (const auto& [name, info] : m["files"].items()) {
-    const fs::path p = dir / name;
-    if (!fs::exists(p)) throw ConfigError("checkpoint file " + p.string() + " is missing");
-    const auto size = static_cast<int64_t>(fs::file_size(p));
-    if (size != info.value("bytes", int64_t(-1)))
-      throw ConfigError("checkpoint file " + p.string() + " is corrupted: " + std::to_string(size) +
-                        " bytes, manifest says " + std::to_string(info.value("bytes", int64_t(-1))));
-    if (sha256_file(p.string()) != info.value("sha256", std::string()))
-      throw ConfigError("checkpoint file " + p.string() + " is corrupted: sha256 does not match the manifest");
-  }
-}
-
-int run_training(const TrainConfig& cfg, TrainResult* result) {
+int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* hooks) {
   Events events(cfg.events_fd);
   auto fail = [&](int code, const std::string& cls, const std::string& msg) {
     std::cerr << "ablate-train: " << msg << "\n";
     events.emit({{"event", "finished"}, {"status", "failed"}, {"failure_class", cls}, {"message", msg}});
     return code;
   };
+  const TrainHooks no_hooks;
+  const TrainHooks& hk = hooks ? *hooks : no_hooks;
 
   try {
     cfg.validate();
+    const std::string optimizer_name = canonical_optimizer_name(cfg.optimizer_type);
+    // A checkpoint is verified before anything else is read or built: a corrupt one fails fast, naming the file.
+    if (!cfg.resume_from.empty()) verify_checkpoint(cfg.resume_from);
 
     // Vocabulary comes from the dataset; --print_config works without one (byte-level default).
     std::unique_ptr<DataLoader> data;
@@ -226,74 +325,123 @@ int run_training(const TrainConfig& cfg, TrainResult* result) {
       device = torch::Device(torch::kCUDA, 0);
 #endif
     }
-    bool autocast = false;
-    c10::ScalarType amp_dtype = torch::kFloat32;
-    if (cfg.dtype != "float32") {
-      if (device.is_cpu()) {
-        std::cerr << "ablate-train: note: --dtype " << cfg.dtype
-                  << " on CPU computes in float32 (reduced-precision CPU matmuls are slower here)\n";
-      } else {
-        // Mixed precision: fp32 master weights and optimizer state, matmuls in the low dtype.
-        autocast = true;
-        amp_dtype = cfg.dtype == "bfloat16" ? torch::kBFloat16 : torch::kFloat16;
-      }
-    }
+    const Precision prec = precision_for(cfg.dtype);
     if (cfg.gradient_checkpointing)
       std::cerr << "ablate-train: note: --gradient_checkpointing is accepted but not implemented yet (no effect)\n";
 
     const std::string run_name = cfg.run_name.empty() ? cfg.default_run_name() : cfg.run_name;
     const fs::path run_dir = fs::path(cfg.output_dir) / run_name;
 
-    // Model and optimizer.
+    // Model and optimizer (named parameters, so the no-decay rule sees biases, norms and embeddings).
     torch::manual_seed(cfg.seed);
     Transformer model(dims, cfg.rope_theta);
     model->to(device);
-    auto [decay, no_decay] = model->decay_groups();
-    auto opts = torch::optim::AdamWOptions(cfg.learning_rate).betas({0.9, 0.95}).eps(1e-8).weight_decay(cfg.weight_decay);
-    std::vector<torch::optim::OptimizerParamGroup> groups;
-    groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(opts));
-    auto nd = std::make_unique<torch::optim::AdamWOptions>(opts);
-    nd->weight_decay(0.0);
-    groups.emplace_back(no_decay, std::move(nd));
-    torch::optim::AdamW optimizer(std::move(groups), opts);
+    core::optim::OptimConfig oc;
+    oc.lr = cfg.learning_rate;
+    oc.weight_decay = cfg.weight_decay;
+    oc.beta1 = cfg.beta1;
+    oc.beta2 = cfg.beta2;
+    oc.eps = cfg.adam_eps;
+    oc.precondition_frequency = cfg.precondition_frequency;
+    oc.shampoo_beta = cfg.shampoo_beta;
+    oc.max_precond_dim = cfg.max_precond_dim;
+    auto optimizer = core::optim::make_optimizer(optimizer_name, model->named_parameters(), oc);
     std::vector<torch::Tensor> params = model->parameters();
+    LossScaler scaler(prec.loss_scaling);
 
-    // Resume.
+    // Resume (the checkpoint was verified above).
     int64_t start_step = 0;
     if (!cfg.resume_from.empty()) {
-      verify_checkpoint(cfg.resume_from);
+      const fs::path ck(cfg.resume_from);
       json st;
-      {
-        std::ifstream f(fs::path(cfg.resume_from) / "state.json");
+      try {
+        std::ifstream f(ck / "state.json");
         st = json::parse(f);
+      } catch (const std::exception& e) {
+        throw ConfigError("checkpoint file " + (ck / "state.json").string() + " is unreadable: " + e.what());
       }
       if (st.value("dims", json()) != dims_json(dims))
         throw ConfigError("checkpoint " + cfg.resume_from + " was made for model " + st.value("dims", json()).dump() +
                           ", but this run builds " + dims_json(dims).dump());
-      torch::load(model, (fs::path(cfg.resume_from) / "model.pt").string(), device);
-      torch::load(optimizer, (fs::path(cfg.resume_from) / "optimizer.pt").string(), device);
+      if (st.value("optimizer", std::string()) != optimizer_name)
+        throw ConfigError("checkpoint " + cfg.resume_from + " holds the state of optimizer '" +
+                          st.value("optimizer", std::string("?")) + "', but this run uses '" + optimizer_name + "'");
+      const json saved_cfg = st.value("config", json::object()), now_cfg = config_json(cfg);
+      for (const auto& [k, v] : now_cfg.items())
+        if (k != "data_dir" && saved_cfg.contains(k) && saved_cfg[k] != v)
+          std::cerr << "ablate-train: note: resuming with " << k << " = " << v.dump() << " (the checkpoint had "
+                    << saved_cfg[k].dump() << "); the result will differ from an uninterrupted run\n";
+      auto load_file = [&](const std::string& name, const std::function<void(const std::string&)>& fn) {
+        const std::string path = (ck / name).string();
+        try {
+          fn(path);
+        } catch (const c10::Error& e) {
+          throw ConfigError("checkpoint file " + path + " could not be loaded: " + e.what_without_backtrace());
+        }
+      };
+      load_file("model.pt", [&](const std::string& p) { torch::load(model, p, device); });
+      load_file("optimizer.pt", [&](const std::string& p) {
+        torch::serialize::InputArchive ar;
+        ar.load_from(p, device);
+        optimizer->load(ar);
+      });
+      load_file("rng.pt", [&](const std::string& p) { restore_rng(p); });
       start_step = st.at("step").get<int64_t>();
+      const json sc = st.value("loss_scaler", json::object());
+      scaler.restore(sc.value("scale", LossScaler::kInitScale), sc.value("growth_tracker", int64_t(0)),
+                     sc.value("skipped_steps", int64_t(0)));
+      if (st.value("data_cursor", int64_t(-1)) != start_step * cfg.gradient_accumulation_steps)
+        throw ConfigError("checkpoint " + cfg.resume_from + ": data cursor " + st.value("data_cursor", json()).dump() +
+                          " does not match step " + std::to_string(start_step) + " x gradient_accumulation_steps " +
+                          std::to_string(cfg.gradient_accumulation_steps));
       std::cout << "resumed from " << cfg.resume_from << " at step " << start_step << "\n";
     }
 
-    std::cout << "ablate-train: " << dims.to_string() << " | params " << n_params << " | device " << device
-              << " | threads " << threads << " | tokens/step "
-              << cfg.batch_size * cfg.context_length * cfg.gradient_accumulation_steps << "\n";
+    // FLOPs per token (core/flops.h) and the device peak for MFU.
+    const FlopsSpec fspec = flops_spec(dims, cfg);
+    ParamShapes shapes;
+    for (const auto& p : model->named_parameters()) shapes.emplace_back(p.key(), p.value().sizes().vec());
+    const FlopsBreakdown fl = training_flops_per_token(fspec, matmul_params_per_token(shapes, fspec));
+    const double flops_per_token = fl.total();
+    const std::string dev_name = device_name(device);
+    const double peak_tflops = cfg.peak_tflops >= 0 ? cfg.peak_tflops
+                               : device.is_cuda()   ? default_peak_tflops(dev_name)
+                                                    : 0.0;
+    if (peak_tflops <= 0)
+      std::cout << "ablate-train: note: train/mfu is reported as 0: no peak FLOP/s known for " << dev_name
+                << " (set --peak_tflops)\n";
+    const int64_t state_bytes = optimizer->state_bytes();
+
+    std::cout << "ablate-train: " << dims.to_string() << " | params " << n_params << " | device " << dev_name
+              << " | dtype " << cfg.dtype << " | optimizer " << optimizer_name << " (state " << state_bytes
+              << " B) | threads " << threads << " | tokens/step "
+              << cfg.batch_size * cfg.context_length * cfg.gradient_accumulation_steps << " | GFLOP/token "
+              << std::setprecision(4) << flops_per_token / 1e9 << "\n";
     events.emit({{"event", "started"}, {"total_steps", cfg.num_train_steps}, {"params", n_params}});
     if (result) {
       result->params = n_params;
       result->first_step = start_step + 1;
+      result->optimizer_state_bytes = state_bytes;
+      result->flops_per_token = flops_per_token;
+      result->skipped_steps = scaler.skipped_steps();
     }
 
     auto forward_loss = [&](const Batch& b) {
       auto ids = b.inputs.to(device, /*non_blocking=*/true);
       auto tgt = b.targets.to(device, /*non_blocking=*/true);
-      if (!autocast) return model->loss(ids, tgt);
+      if (!prec.autocast) return model->loss(ids, tgt);
       at::autocast::set_autocast_enabled(device.type(), true);
-      at::autocast::set_autocast_dtype(device.type(), amp_dtype);
-      auto l = model->loss(ids, tgt);
+      at::autocast::set_autocast_dtype(device.type(), prec.dtype);
+      torch::Tensor l;
+      try {
+        l = model->loss(ids, tgt);
+      } catch (...) {
+        at::autocast::set_autocast_enabled(device.type(), false);
+        at::autocast::clear_cache();
+        throw;
+      }
       at::autocast::set_autocast_enabled(device.type(), false);
-      at::autocast::clear_cache();
+      at::autocast::clear_cache();  // cast weights are per step: the fp32 masters change after each update
       return l;
     };
 
@@ -304,22 +452,28 @@ int run_training(const TrainConfig& cfg, TrainResult* result) {
       return sum.item<double>() / double(cfg.eval_batches);  // equal token counts per batch: mean of means is exact
     };
 
-    auto state_json = [&](int64_t step) {
+    auto state_json = [&](int64_t step, double lr) {
       return json{{"step", step},
-                  {"data_cursor", step * cfg.gradient_accumulation_steps},
+                  {"data_cursor", step * cfg.gradient_accumulation_steps},  // next micro-batch of the stream
                   {"tokens_seen", step * cfg.batch_size * cfg.context_length * cfg.gradient_accumulation_steps},
+                  {"schedule",
+                   {{"next_step", step + 1},
+                    {"last_lr", lr},
+                    {"base_lr", cfg.learning_rate},
+                    {"warmup_steps", cfg.warmup_steps},
+                    {"total_steps", cfg.num_train_steps},
+                    {"min_lr_ratio", cfg.min_lr_ratio}}},
+                  {"loss_scaler", scaler_json(scaler)},
+                  {"optimizer", optimizer_name},
+                  {"optimizer_state_bytes", state_bytes},
+                  {"dtype", cfg.dtype},
                   {"run_name", run_name},
                   {"dims", dims_json(dims)},
                   {"config", config_json(cfg)}};
     };
 
-    // fp16 needs loss scaling; a simple dynamic scaler (halve on overflow and skip the step, grow after 1000 good).
-    const bool use_scaler = autocast && amp_dtype == torch::kFloat16;
-    double loss_scale = use_scaler ? 65536.0 : 1.0;
-    int64_t good_steps = 0;
-
-    double interval_loss = 0.0, last_grad_norm = 0.0, last_lr = 0.0, final_eval = 0.0;
-    int64_t interval_micro = 0, last_eval_step = -1, last_save_step = start_step;
+    double interval_loss = 0.0, last_finite_gn = 0.0, final_eval = 0.0;
+    int64_t interval_steps = 0, last_eval_step = -1;
     auto interval_start = std::chrono::steady_clock::now();
     double excluded_s = 0.0;  // eval/checkpoint time, kept out of tokens_per_sec
     const int64_t GA = cfg.gradient_accumulation_steps;
@@ -327,62 +481,86 @@ int run_training(const TrainConfig& cfg, TrainResult* result) {
 
     for (int64_t step = start_step + 1; step <= cfg.num_train_steps; ++step) {
       const double lr = lr_at_step(step, cfg.learning_rate, cfg.warmup_steps, cfg.num_train_steps, cfg.min_lr_ratio);
-      for (auto& g : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
-      optimizer.zero_grad(/*set_to_none=*/true);
+      optimizer->set_lr(lr);
+      optimizer->zero_grad(/*set_to_none=*/true);
       double step_loss = 0.0;
       for (int64_t m = 0; m < GA; ++m) {
         auto loss = forward_loss(data->train_batch((step - 1) * GA + m));
-        (loss * (loss_scale / double(GA))).backward();
+        if (m == 0 && contains(hk.nan_loss_steps, step)) loss = loss * std::numeric_limits<double>::quiet_NaN();
         const double lv = loss.item<double>();
+        // Checked before backward: a NaN/Inf loss is divergence (exit 3), whatever the precision.
         if (!std::isfinite(lv)) throw Diverged("loss is " + std::to_string(lv) + " at step " + std::to_string(step));
+        (loss * (scaler.scale() / double(GA))).backward();
         step_loss += lv / double(GA);
       }
-      if (use_scaler) {
+      if (contains(hk.grad_overflow_steps, step)) {
+        torch::NoGradGuard ng;
         for (auto& p : params)
-          if (p.grad().defined()) p.grad().div_(loss_scale);
+          if (p.grad().defined()) {
+            auto g = p.mutable_grad();
+            g.as_strided({1}, {1}, g.storage_offset()).fill_(std::numeric_limits<double>::infinity());
+            break;
+          }
+      }
+      if (scaler.enabled()) {
+        torch::NoGradGuard ng;
+        const double inv = 1.0 / scaler.scale();  // a power of two: exact
+        for (auto& p : params)
+          if (p.grad().defined()) p.mutable_grad().mul_(inv);
       }
       const double gn = torch::nn::utils::clip_grad_norm_(params, max_norm);
-      if (!std::isfinite(gn)) {
-        if (!use_scaler) throw Diverged("gradient norm is " + std::to_string(gn) + " at step " + std::to_string(step));
-        loss_scale /= 2.0;  // fp16 overflow: skip this update
-        good_steps = 0;
-        if (loss_scale < 1.0) throw Diverged("fp16 loss scale underflow at step " + std::to_string(step));
-      } else {
-        optimizer.step();
-        if (use_scaler && ++good_steps % 1000 == 0) loss_scale *= 2.0;
+      const bool overflow = !std::isfinite(gn);
+      if (overflow && !scaler.enabled())
+        throw Diverged("gradient norm is " + std::to_string(gn) + " at step " + std::to_string(step) +
+                       " (finite loss; --dtype " + cfg.dtype + " has no loss scaling to absorb it)");
+      if (scaler.update(overflow)) {
+        optimizer->step();
+        last_finite_gn = gn;
+      } else if (scaler.scale() < 1.0 / 16777216.0) {
+        throw Diverged("fp16 loss scale fell below 2^-24 at step " + std::to_string(step) +
+                       ": the gradients overflow at every scale");
       }
-      last_grad_norm = gn;
-      last_lr = lr;
       interval_loss += step_loss;
-      ++interval_micro;
-      if (result) result->step_losses.push_back(step_loss);
+      ++interval_steps;
+      if (result) {
+        result->step_losses.push_back(step_loss);
+        result->step_lrs.push_back(lr);
+        result->grad_norms.push_back(gn);
+        result->loss_scales.push_back(scaler.scale());
+        result->skipped_steps = scaler.skipped_steps();
+      }
 
-      if (step % cfg.log_interval == 0 || step == cfg.num_train_steps) {
+      const bool last = step == cfg.num_train_steps;
+      if (step % cfg.log_interval == 0 || last) {
         const double secs = std::max(1e-9, std::chrono::duration<double>(std::chrono::steady_clock::now() -
                                                                          interval_start).count() - excluded_s);
-        const double tps = double(interval_micro * GA * cfg.batch_size * cfg.context_length) / secs;
-        const double mean_loss = interval_loss / double(interval_micro);
+        const double tps = double(interval_steps * GA * cfg.batch_size * cfg.context_length) / secs;
+        const double mean_loss = interval_loss / double(interval_steps);
         const int64_t mem = peak_memory_bytes(device);
+        const double mfu = peak_tflops > 0 ? flops_per_token * tps / (peak_tflops * 1e12) : 0.0;
         std::cout << "step " << step << "/" << cfg.num_train_steps << " | loss " << std::fixed << std::setprecision(4)
                   << mean_loss << " | lr " << std::scientific << std::setprecision(3) << lr << std::fixed
-                  << " | tok/s " << std::setprecision(0) << tps << " | grad " << std::setprecision(3) << gn
-                  << " | mem " << std::setprecision(1) << double(mem) / (1 << 20) << " MiB" << std::endl;
-        events.emit({{"event", "metrics"},
-                     {"step", step},
-                     {"time_unix_ms", now_ms()},
-                     {"values",
-                      {{"train/loss", mean_loss},
+                  << " | tok/s " << std::setprecision(0) << tps << " | grad " << std::setprecision(3) << last_finite_gn
+                  << " | mfu " << std::setprecision(4) << mfu << " | mem " << std::setprecision(1)
+                  << double(mem) / (1 << 20) << " MiB | opt state " << double(state_bytes) / (1 << 20) << " MiB";
+        if (scaler.enabled()) std::cout << " | scale " << std::setprecision(0) << scaler.scale();
+        std::cout << " | skipped " << scaler.skipped_steps() << std::endl;
+        json values = {{"train/loss", mean_loss},
                        {"train/lr", lr},
                        {"train/tokens_per_sec", tps},
-                       {"train/grad_norm", gn},
-                       {"train/peak_memory_bytes", mem}}}});
+                       {"train/grad_norm", last_finite_gn},
+                       {"train/mfu", mfu},
+                       {"train/peak_memory_bytes", mem},
+                       {"train/optimizer_state_bytes", state_bytes},
+                       {"train/skipped_steps", scaler.skipped_steps()}};
+        if (scaler.enabled()) values["train/loss_scale"] = scaler.scale();
+        events.emit({{"event", "metrics"}, {"step", step}, {"time_unix_ms", now_ms()}, {"values", values}});
         interval_loss = 0.0;
-        interval_micro = 0;
+        interval_steps = 0;
         excluded_s = 0.0;
         interval_start = std::chrono::steady_clock::now();
       }
 
-      const bool last = step == cfg.num_train_steps;
       if (step % cfg.eval_interval == 0 || last) {
         const auto t0 = std::chrono::steady_clock::now();
         final_eval = evaluate();
@@ -397,17 +575,16 @@ int run_training(const TrainConfig& cfg, TrainResult* result) {
       }
       if (step % cfg.save_interval == 0 || last) {
         const auto t0 = std::chrono::steady_clock::now();
-        const auto path = save_checkpoint(run_dir, step, model, optimizer, state_json(step));
-        last_save_step = step;
+        const auto path = save_checkpoint(run_dir, step, model, *optimizer, state_json(step, lr));
+        for (const auto& gone : prune_checkpoints(run_dir.string(), cfg.keep_checkpoints, path))
+          std::cout << "removed old checkpoint " << gone << "\n";
         if (result) result->last_checkpoint = path;
         std::cout << "checkpoint " << path << std::endl;
         events.emit({{"event", "checkpoint"}, {"step", step}, {"path", path}});
         excluded_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
+      if (hk.stop_after_step > 0 && step == hk.stop_after_step) return kExitOk;  // simulated interruption
     }
-    (void)last_grad_norm;
-    (void)last_lr;
-    (void)last_save_step;
     if (last_eval_step < 0) final_eval = evaluate();  // resumed at the end: still report an eval
     if (result) result->final_eval_loss = final_eval;
     events.emit({{"event", "finished"}, {"status", "succeeded"}});

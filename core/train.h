@@ -1,5 +1,6 @@
 // The training engine behind ablate-train. No LibTorch in this header.
 #pragma once
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -7,22 +8,37 @@
 
 namespace ablate {
 
-// What a run produced; filled for callers that want it (tests), ignored by the CLI.
+// What a run produced; filled for callers that want it (tests), ignored by the CLI. Vectors hold one entry per
+// optimizer step run, in order (skipped fp16 steps included).
 struct TrainResult {
-  std::vector<double> step_losses;  // mean micro-batch loss of every optimizer step run (in order)
-  int64_t first_step = 1;           // step number of step_losses[0]
+  std::vector<double> step_losses;   // mean micro-batch loss
+  std::vector<double> step_lrs;      // learning rate used
+  std::vector<double> grad_norms;    // global grad norm before clipping (unscaled; inf/nan on an overflow)
+  std::vector<double> loss_scales;   // fp16 loss scale after the step (1 without scaling)
+  int64_t first_step = 1;            // step number of step_losses[0]
+  int64_t skipped_steps = 0;         // fp16 steps skipped for overflowing gradients (whole run, resumes included)
+  int64_t optimizer_state_bytes = 0;
+  double flops_per_token = 0.0;      // model FLOPs per trained token (core/flops.h)
   double final_eval_loss = 0.0;
   std::string last_checkpoint;
   int64_t params = 0;
+};
+
+// Test hooks (never set by the CLI).
+struct TrainHooks {
+  std::vector<int64_t> grad_overflow_steps;  // after backward, one gradient element becomes +inf (pre-unscale)
+  std::vector<int64_t> nan_loss_steps;       // the step's first micro-batch loss becomes NaN
+  int64_t stop_after_step = 0;               // > 0: return right after this step (and its checkpoint), as if killed
 };
 
 // Exit codes (docs/contracts.md §2/§3).
 enum ExitCode { kExitOk = 0, kExitCrash = 1, kExitInvalidConfig = 2, kExitDiverged = 3, kExitOom = 4 };
 
 // Runs (or, with print_config, describes) a training run; emits events; returns the exit code.
-int run_training(const TrainConfig& cfg, TrainResult* result = nullptr);
+int run_training(const TrainConfig& cfg, TrainResult* result = nullptr, const TrainHooks* hooks = nullptr);
 
 // Checks <dir>/manifest.json against the files (size + sha256). Throws ConfigError naming the bad file.
+// (Defined in core/checkpoint.cpp.)
 void verify_checkpoint(const std::string& dir);
 
 // Command-line entry points (core/cli.cpp). argv excludes nothing: argv[0] is the program.
