@@ -8,6 +8,7 @@
 #include <iostream>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 namespace ablate::cli {
 
@@ -33,9 +34,30 @@ std::string ResolveSchedulerAddress(const std::string& flag, const std::string& 
   return kDefaultScheduler;
 }
 
+namespace {
+std::string EnvOr(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? v : "";
+}
+std::string SlurpFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+}  // namespace
+
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
+  args.SetMaxSendMessageSize(64 << 20);  // the scheduler decides what is too large, and says so
+  // TLS when $ABLATE_CA names the CA of the scheduler's certificate (ablate up --tls writes it).
+  if (std::string ca = EnvOr("ABLATE_CA"); !ca.empty()) {
+    grpc::SslCredentialsOptions o;
+    o.pem_root_certs = SlurpFile(ca);
+    if (std::string sn = EnvOr("ABLATE_TLS_SERVER_NAME"); !sn.empty()) args.SetSslTargetNameOverride(sn);
+    return grpc::CreateCustomChannel(address, grpc::SslCredentials(o), args);
+  }
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
 }
 
@@ -92,6 +114,17 @@ int ReportRpcError(const std::string& what, const grpc::Status& status, const st
     case grpc::StatusCode::INVALID_ARGUMENT:
       std::cerr << "error: " << status.error_message() << "\n";
       return 2;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      std::cerr << "error: " << what << ": request too large for the scheduler (" << status.error_message()
+                << "): split the sweep into smaller files\n";
+      return 1;
+    case grpc::StatusCode::UNAUTHENTICATED:
+      std::cerr << "error: " << what << ": not authenticated (" << status.error_message()
+                << "): set $ABLATE_TOKEN (and $ABLATE_CA for TLS)\n";
+      return 1;
+    case grpc::StatusCode::PERMISSION_DENIED:
+      std::cerr << "error: " << what << ": permission denied: " << status.error_message() << "\n";
+      return 1;
     case grpc::StatusCode::NOT_FOUND:
       std::cerr << "error: " << what << ": not found: " << status.error_message() << "\n";
       return 1;
@@ -102,9 +135,17 @@ int ReportRpcError(const std::string& what, const grpc::Status& status, const st
   }
 }
 
+void AddAuth(grpc::ClientContext* ctx) {
+  // A bearer token only ever travels over TLS.
+  if (std::string tok = EnvOr("ABLATE_TOKEN"); !tok.empty() && !EnvOr("ABLATE_CA").empty()) {
+    ctx->AddMetadata("authorization", "Bearer " + tok);
+  }
+}
+
 std::unique_ptr<grpc::ClientContext> CallContext(std::chrono::milliseconds timeout) {
   auto ctx = std::make_unique<grpc::ClientContext>();
   ctx->set_deadline(std::chrono::system_clock::now() + timeout);
+  AddAuth(ctx.get());
   return ctx;
 }
 

@@ -27,7 +27,9 @@ Health CheckHealth(const std::shared_ptr<grpc::Channel>& channel, std::chrono::m
 // message names the field), 1 otherwise; an unreachable scheduler gets the "is the stack up?" hint.
 int ReportRpcError(const std::string& what, const grpc::Status& status, const std::string& address);
 
-// A deadline'd context for one unary call.
+// Adds `authorization: Bearer $ABLATE_TOKEN` when TLS is on ($ABLATE_CA); never over plaintext.
+void AddAuth(grpc::ClientContext* ctx);
+// A deadline'd context for one unary call (with the bearer token, see AddAuth).
 std::unique_ptr<grpc::ClientContext> CallContext(std::chrono::milliseconds timeout = std::chrono::seconds(15));
 
 }  // namespace ablate::cli

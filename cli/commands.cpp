@@ -3,6 +3,11 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <vector>
+#include <sys/stat.h>
+#include <cstdlib>
+#include <ctime>
+#include <filesystem>
 #include <iostream>
 #include <sstream>
 #include <thread>
@@ -58,6 +63,7 @@ int Watch(Session& s, int64_t sweep_id, v1::SweepEvent* final) {
   auto give_up_at = std::chrono::steady_clock::now() + 5min;
   for (int attempt = 0;; ++attempt) {
     grpc::ClientContext ctx;
+    AddAuth(&ctx);
     // A watch is long-lived; the deadline only bounds one stream, which is then reopened.
     ctx.set_deadline(std::chrono::system_clock::now() + 10min);
     v1::WatchSweepRequest req;
@@ -195,6 +201,153 @@ int CmdCancel(const Conn& c, int64_t sweep_id) {
   if (!st.ok()) return ReportRpcError("CancelSweep " + std::to_string(sweep_id), st, s.address);
   std::cout << "sweep " << sweep_id << ": " << resp.jobs_cancelled()
             << " jobs cancelled (running ones stop at their next heartbeat)\n";
+  return 0;
+}
+
+namespace {
+bool ReadFile(const std::string& file, std::string* out) {
+  std::ifstream in(file);
+  if (!in) {
+    std::cerr << "error: cannot read " << file << "\n";
+    return false;
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  *out = ss.str();
+  return true;
+}
+}  // namespace
+
+int CmdExtend(const Conn& c, int64_t sweep_id, const std::string& file) {
+  std::string spec;
+  if (!ReadFile(file, &spec)) return 1;
+  Session s = Open(c);
+  v1::ExtendSweepRequest req;
+  req.set_sweep_id(sweep_id);
+  req.set_spec_yaml(spec);
+  v1::ExtendSweepResponse resp;
+  auto ctx = CallContext(30s);
+  auto st = s.stub->ExtendSweep(ctx.get(), req, &resp);
+  if (!st.ok()) return ReportRpcError("extend", st, s.address);
+  std::cout << "sweep " << sweep_id << ": " << resp.added() << " new cell(s) queued, " << resp.reused()
+            << " reused from earlier results, " << resp.already_present() << " already in the sweep\n";
+  return 0;
+}
+
+int CmdCancelJob(const Conn& c, int64_t job_id) {
+  Session s = Open(c);
+  v1::CancelJobRequest req;
+  req.set_job_id(job_id);
+  v1::CancelJobResponse resp;
+  auto ctx = CallContext();
+  auto st = s.stub->CancelJob(ctx.get(), req, &resp);
+  if (!st.ok()) return ReportRpcError("cancel job", st, s.address);
+  std::cout << (resp.cancelled() ? "job " + std::to_string(job_id) + " cancelled (a running child stops at its next "
+                                   "heartbeat)\n"
+                                 : "job " + std::to_string(job_id) + " was already finished\n");
+  return 0;
+}
+
+int CmdScheduleAdd(const Conn& c, const std::string& cron, const std::string& name, const std::string& file) {
+  std::string spec;
+  if (!ReadFile(file, &spec)) return 1;
+  Session s = Open(c);
+  v1::CreateScheduleRequest req;
+  req.set_cron(cron);
+  req.set_name(name);
+  req.set_spec_yaml(spec);
+  v1::Schedule resp;
+  auto ctx = CallContext();
+  auto st = s.stub->CreateSchedule(ctx.get(), req, &resp);
+  if (!st.ok()) return ReportRpcError("schedule add", st, s.address);
+  std::time_t t = resp.next_due_unix_ms() / 1000;
+  char buf[64];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M UTC", std::gmtime(&t));
+  std::cout << "schedule " << resp.id() << " (" << resp.name() << ", cron '" << resp.cron() << "'): next run " << buf
+            << "\n";
+  return 0;
+}
+
+int CmdScheduleList(const Conn& c) {
+  Session s = Open(c);
+  v1::ListSchedulesRequest req;
+  v1::ListSchedulesResponse resp;
+  auto ctx = CallContext();
+  auto st = s.stub->ListSchedules(ctx.get(), req, &resp);
+  if (!st.ok()) return ReportRpcError("schedule list", st, s.address);
+  std::cout << "ID  NAME  CRON  NEXT_DUE_UTC  FIRED  SKIPPED  LAST_SWEEP\n";
+  for (const auto& x : resp.schedules()) {
+    std::time_t t = x.next_due_unix_ms() / 1000;
+    char buf[64];
+    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M", std::gmtime(&t));
+    std::cout << x.id() << "  " << x.name() << "  '" << x.cron() << "'  " << buf << "  " << x.fired_count() << "  "
+              << x.skipped_count() << "  " << x.last_sweep_id() << "\n";
+  }
+  return 0;
+}
+
+int CmdScheduleRm(const Conn& c, int64_t id) {
+  Session s = Open(c);
+  v1::DeleteScheduleRequest req;
+  req.set_schedule_id(id);
+  v1::DeleteScheduleResponse resp;
+  auto ctx = CallContext();
+  auto st = s.stub->DeleteSchedule(ctx.get(), req, &resp);
+  if (!st.ok()) return ReportRpcError("schedule rm", st, s.address);
+  std::cout << "schedule " << id << " deleted\n";
+  return 0;
+}
+
+// A local CA, the scheduler's server certificate (localhost, 127.0.0.1), one client certificate per worker (CN =
+// worker id) and a tokens file with a user and an admin token (mode 0600). Uses the openssl command line.
+int CmdCerts(const std::string& out, const std::vector<std::string>& workers) {
+  std::error_code ec;
+  std::filesystem::create_directories(out, ec);
+  if (ec) {
+    std::cerr << "error: cannot create " << out << ": " << ec.message() << "\n";
+    return 1;
+  }
+  auto run = [&](const std::string& cmd) {
+    int rc = std::system((cmd + " >/dev/null 2>>" + out + "/openssl.log").c_str());
+    if (rc != 0) std::cerr << "error: openssl failed (" << cmd.substr(0, 80) << "...); see " << out << "/openssl.log\n";
+    return rc == 0;
+  };
+  const std::string d = "'" + out + "'";
+  auto leaf = [&](const std::string& name, const std::string& cn, const std::string& ext) {
+    return run("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout " + d + "/" + name +
+               "-key.pem -out " + d + "/" + name + ".csr -subj '/CN=" + cn + "'") &&
+           run("printf '%s\\n' '" + ext + "' > " + d + "/" + name + ".ext") &&
+           run("openssl x509 -req -in " + d + "/" + name + ".csr -CA " + d + "/ca.pem -CAkey " + d +
+               "/ca-key.pem -CAcreateserial -days 365 -sha256 -extfile " + d + "/" + name + ".ext -out " + d + "/" +
+               name + ".pem");
+  };
+  if (!std::filesystem::exists(out + "/ca.pem")) {
+    if (!run("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 -keyout " + d +
+             "/ca-key.pem -out " + d + "/ca.pem -subj '/CN=ablate-local-ca'")) {
+      return 1;
+    }
+  }
+  if (!leaf("scheduler", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")) return 1;
+  for (const auto& w : workers) {
+    if (!leaf(w, w, "extendedKeyUsage=clientAuth")) return 1;
+  }
+  auto token = [] {
+    std::ifstream r("/dev/urandom", std::ios::binary);
+    unsigned char b[24];
+    r.read(reinterpret_cast<char*>(b), sizeof b);
+    static const char* hex = "0123456789abcdef";
+    std::string t;
+    for (unsigned char x : b) t += std::string{hex[x >> 4], hex[x & 15]};
+    return t;
+  };
+  std::string user = token(), admin = token();
+  ::umask(077);
+  std::ofstream(out + "/user.token") << user << "\n";
+  std::ofstream(out + "/admin.token") << admin << "\n";
+  std::ofstream(out + "/tokens") << "# role name token (ablate-scheduler --tokens_file)\nuser local-user " << user
+                                 << "\nadmin local-admin " << admin << "\n";
+  std::cout << "wrote " << out << ": ca.pem, scheduler.pem/-key.pem, " << workers.size()
+            << " worker certificate(s), tokens, user.token, admin.token\n";
   return 0;
 }
 

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "cli/format.h"
 
@@ -17,6 +18,12 @@ int CmdSubmit(const Conn& c, const std::string& file, bool wait, const std::stri
 int CmdStatus(const Conn& c, int64_t sweep_id /* 0: list sweeps */, bool watch);
 int CmdCompare(const Conn& c, int64_t sweep_id, CompareFormat format);
 int CmdCancel(const Conn& c, int64_t sweep_id);
+int CmdCancelJob(const Conn& c, int64_t job_id);
+int CmdExtend(const Conn& c, int64_t sweep_id, const std::string& file);
+int CmdScheduleAdd(const Conn& c, const std::string& cron, const std::string& name, const std::string& file);
+int CmdScheduleList(const Conn& c);
+int CmdScheduleRm(const Conn& c, int64_t id);
+int CmdCerts(const std::string& out, const std::vector<std::string>& workers);
 
 struct UpOptions {
   std::string state_dir = ".ablate";

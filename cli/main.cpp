@@ -1,6 +1,8 @@
 // ablate: the command line for people. Talks to ablate-scheduler over gRPC; `up`/`down` run a local stack.
 #include <CLI/CLI.hpp>
 #include <iostream>
+#include <sstream>
+#include <vector>
 
 #include "cli/commands.h"
 #include "cli/report.h"
@@ -112,6 +114,56 @@ int main(int argc, char** argv) {
   report->add_option("--out", report_out, "Output file")->capture_default_str();
   add_conn(report);
   report->callback([&] { rc = CmdReport(conn, report_sweep, report_out); });
+
+  int64_t cancel_job = 0;
+  auto* cancel_job_cmd = app.add_subcommand("cancel-job", "Cancel one job: queued -> cancelled; a running child is "
+                                                          "stopped by its worker within a heartbeat");
+  cancel_job_cmd->add_option("JOB", cancel_job, "Job id")->required();
+  add_conn(cancel_job_cmd);
+  cancel_job_cmd->callback([&] { rc = CmdCancelJob(conn, cancel_job); });
+
+  int64_t ext_sweep = 0;
+  std::string ext_file;
+  auto* extend = app.add_subcommand(
+      "extend", "Add the cells of an extended grid to a sweep: cells already in it are skipped, cells whose config "
+                "already succeeded anywhere are reused (not run again); only new cells are queued.");
+  extend->add_option("SWEEP", ext_sweep, "Sweep id")->required();
+  extend->add_option("FILE", ext_file, "Sweep file with the extended grid")->required()->check(CLI::ExistingFile);
+  add_conn(extend);
+  extend->callback([&] { rc = CmdExtend(conn, ext_sweep, ext_file); });
+
+  auto* schedule = app.add_subcommand("schedule", "Cron schedules (UTC) that submit a sweep file on every due time");
+  schedule->require_subcommand(1);
+  std::string cron, sched_name, sched_file;
+  auto* sadd = schedule->add_subcommand(
+      "add", "Add a schedule: --cron '0 2 * * *' FILE (nightly at 02:00 UTC). Each due time fires exactly once, "
+             "across restarts and replicas; when several were missed while the scheduler was down, only the latest "
+             "fires and the others are counted as skipped.");
+  sadd->add_option("--cron", cron, "5-field cron expression, UTC (or @daily, @weekly, ...)")->required();
+  sadd->add_option("--name", sched_name, "Name (default: the sweep's)");
+  sadd->add_option("FILE", sched_file, "Sweep file")->required()->check(CLI::ExistingFile);
+  add_conn(sadd);
+  sadd->callback([&] { rc = CmdScheduleAdd(conn, cron, sched_name, sched_file); });
+  auto* slist = schedule->add_subcommand("list", "List schedules");
+  add_conn(slist);
+  slist->callback([&] { rc = CmdScheduleList(conn); });
+  int64_t sched_id = 0;
+  auto* srm = schedule->add_subcommand("rm", "Delete a schedule");
+  srm->add_option("ID", sched_id, "Schedule id")->required();
+  add_conn(srm);
+  srm->callback([&] { rc = CmdScheduleRm(conn, sched_id); });
+
+  std::string certs_out = ".ablate/pki", certs_workers;
+  auto* certs = app.add_subcommand("certs", "Make a local CA, a scheduler certificate, worker client certificates "
+                                            "(CN = worker id) and user/admin bearer tokens");
+  certs->add_option("--out", certs_out, "Directory")->capture_default_str();
+  certs->add_option("--workers", certs_workers, "Comma list of worker ids");
+  certs->callback([&] {
+    std::vector<std::string> ws;
+    std::stringstream ss(certs_workers);
+    for (std::string w; std::getline(ss, w, ',');) if (!w.empty()) ws.push_back(w);
+    rc = CmdCerts(certs_out, ws);
+  });
 
   CLI11_PARSE(app, argc, argv);
   return rc;

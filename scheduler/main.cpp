@@ -66,6 +66,9 @@ int main(int argc, char** argv) {
       ->envname("ABLATE_MAX_MESSAGE_BYTES")->check(CLI::PositiveNumber)->capture_default_str();
   serve->add_option("--max_metric_batch_bytes", cfg.max_metric_batch_bytes, "largest metric batch")
       ->envname("ABLATE_MAX_METRIC_BATCH_BYTES")->check(CLI::PositiveNumber)->capture_default_str();
+  serve->add_option("--extra_train_keys", cfg.extra_train_keys,
+                    "comma list of extra `train:` settings passed to the trainer verbatim (custom trainers)")
+      ->envname("ABLATE_EXTRA_TRAIN_KEYS");
   serve->add_option("--replica_id", cfg.replica_id, "name of this replica in leader election (default host-pid)")
       ->envname("ABLATE_REPLICA_ID");
   serve->add_option("--tls_cert", cfg.tls_cert, "PEM certificate of the gRPC port (enables TLS)")

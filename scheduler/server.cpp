@@ -100,6 +100,12 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
   if (!auth_on) LogWarn("authentication_disabled", {{"hint", "pass --tls_cert/--tls_key with --tokens_file and "
                                                               "--tls_client_ca in production"}});
 
+  {
+    std::stringstream ks(config.extra_train_keys);
+    for (std::string k; std::getline(ks, k, ',');) {
+      if (!k.empty()) sweep::ExtraTrainKeys().insert(k);
+    }
+  }
   std::unique_ptr<SchedulerServer> s(new SchedulerServer(config));
   if (s->config_.replica_id.empty()) {
     char host[256] = {0};

@@ -41,7 +41,8 @@ struct SchedulerConfig {
   int quarantine_after = 3;
   int quarantine_s = 600;
   int64_t now_override_unix_ms = 0;                // tests: the cron "now"
-  std::string replica_id;                          // leader-election holder name; default host-pid
+  std::string replica_id;
+  std::string extra_train_keys;                    // comma list of extra train: keys passed through                          // leader-election holder name; default host-pid
   // Security: TLS for the gRPC port; client certificates (workers) verified against tls_client_ca; bearer tokens.
   std::string tls_cert, tls_key, tls_client_ca, tokens_file;
 };

@@ -1,5 +1,7 @@
 #include "worker/events.h"
 
+#include <limits>
+
 #include <unistd.h>
 
 #include <cerrno>
@@ -60,7 +62,15 @@ std::optional<Event> ParseEventLine(std::string_view line, std::string* error) {
     if (vals == j.end() || !vals->is_object()) return Fail(error, "metrics: missing object 'values'");
     for (auto it = vals->begin(); it != vals->end(); ++it) {
       // NaN/Inf cannot be written in JSON; a diverged run reports it through 'finished' instead.
-      if (it.value().is_number()) e.values.emplace_back(it.key(), it.value().get<double>());
+      if (it.value().is_number()) {
+        e.values.emplace_back(it.key(), it.value().get<double>());
+      } else if (it.value().is_string()) {
+        // Non-finite values travel as strings: "NaN", "Infinity", "-Infinity" (the worker's NaN guard needs them).
+        const std::string& v = it.value().get_ref<const std::string&>();
+        if (v == "NaN" || v == "nan") e.values.emplace_back(it.key(), std::numeric_limits<double>::quiet_NaN());
+        else if (v == "Infinity" || v == "inf") e.values.emplace_back(it.key(), std::numeric_limits<double>::infinity());
+        else if (v == "-Infinity" || v == "-inf") e.values.emplace_back(it.key(), -std::numeric_limits<double>::infinity());
+      }
     }
     if (e.values.empty()) return Fail(error, "metrics: no numeric values");
     return e;

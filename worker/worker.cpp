@@ -694,7 +694,8 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
     return false;
   }
   JobResult r = MapOutcome(status, finished);
-  if (draining && r.outcome != v1::OUTCOME_SUCCEEDED) {
+  // A drained child may exit 0 without finishing: only its own "succeeded" event makes the attempt a success.
+  if (draining && !(r.outcome == v1::OUTCOME_SUCCEEDED && finished && finished->succeeded)) {
     Log("job ", job.id(), " attempt ", lease.attempt(), ": drained; releasing as PREEMPTED (last step ",
         run.latest_step.load(), ")");
     Complete(lease, v1::OUTCOME_PREEMPTED, v1::FAILURE_CLASS_UNSPECIFIED, "worker drained (SIGTERM)",

@@ -317,6 +317,15 @@ absl::StatusOr<SweepSpec> ParseSweepYaml(std::string_view yaml) {
         std::string key = kv.first.as<std::string>();
         std::string f = "train." + key;
         auto it = std::find_if(TrainKeys().begin(), TrainKeys().end(), [&](const auto& k) { return k.first == key; });
+        if (it == TrainKeys().end() && ExtraTrainKeys().count(key)) {
+          // Operator-allowed pass-through flag (a custom trainer's): a short, shell-safe string.
+          auto v = Scalar(kv.second, f);
+          if (!v.ok()) return v.status();
+          static const std::regex safe(R"(^[A-Za-z0-9@,._:/+-]{0,256}$)");
+          if (!std::regex_match(*v, safe)) return Invalid(f + ": must match [A-Za-z0-9@,._:/+-]{0,256}");
+          spec.train.emplace_back(key, *v);
+          continue;
+        }
         if (it == TrainKeys().end()) {
           bool is_axis = std::any_of(GridAxisFlags().begin(), GridAxisFlags().end(),
                                      [&](const auto& a) { return a.first == key || a.second == key; });
@@ -417,6 +426,11 @@ absl::StatusOr<Expansion> ParseAndExpand(std::string_view yaml, int max_cells) {
   auto spec = ParseSweepYaml(yaml);
   if (!spec.ok()) return spec.status();
   return Expand(*spec, max_cells);
+}
+
+std::set<std::string>& ExtraTrainKeys() {
+  static std::set<std::string> keys;
+  return keys;
 }
 
 int64_t ModelParams(const std::string& size) {

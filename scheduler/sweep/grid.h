@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <map>
+#include <set>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -38,6 +39,10 @@ struct Cell {
   int64_t mem_estimate_bytes = 0;             // per GPU (resources.memory_gb, else EstimateMemoryBytes)
   int32_t gpus = 1;
 };
+
+// Extra `train:` keys accepted verbatim (ablate-scheduler --extra_train_keys; e.g. a custom trainer's flags).
+// Set once at start-up, before serving.
+std::set<std::string>& ExtraTrainKeys();
 
 // Parameter count of a model size (presets, the legacy table, or "100M"/"0.6B"); 0 when unknown.
 int64_t ModelParams(const std::string& model_size);

@@ -1,0 +1,878 @@
+#!/usr/bin/env python3
+"""Ablate fault suite: real processes (ablate-scheduler, ablate-worker, trainer children), real PostgreSQL (a
+private cluster, so F14/F15 may restart it), real gRPC over TCP. Each scenario of /work/shared/RELIABILITY.md
+injects its fault, waits for the system to settle, then checks the invariants I1–I8 on the run's history
+(PostgreSQL tables, worker logs, the trainer ledger, /metrics). Ends with
+    fault scenarios: N passed, 0 failed
+    jobs lost: 0, double-runs: 0
+Usage: faults.py --bin BIN_DIR --work DIR [--train_bin ablate-train] [--only F01,F02]
+"""
+import argparse, glob, json, os, re, signal, socket, subprocess, sys, threading, time, traceback, urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.abspath(os.path.join(HERE, "..", ".."))
+FAKE = os.path.join(HERE, "fake_train.py")
+L = 3            # lease TTL (s)
+HB_MS = 500      # heartbeat interval
+R_MS = 500       # reaper / leader tick
+MARGIN_S = 1.0   # allowed concurrent execution of two attempts (self-fence window)
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True, **kw)
+
+
+class Fail(Exception):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise Fail(msg)
+
+
+class Suite:
+    def __init__(self, a):
+        self.bin = os.path.abspath(a.bin)
+        self.work = os.path.abspath(a.work)
+        self.train_bin = a.train_bin
+        os.makedirs(self.work, exist_ok=True)
+        self.pgdir = os.path.join(self.work, "pg")
+        out = sh([os.path.join(SRC, "scripts", "pg-local.sh"), "start", self.pgdir])
+        if out.returncode != 0:
+            raise SystemExit("cannot start PostgreSQL: " + out.stderr)
+        self.admin_dsn = out.stdout.strip().splitlines()[-1]
+        self.lost = 0
+        self.double_runs = 0
+
+    def pg_restart(self, down_s):
+        sh([os.path.join(SRC, "scripts", "pg-local.sh"), "stop", self.pgdir])
+        time.sleep(down_s)
+        out = sh([os.path.join(SRC, "scripts", "pg-local.sh"), "start", self.pgdir])
+        check(out.returncode == 0, "PostgreSQL did not come back: " + out.stderr)
+
+
+class Proc:
+    def __init__(self, argv, log, env=None, new_group=False):
+        self.log = log
+        self.f = open(log, "w")
+        self.p = subprocess.Popen(argv, stdout=self.f, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=new_group)
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def signal(self, sig):
+        if self.alive():
+            os.kill(self.p.pid, sig)
+
+    def stop(self, grace=5):
+        if self.alive():
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.f.close()
+
+    def text(self):
+        try:
+            return open(self.log).read()
+        except OSError:
+            return ""
+
+
+class Stack:
+    """One scenario: its own database, schedulers, workers, ledger."""
+
+    def __init__(self, suite, name):
+        self.s = suite
+        self.name = name
+        self.dir = os.path.join(suite.work, name)
+        sh(["rm", "-rf", self.dir])
+        os.makedirs(self.dir)
+        self.db = "f_" + name.lower()
+        self.dsn = suite.admin_dsn.replace("dbname=ablate", "dbname=" + self.db)
+        sh(["psql", "-q", suite.admin_dsn, "-c", "DROP DATABASE IF EXISTS %s WITH (FORCE)" % self.db])
+        r = sh(["psql", "-q", suite.admin_dsn, "-c", "CREATE DATABASE %s" % self.db])
+        check(r.returncode == 0, "create database: " + r.stderr)
+        r = sh([os.path.join(suite.bin, "ablate-scheduler"), "migrate", "--db", self.dsn])
+        check(r.returncode == 0, "migrate: " + r.stderr)
+        self.ledger = os.path.join(self.dir, "ledger.jsonl")
+        self.scheds, self.workers = [], []
+        self.fault_at = []   # wall-clock times of injected faults (unix s)
+        self.env = dict(os.environ, FAKE_LEDGER=self.ledger)
+
+    def q(self, sql):
+        r = sh(["psql", "-Atq", self.dsn, "-c", sql])
+        if r.returncode != 0:
+            raise Fail("psql: %s: %s" % (sql, r.stderr.strip()))
+        return r.stdout.strip()
+
+    def qi(self, sql):
+        v = self.q(sql)
+        return int(v) if v else 0
+
+    def scheduler(self, extra=(), idx=None):
+        idx = len(self.scheds) if idx is None else idx
+        out = os.path.join(self.dir, "scheduler-%d.log" % idx)
+        argv = [os.path.join(self.s.bin, "ablate-scheduler"), "serve", "--db", self.dsn, "--no_migrate",
+                "--listen", "127.0.0.1:0", "--metrics_listen", "127.0.0.1:0", "--lease_ttl_s", str(L),
+                "--heartbeat_interval_ms", str(HB_MS), "--reaper_interval_ms", str(R_MS),
+                "--retry_backoff_ms", "300",
+                "--extra_train_keys", "step_ms,fake_fail,fake_fail_attempts,fake_fail_model", "--replica_id", "%s-r%d" % (self.name, idx)] + list(extra)
+        p = Proc(argv, out)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            m = re.search(r"listening grpc=(\S+) metrics=(\S+)", p.text())
+            if m:
+                p.addr, p.maddr = m.group(1), m.group(2)
+                break
+            check(p.alive(), "scheduler exited: " + p.text()[-2000:])
+            time.sleep(0.05)
+        else:
+            raise Fail("scheduler did not start")
+        if idx < len(self.scheds):
+            self.scheds[idx] = p
+        else:
+            self.scheds.append(p)
+        return p
+
+    def worker(self, wid, addr, train_bin=None, extra=()):
+        argv = [os.path.join(self.s.bin, "ablate-worker"), "--scheduler", addr, "--worker_id", wid,
+                "--train_bin", train_bin or FAKE, "--data_root", os.path.join(self.s.work, "data"),
+                "--work_dir", os.path.join(self.dir, "work"), "--poll_interval_ms", "200",
+                "--kill_grace_ms", "2000", "--drain_grace_ms", "5000", "--failure_backoff_max_ms", "1000"] + list(extra)
+        # Own session: a "node" nemesis (SIGKILL/SIGSTOP) reaches the worker and its children together.
+        p = Proc(argv, os.path.join(self.dir, "worker-%s.log" % wid), env=self.env, new_group=True)
+        p.wid = wid
+        self.workers.append(p)
+        return p
+
+    def node_signal(self, w, sig):
+        """Signal a worker and its training children (the node): its session's process groups."""
+        pids = [w.p.pid]
+        for st in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                f = open(st).read().rsplit(")", 1)[1].split()
+                if int(f[3]) == w.p.pid or int(f[4]) in pids:  # ppid, or pgrp of the child groups
+                    pids.append(int(st.split("/")[2]))
+            except (OSError, IndexError, ValueError):
+                pass
+        # The children lead their own process groups: signal the groups whose leader's parent is the worker.
+        for pid in sorted(set(pids)):
+            try:
+                os.killpg(pid, sig) if pid != w.p.pid else os.kill(pid, sig)
+            except OSError:
+                pass
+
+    def submit(self, spec, addr, key=None):
+        path = os.path.join(self.dir, "sweep-%d.yaml" % int(time.time() * 1000))
+        open(path, "w").write(spec)
+        argv = [os.path.join(self.s.bin, "ablate"), "submit", path, "--scheduler", addr]
+        if key:
+            argv += ["--idempotency_key", key]
+        r = sh(argv)
+        check(r.returncode == 0, "submit failed: " + r.stderr + r.stdout)
+        return self.qi("SELECT max(id) FROM sweeps")
+
+    def wait(self, cond, timeout, what):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if cond():
+                return
+            time.sleep(0.2)
+        raise Fail("timed out after %ds waiting for %s" % (timeout, what))
+
+    def wait_terminal(self, timeout=60):
+        self.wait(lambda: self.qi("SELECT count(*) FROM jobs WHERE state NOT IN ('succeeded','failed','cancelled')") == 0,
+                  timeout, "every job terminal")
+
+    def wait_step(self, job_cond, step, timeout=30):
+        self.wait(lambda: self.qi("SELECT coalesce(max(step),0) FROM metrics WHERE %s" % job_cond) >= step, timeout,
+                  "metrics up to step %d" % step)
+
+    def scrape(self, p):
+        try:
+            return urllib.request.urlopen("http://%s/metrics" % p.maddr, timeout=5).read().decode()
+        except Exception:
+            return ""
+
+    def ledger_records(self):
+        out = []
+        if os.path.exists(self.ledger):
+            for line in open(self.ledger):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def teardown(self):
+        for w in self.workers:
+            if w.alive():
+                self.node_signal(w, signal.SIGCONT)
+            w.stop(8)
+        for p in self.scheds:
+            p.stop(8)
+
+    # ---- the history checker: I1–I8 -----------------------------------------------------------------------
+    def invariants(self, expect_states=None, step_ms=50, max_detect_s=None):
+        v = []
+        # I1 no lost job: every accepted job is terminal (or holds a live lease).
+        lost = self.qi("SELECT count(*) FROM jobs WHERE state NOT IN ('succeeded','failed','cancelled') AND NOT "
+                       "(state IN ('leased','running') AND lease_expires_at > now())")
+        if lost:
+            v.append("I1: %d job(s) neither terminal nor leased" % lost)
+        if expect_states:
+            for jid, st in self.q("SELECT id, state FROM jobs ORDER BY id").splitlines() and \
+                    [l.split("|") for l in self.q("SELECT id, state FROM jobs ORDER BY id").splitlines()]:
+                want = expect_states.get(int(jid), expect_states.get("*"))
+                if want and st not in want:
+                    v.append("I7: job %s ended %s, expected %s" % (jid, st, "/".join(want)))
+                    if st not in TERMINAL or (st == "failed" and "succeeded" in want):
+                        lost += 1
+        self.s.lost += lost
+        # I2 no concurrent double-run: lease intervals never overlap (database time) ...
+        ov = self.qi("SELECT count(*) FROM job_attempts a JOIN job_attempts b ON a.job_id = b.job_id AND "
+                     "a.attempt < b.attempt WHERE b.acquired_at < coalesce(a.finished_at, 'infinity')")
+        if ov:
+            v.append("I2: %d overlapping lease intervals" % ov)
+        # ... and no two trainer processes of one job trained at the same time (ledger, monotonic clock).
+        recs = self.ledger_records()
+        first = {}
+        for r in recs:
+            k = (r["job"], r["attempt"])
+            if r["event"] == "start":
+                first.setdefault(k, r["mono"])
+        max_overlap = 0.0
+        doubles = 0
+        for (job, att), t0 in first.items():
+            for r in recs:
+                if r["job"] == job and r["attempt"] < att and r["event"] in ("step", "checkpoint") and r["mono"] > t0:
+                    pass
+            late = [r for r in recs if r["job"] == job and r["attempt"] < att and r["event"] in ("step", "checkpoint")
+                    and r["mono"] > t0]
+            overlap = len([r for r in late if r["event"] == "step"]) * step_ms / 1000.0
+            max_overlap = max(max_overlap, overlap)
+            if overlap > MARGIN_S:
+                doubles += 1
+                v.append("I2: job %d attempt <%d kept training %.2fs after attempt %d started" % (job, att, overlap, att))
+        self.s.double_runs += doubles + ov
+        self.max_overlap = max_overlap
+        # I3 effectively-once: no duplicate metric rows, no write accepted outside its lease.
+        dup = self.qi("SELECT count(*) FROM (SELECT 1 FROM metrics GROUP BY job_id, name, step HAVING count(*) > 1) d")
+        if dup:
+            v.append("I3: %d duplicate metric keys" % dup)
+        stale = self.qi("SELECT count(*) FROM metrics m JOIN job_attempts a ON a.job_id = m.job_id AND "
+                        "a.attempt = m.attempt WHERE m.ingested_at > a.finished_at + interval '500 ms'")
+        stale += self.qi("SELECT count(*) FROM checkpoints c JOIN job_attempts a ON a.job_id = c.job_id AND "
+                         "a.attempt = c.attempt WHERE c.created_at > a.finished_at + interval '500 ms'")
+        if stale:
+            v.append("I3: %d writes accepted after their attempt ended" % stale)
+        # I4 bounded lost work / I6 validity: a resumed attempt starts at or after the newest checkpoint that was
+        # committed before its lease and still verifies.
+        ckpts = [l.split("|") for l in self.q(
+            "SELECT job_id, step, path, extract(epoch from created_at) FROM checkpoints").splitlines() if l]
+        acq = {(int(j), int(a)): float(t) for j, a, t in (l.split("|") for l in self.q(
+            "SELECT job_id, attempt, extract(epoch from acquired_at) FROM job_attempts WHERE acquired_at IS NOT NULL"
+        ).splitlines() if l)}
+        for r in recs:
+            if r["event"] != "start" or r["attempt"] <= 1:
+                continue
+            t = acq.get((r["job"], r["attempt"]))
+            if t is None:
+                continue
+            valid = [int(s) for j, s, p, c in ckpts if int(j) == r["job"] and float(c) < t and verify(p)]
+            if valid and r["resume_step"] < max(valid):
+                v.append("I4: job %d attempt %d resumed at step %d, last valid checkpoint %d" %
+                         (r["job"], r["attempt"], r["resume_step"], max(valid)))
+        for j, s, p, c in ckpts:
+            if not verify(p) and not getattr(self, "corrupted", None):
+                v.append("I6: recorded checkpoint %s does not verify" % p)
+        # I5 bounded detection: an expired attempt is marked lost within L + R (+1 s slack) of the fault.
+        if self.fault_at and max_detect_s is not None:
+            for fin, in [(float(x),) for x in self.q(
+                    "SELECT extract(epoch from finished_at) FROM job_attempts WHERE outcome = 'expired'").splitlines() if x]:
+                d = min([fin - f for f in self.fault_at if f <= fin] or [0])
+                if d > max_detect_s:
+                    v.append("I5: lease marked lost %.1fs after the fault (bound %.1fs)" % (d, max_detect_s))
+        # I8 hygiene: no leaked leases, no orphan trainer processes, no database connections left.
+        self.teardown()
+        leaked = self.qi("SELECT count(*) FROM jobs WHERE state IN ('leased','running')")
+        if leaked and not expect_states:
+            v.append("I8: %d leases left" % leaked)
+        time.sleep(0.3)
+        orphans = [p for p in pids_with(os.path.join(self.dir, "work"))]
+        if orphans:
+            v.append("I8: orphan trainer processes %s" % orphans)
+            for p in orphans:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+        conns = self.qi("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        if conns:
+            v.append("I8: %d database connections left after the scheduler stopped" % conns)
+        return v
+
+
+def verify(path):
+    import hashlib
+    try:
+        m = json.load(open(os.path.join(path, "manifest.json")))
+        for n, info in m["files"].items():
+            p = os.path.join(path, n)
+            data = open(p, "rb").read()
+            if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+                return False
+        return True
+    except Exception:
+        return False
+
+
+def pids_with(s):
+    out = []
+    for d in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            c = open(d, "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if s in c and "fake_train" in c or (s in c and "ablate-train" in c):
+            out.append(int(d.split("/")[2]))
+    return out
+
+
+def sweep(name, n_cells=1, steps=40, save=10, step_ms=50, extra_train=None, extra=""):
+    ctx = ", ".join(str(64 * (i + 1)) for i in range(n_cells))
+    train = {"num_train_steps": steps, "save_interval": save, "step_ms": step_ms}
+    train.update(extra_train or {})
+    t = "".join("  %s: %s\n" % (k, v) for k, v in train.items())
+    return "name: %s\ngrid:\n  model_size: [tiny]\n  context_length: [%s]\ntrain:\n%s%s" % (name, ctx, t, extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scenarios. Each returns a short note; raises Fail on a violated expectation. Timing: L=3 s, H=0.5 s, R=0.5 s.
+# ---------------------------------------------------------------------------------------------------------------
+def attempts(st, job=None):
+    w = " WHERE job_id = %d" % job if job else ""
+    return [l.split("|") for l in st.q("SELECT job_id, attempt, outcome, failure_class, coalesce(worker_id,'') FROM "
+                                        "job_attempts%s ORDER BY job_id, attempt" % w).splitlines() if l]
+
+
+def ledger_first(st, event, job=None, attempt=None, pred=None):
+    for r in st.ledger_records():
+        if r["event"] == event and (job is None or r["job"] == job) and (attempt is None or r["attempt"] == attempt) \
+                and (pred is None or pred(r)):
+            return r
+    return None
+
+
+def finish(st, **kw):
+    v = st.invariants(**kw)
+    check(not v, "; ".join(v))
+
+
+def rpc_tool(st, *args):
+    return sh([os.path.join(st.s.bin, "ablate-fault-rpc")] + [str(a) for a in args])
+
+
+def f01(suite, st):
+    tb = suite.train_bin
+    if not tb or not os.access(tb, os.X_OK):
+        raise Fail("F01 needs the real ablate-train (--train_bin); it was not found at '%s'" % tb)
+    data = os.path.join(suite.work, "data", "fortunes")
+    if not os.path.exists(os.path.join(data, "train.bin")):
+        r = sh([tb, "prepare-data", "--input", "/usr/share/games/fortunes", "--output", data])
+        check(r.returncode == 0, "prepare-data: " + r.stderr[-500:])
+    s = st.scheduler()
+    st.submit("name: f01\ngrid:\n  model_size: [tiny]\n  context_length: [64]\ntrain:\n  num_train_steps: 60\n"
+              "  batch_size: 4\n  save_interval: 10\n  eval_interval: 30\n  log_interval: 5\n  dataset: fortunes\n",
+              s.addr)
+    w1 = st.worker("w1", s.addr, train_bin=tb)
+    st.wait(lambda: st.qi("SELECT count(*) FROM checkpoints") >= 1, 120, "a checkpoint from the real trainer")
+    st.fault_at.append(time.time())
+    st.node_signal(w1, signal.SIGKILL)
+    ck = st.qi("SELECT max(step) FROM checkpoints")
+    w2 = st.worker("w2", s.addr, train_bin=tb)
+    st.wait_terminal(240)
+    check(st.q("SELECT state FROM jobs") == "succeeded", "job did not succeed: " + st.q("SELECT state, last_error FROM jobs"))
+    check(st.qi("SELECT max(attempt) FROM jobs") == 2, "expected exactly one re-dispatch")
+    check("resuming from" in w2.text(), "the second attempt did not resume from a checkpoint")
+    m = re.search(r"checkpoint-(\d+)", w2.text().split("resuming from", 1)[1])
+    check(m and int(m.group(1)) >= ck, "resumed from step %s, last committed checkpoint %d" % (m and m.group(1), ck))
+    t = [float(x) for x in st.q("SELECT extract(epoch from acquired_at) FROM job_attempts ORDER BY attempt").splitlines()]
+    finish(st, max_detect_s=L + R_MS / 1000 + 1.5)
+    return "real ablate-train; resumed at step %s (checkpoint %d); re-dispatch %.1fs after the kill" % (
+        m.group(1), ck, t[1] - st.fault_at[0])
+
+
+def f02(suite, st):
+    s = st.scheduler()
+    st.submit(sweep("f02", steps=80, save=1000), s.addr)
+    w1 = st.worker("w1", s.addr)
+    st.wait_step("true", 15)
+    w1.signal(signal.SIGTERM)
+    w1.p.wait(15)
+    a = attempts(st)
+    check(a and a[0][2] == "preempted", "attempt 1 was not released as preempted: %s" % a)
+    drain = ledger_first(st, "drain")
+    check(drain is not None, "trainer saw no drain")
+    ck = st.qi("SELECT coalesce(max(step), -1) FROM checkpoints")
+    check(ck == drain["step"], "drain checkpoint %d not recorded (have %d)" % (drain["step"], ck))
+    check(st.q("SELECT class_failures::text FROM jobs") == "{}", "preemption consumed retry budget")
+    st.worker("w2", s.addr)
+    st.wait_terminal(30)
+    r2 = ledger_first(st, "start", attempt=2)
+    check(r2 and r2["resume_step"] == drain["step"], "attempt 2 resumed at %s, drained at %d" % (r2, drain["step"]))
+    check(st.q("SELECT state FROM jobs") == "succeeded", "job not succeeded")
+    finish(st)
+    return "drained at step %d, checkpoint committed, resumed there (0 lost steps)" % drain["step"]
+
+
+def f03(suite, st):
+    s = st.scheduler()
+    st.submit(sweep("f03", steps=160, save=10), s.addr)
+    w1 = st.worker("w1", s.addr)
+    st.wait_step("true", 12)
+    w2 = st.worker("w2", s.addr)
+    st.fault_at.append(time.time())
+    st.node_signal(w1, signal.SIGSTOP)
+    st.wait(lambda: st.qi("SELECT count(*) FROM job_attempts WHERE attempt = 2") == 1, 2 * L + 3, "re-dispatch")
+    time.sleep(max(0, st.fault_at[0] + 2 * L - time.time()))
+    st.node_signal(w1, signal.SIGCONT)
+    st.wait_terminal(40)
+    check(st.q("SELECT state FROM jobs") == "succeeded", "job not succeeded")
+    time.sleep(1)
+    txt = w1.text()
+    check("self_fence" in txt or "lease lost" in txt or "rejected" in txt, "the resumed zombie did not fence itself")
+    fenced = sum(float(x.split()[-1]) for x in st.scrape(s).splitlines() if x.startswith("ablate_scheduler_fenced_writes_total{"))
+    finish(st, max_detect_s=L + R_MS / 1000 + 1.5)
+    return "zombie fenced; stale writes rejected by the scheduler: %d; overlap %.2fs" % (fenced, st.max_overlap)
+
+
+def f04(suite, st):
+    s = st.scheduler(["--progress_timeout_s", "2"])
+    st.submit(sweep("f04", steps=30, save=10, extra_train={"fake_fail": "hang@5", "fake_fail_attempts": "1"}), s.addr)
+    w = st.worker("w1", s.addr)
+    st.wait_terminal(40)
+    a = attempts(st)
+    check(a[0][3] == "hang" and st.q("SELECT state FROM jobs") == "succeeded", "expected hang then success: %s" % a)
+    m = re.search(r"EVENT hang_detected .* mono_ms=(\d+)", w.text())
+    h = ledger_first(st, "hang")
+    last = max(r["mono"] for r in st.ledger_records() if r["attempt"] == 1 and r["event"] in ("step", "start"))
+    det = int(m.group(1)) / 1000.0 - last
+    check(det <= 2 + HB_MS / 1000 + 1.0, "hang detected %.1fs after the last step (timeout 2 s)" % det)
+    finish(st)
+    return "hang at step %d detected after %.1fs, retried, succeeded" % (h["step"], det)
+
+
+def f05(suite, st):
+    s = st.scheduler()
+    st.submit("name: f05\ngrid:\n  model_size: [tiny, mini]\ntrain:\n  num_train_steps: 20\n  save_interval: 10\n"
+              "  step_ms: 30\n  fake_fail: oom@3\n  fake_fail_model: tiny\n", s.addr)
+    w = st.worker("w1", s.addr)
+    st.wait_terminal(30)
+    rows = dict(l.split("|", 1) for l in st.q("SELECT cell_index, state || '/' || failure_class || '/' || attempt FROM jobs").splitlines())
+    check(rows["0"] == "failed/oom/1", "OOM cell: %s (expected failed/oom/1: no blind retry)" % rows["0"])
+    check(rows["1"].startswith("succeeded"), "the next job on that worker did not succeed: %s" % rows["1"])
+    finish(st, expect_states={"*": ("succeeded", "failed")})
+    return "FAILED(OOM) after 1 attempt; next job on the same worker succeeded"
+
+
+def f06(suite, st):
+    s = st.scheduler()
+    st.submit(sweep("f06", steps=40, save=5, extra_train={"fake_fail": "nan_continue@12"}), s.addr)
+    w = st.worker("w1", s.addr)
+    st.wait_terminal(30)
+    check(st.q("SELECT state || '/' || failure_class || '/' || attempt FROM jobs") == "failed/diverged/1",
+          "expected failed/diverged/1, got " + st.q("SELECT state, failure_class, attempt, last_error FROM jobs"))
+    ck = st.qi("SELECT max(step) FROM checkpoints")
+    check(ck < 12, "a checkpoint at/after the NaN step was recorded: %d" % ck)
+    nan_step = st.qi("SELECT min(step) FROM metrics WHERE name = 'train/loss' AND value = 'NaN'::float8")
+    check(nan_step == 12, "NaN recorded at step %d, injected at 12" % nan_step)
+    finish(st, expect_states={"*": ("failed",)})
+    return "NaN at step 12 detected at step 12; last checkpoint %d; no retry" % ck
+
+
+def f07(suite, st):
+    bad = os.path.join(st.dir, "bad-train.sh")
+    open(bad, "w").write("#!/bin/sh\nkill -SEGV $$\n")
+    os.chmod(bad, 0o755)
+    s = st.scheduler(["--quarantine_after", "3", "--quarantine_s", "120"])
+    st.submit(sweep("f07", n_cells=4, steps=20, save=10, step_ms=30), s.addr)
+    st.worker("wbad", s.addr, train_bin=bad)
+    time.sleep(1.0)
+    st.worker("wgood", s.addr)
+    st.wait_terminal(60)
+    check(st.qi("SELECT count(*) FROM jobs WHERE state = 'succeeded'") == 4, "jobs failed because of one bad node: " +
+          st.q("SELECT id, state, class_failures FROM jobs"))
+    check(st.qi("SELECT count(*) FROM workers WHERE id = 'wbad' AND quarantined_until > now()") == 1,
+          "bad worker not quarantined")
+    check("worker_quarantined" in st.scheds[0].text(), "no quarantine alert in the scheduler log")
+    m = [l for l in st.scrape(s).splitlines() if l.startswith("ablate_workers_quarantined ")]
+    check(m and float(m[0].split()[1]) == 1, "ablate_workers_quarantined is not 1: %s" % m)
+    bad_classes = st.q("SELECT string_agg(DISTINCT failure_class, ',') FROM job_attempts WHERE worker_id = 'wbad'")
+    check(bad_classes == "infra", "bad-node failures classified as %s (expected infra)" % bad_classes)
+    finish(st)
+    return "bad node quarantined after %d infra failures; 4/4 jobs succeeded elsewhere" % st.qi(
+        "SELECT count(*) FROM job_attempts WHERE worker_id = 'wbad'")
+
+
+def f08(suite, st):
+    s = st.scheduler()
+    st.submit(sweep("f08", steps=60, save=10, extra_train={"fake_fail": "slow_ckpt@20", "fake_fail_attempts": "1"}), s.addr)
+    w1 = st.worker("w1", s.addr)
+    st.wait(lambda: ledger_first(st, "step", pred=lambda r: r["step"] == 20) is not None, 30, "step 20")
+    time.sleep(0.3)   # inside the 1 s save window: shard written, manifest not yet
+    st.fault_at.append(time.time())
+    st.node_signal(w1, signal.SIGKILL)
+    check(st.qi("SELECT count(*) FROM checkpoints WHERE step = 20") == 0, "an unfinished checkpoint was recorded")
+    st.worker("w2", s.addr)
+    st.wait_terminal(40)
+    r2 = ledger_first(st, "start", attempt=2)
+    check(r2 and r2["resume_step"] == 10, "attempt 2 resumed at %s, the last durable checkpoint is 10" % r2)
+    finish(st)
+    return "node lost mid-save at step 20; resumed from durable step 10"
+
+
+def f09(suite, st):
+    s = st.scheduler()
+    port = s.addr.rsplit(":", 1)[1]
+    st.submit(sweep("f09", n_cells=2, steps=150, save=10), s.addr)
+    st.worker("w1", s.addr)
+    st.worker("w2", s.addr)
+    st.wait_step("true", 10)
+    st.fault_at.append(time.time())
+    s.p.kill()
+    s.p.wait()
+    t0 = time.time()
+    s2 = st.scheduler(["--listen", "127.0.0.1:" + port], idx=0)
+    ready = time.time() - t0
+    st.wait_terminal(40)
+    check(st.qi("SELECT count(*) FROM job_attempts WHERE outcome = 'expired'") == 0, "spurious requeue after restart")
+    check(st.qi("SELECT max(attempt) FROM jobs") == 1, "a job was re-dispatched")
+    check(st.qi("SELECT count(*) FROM jobs WHERE state = 'succeeded'") == 2, "not all succeeded")
+    finish(st)
+    return "scheduler back in %.1fs; 0 lost, 0 spurious requeues" % ready
+
+
+def f11(suite, st):
+    r0 = st.scheduler()
+    r1 = st.scheduler()
+    both = "%s,%s" % (r0.addr, r1.addr)
+    st.submit(sweep("f11", n_cells=3, steps=120, save=10), r0.addr)
+    st.wait(lambda: "leader_acquired" in r0.text() + r1.text(), 10, "a leader")
+    leader, other = (r0, r1) if "leader_acquired" in r0.text() else (r1, r0)
+    check("leader_acquired" not in other.text(), "two leaders at once")
+    st.worker("w1", both)
+    st.worker("w2", both)
+    st.wait_step("true", 10)
+    st.fault_at.append(time.time())
+    leader.p.kill()
+    st.wait(lambda: "leader_acquired" in other.text(), 15 + R_MS / 1000 + 2, "leadership handover")
+    handover = time.time() - st.fault_at[0]
+    st.wait_terminal(60)
+    check(st.qi("SELECT count(*) FROM jobs WHERE state = 'succeeded'") == 3, "not all succeeded")
+    epochs = [int(x) for x in st.q("SELECT epoch FROM leader_history ORDER BY acquired_at").splitlines()]
+    check(epochs == sorted(epochs) and len(epochs) >= 2, "leader epochs not increasing: %s" % epochs)
+    # Every reaped attempt was reaped by the epoch that led at that time.
+    bad = st.qi("SELECT count(*) FROM job_attempts a WHERE outcome = 'expired' AND leader_epoch IS DISTINCT FROM "
+                "(SELECT max(epoch) FROM leader_history h WHERE h.acquired_at <= a.finished_at)")
+    check(bad == 0, "%d transitions committed by a non-leader epoch" % bad)
+    finish(st)
+    return "leader killed; handover in %.1fs; epochs %s" % (handover, epochs)
+
+
+def pg_outage(suite, st, down_s, name):
+    s = st.scheduler()
+    st.submit(sweep(name, n_cells=2, steps=220, save=10), s.addr)
+    st.worker("w1", s.addr)
+    st.worker("w2", s.addr)
+    st.wait_step("true", 10)
+    st.fault_at.append(time.time())
+    notes = ""
+    sh([os.path.join(SRC, "scripts", "pg-local.sh"), "stop", suite.pgdir])
+    if down_s > 3:
+        time.sleep(2)
+        try:
+            code = urllib.request.urlopen("http://%s/healthz" % s.maddr, timeout=5).status
+        except urllib.error.HTTPError as e:
+            code = e.code
+        check(code == 503, "/healthz answered %s during the outage" % code)
+        p = os.path.join(st.dir, "x.yaml")
+        open(p, "w").write(sweep("during-outage"))
+        r = sh([os.path.join(suite.bin, "ablate"), "submit", p, "--scheduler", s.addr])
+        check(r.returncode != 0 and ("unavailable" in r.stderr.lower() or "cannot reach" in r.stderr.lower()
+                                     or "postgres" in r.stderr.lower()), "submit during the outage: %s" % r.stderr)
+        notes = "healthz 503, submit refused; "
+    time.sleep(max(0, st.fault_at[0] + down_s - time.time()))
+    out = sh([os.path.join(SRC, "scripts", "pg-local.sh"), "start", suite.pgdir])
+    check(out.returncode == 0, "PostgreSQL did not restart")
+    st.wait_terminal(60)
+    check(st.qi("SELECT count(*) FROM jobs WHERE state = 'succeeded'") == 2, "not all succeeded: " +
+          st.q("SELECT id, state, last_error FROM jobs"))
+    check(st.qi("SELECT count(*) FROM job_attempts WHERE outcome = 'expired'") == 0, "spurious requeue")
+    missing = st.qi("SELECT count(*) FROM jobs j, generate_series(1, 220) g WHERE NOT EXISTS (SELECT 1 FROM metrics m "
+                    "WHERE m.job_id = j.id AND m.name = 'train/loss' AND m.step = g)")
+    check(missing == 0, "%d train/loss points missing after the outage" % missing)
+    finish(st)
+    return notes + "database down %ds: 0 lost, 0 requeues, metrics complete" % down_s
+
+
+def f14(suite, st):
+    return pg_outage(suite, st, 2, "f14")
+
+
+def f15(suite, st):
+    return pg_outage(suite, st, 2 * L, "f15")
+
+
+class Proxy:
+    """TCP proxy with a partition switch (blackhole: bytes are dropped, connections stay open)."""
+
+    def __init__(self, upstream):
+        self.up = upstream.rsplit(":", 1)
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(64)
+        self.addr = "127.0.0.1:%d" % self.ls.getsockname()[1]
+        self.cut = False
+        self.conns = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            if self.cut:
+                self.conns.append((c, None))
+                continue
+            u = socket.create_connection((self.up[0], int(self.up[1])))
+            self.conns.append((c, u))
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+
+    def pipe(self, a, b):
+        try:
+            while True:
+                d = a.recv(65536)
+                if not d:
+                    break
+                if not self.cut:
+                    b.sendall(d)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def heal(self):
+        self.cut = False
+        for c, u in self.conns:
+            for s in (c, u):
+                try:
+                    s and s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.conns = []
+
+
+def f19(suite, st):
+    s = st.scheduler()
+    px = Proxy(s.addr)
+    st.submit(sweep("f19", steps=200, save=10), s.addr)
+    w1 = st.worker("w1", px.addr)
+    st.wait_step("true", 12)
+    st.worker("w2", s.addr)
+    old = st.q("SELECT id || ' ' || attempt || ' ' || lease_epoch || ' ' || lease_nonce FROM jobs").split()
+    st.fault_at.append(time.time())
+    px.cut = True
+    st.wait(lambda: st.qi("SELECT count(*) FROM job_attempts WHERE attempt = 2") == 1, 2 * L + 3, "re-dispatch")
+    time.sleep(max(0, st.fault_at[0] + 2 * L - time.time()))
+    px.heal()
+    check("self_fence" in w1.text(), "the partitioned worker did not self-fence")
+    # The zombie's late writes after healing: rejected with FAILED_PRECONDITION.
+    r = rpc_tool(st, "stale-write", s.addr, "w1", *old)
+    check(r.returncode == 0, "stale write not rejected as expected: " + r.stdout + r.stderr)
+    st.wait_terminal(40)
+    check(st.q("SELECT state FROM jobs") == "succeeded", "job not succeeded")
+    ck_att = st.q("SELECT string_agg(DISTINCT attempt::text, ',') FROM checkpoints c WHERE created_at > "
+                  "(SELECT acquired_at FROM job_attempts WHERE attempt = 2)")
+    check(ck_att in ("2", ""), "checkpoints recorded for attempt(s) %s after the re-dispatch" % ck_att)
+    finish(st, max_detect_s=L + R_MS / 1000 + 1.5)
+    return "self-fenced, re-dispatched, zombie writes rejected (%s); overlap %.2fs" % (r.stdout.strip(), st.max_overlap)
+
+
+def f24(suite, st):
+    s = st.scheduler()
+    st.submit(sweep("f24", steps=60, save=10, extra_train={"fake_fail": "enospc@20", "fake_fail_attempts": "1"}), s.addr)
+    w1 = st.worker("w1", s.addr)
+    st.wait(lambda: ledger_first(st, "step", pred=lambda r: r["step"] == 26) is not None, 30, "step 26")
+    st.node_signal(w1, signal.SIGKILL)
+    check("checkpoint_invalid" in w1.text(), "the worker did not flag the incomplete checkpoint")
+    check(st.qi("SELECT count(*) FROM checkpoints WHERE step = 20") == 0, "a checkpoint without manifest was recorded")
+    st.worker("w2", s.addr)
+    st.wait_terminal(40)
+    r2 = ledger_first(st, "start", attempt=2)
+    check(r2 and r2["resume_step"] == 10, "resumed at %s, the last valid checkpoint is 10" % r2)
+    finish(st)
+    return "disk-full checkpoint at 20 never recorded; resumed from 10"
+
+
+def f25(suite, st):
+    import random
+    rnd = random.Random(25)
+    s = st.scheduler()
+    st.submit(sweep("f25", steps=50, save=10, extra_train={"fake_fail": "slow_ckpt@10", "fake_fail_attempts": "1,2,3"}), s.addr)
+    points = []
+    for i in range(3):
+        w = st.worker("w%d" % i, s.addr)
+        st.wait(lambda: ledger_first(st, "step", attempt=i + 1, pred=lambda r: r["step"] % 10 == 0 and r["step"] > (
+            ledger_first(st, "start", attempt=i + 1) or {"resume_step": 0})["resume_step"]) is not None, 30, "a save")
+        d = rnd.uniform(0.05, 0.95)
+        time.sleep(d)
+        st.node_signal(w, signal.SIGKILL)
+        points.append(round(d, 2))
+        newest = st.q("SELECT path FROM checkpoints ORDER BY step DESC LIMIT 1")
+        check(not newest or verify(newest), "the newest recorded checkpoint does not verify after a crash")
+    st.worker("wlast", s.addr)
+    st.wait_terminal(40)
+    check(st.q("SELECT state FROM jobs") == "succeeded", "job not succeeded")
+    finish(st)
+    return "killed at %s s into saves; every recorded checkpoint verifies" % points
+
+
+def f26(suite, st):
+    s = st.scheduler()
+    st.submit(sweep("f26", steps=60, save=5), s.addr)
+    w1 = st.worker("w1", s.addr)
+    st.wait(lambda: st.qi("SELECT count(*) FROM checkpoints") >= 3, 30, "three checkpoints")
+    st.node_signal(w1, signal.SIGKILL)
+    newest, step = st.q("SELECT path || '|' || step FROM checkpoints ORDER BY step DESC LIMIT 1").split("|")
+    prev = st.qi("SELECT step FROM checkpoints ORDER BY step DESC OFFSET 1 LIMIT 1")
+    with open(os.path.join(newest, "model.pt"), "r+b") as f:  # bit flip
+        f.seek(7)
+        b = f.read(1)
+        f.seek(7)
+        f.write(bytes([b[0] ^ 0x10]))
+    st.corrupted = True
+    w2 = st.worker("w2", s.addr)
+    st.wait_terminal(40)
+    r2 = ledger_first(st, "start", attempt=2)
+    check(r2 and r2["resume_step"] == prev, "attempt 2 resumed at %s; expected fallback to %d" % (r2, prev))
+    check("checkpoint_corrupt" in w2.text(), "no corruption alert")
+    finish(st)
+    return "bit flip in checkpoint %s detected; resumed from %d" % (step, prev)
+
+
+def tool_scenario(name, *extra_sched):
+    def run(suite, st):
+        s = st.scheduler(list(extra_sched))
+        r = rpc_tool(st, name, s.addr, st.dir)
+        check(r.returncode == 0, "%s: %s%s" % (name, r.stdout[-3000:], r.stderr[-2000:]))
+        check(s.alive(), "the scheduler died")
+        if name == "invalid-specs":
+            check(st.qi("SELECT count(*) FROM sweeps") == 0 and st.qi("SELECT count(*) FROM jobs") == 0,
+                  "a rejected spec stored rows")
+        if name == "dup-submit":
+            check(st.qi("SELECT count(*) FROM sweeps") == 1, "concurrent submits created %d sweeps" % st.qi("SELECT count(*) FROM sweeps"))
+        finish(st)
+        return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    return run
+
+
+def f31(suite, st):
+    s = st.scheduler()
+    rss0 = int(re.search(r"VmRSS:\s+(\d+)", open("/proc/%d/status" % s.p.pid).read()).group(1))
+    r = rpc_tool(st, "oversize", s.addr, st.dir)
+    check(r.returncode == 0, "oversize: " + r.stdout + r.stderr)
+    rss1 = int(re.search(r"VmRSS:\s+(\d+)", open("/proc/%d/status" % s.p.pid).read()).group(1))
+    big = os.path.join(st.dir, "big.yaml")
+    open(big, "w").write(sweep("big") + "#" + "x" * (5 << 20) + "\n")
+    c = sh([os.path.join(suite.bin, "ablate"), "submit", big, "--scheduler", s.addr])
+    check(c.returncode != 0 and "split" in c.stderr, "the CLI does not tell the user to split the sweep: " + c.stderr)
+    check(rss1 - rss0 < 64 * 1024, "scheduler RSS grew by %d KiB" % (rss1 - rss0))
+    finish(st)
+    return r.stdout.strip().splitlines()[-1] + "; RSS +%d KiB" % (rss1 - rss0)
+
+
+def f35(suite, st):
+    d = os.path.join(st.dir, "pki")
+    r = sh([os.path.join(suite.bin, "ablate"), "certs", "--out", d, "--workers", "wauth"])
+    check(r.returncode == 0, "ablate certs: " + r.stderr)
+    tok = os.path.join(d, "tokens")
+    check(os.path.exists(tok), "no tokens file")
+    s = st.scheduler(["--tls_cert", os.path.join(d, "scheduler.pem"), "--tls_key", os.path.join(d, "scheduler-key.pem"),
+                      "--tls_client_ca", os.path.join(d, "ca.pem"), "--tokens_file", tok])
+    user_token = open(os.path.join(d, "user.token")).read().strip()
+    r = rpc_tool(st, "authz-matrix", s.addr, os.path.join(d, "ca.pem"), user_token, os.path.join(d, "wauth.pem"),
+                 os.path.join(d, "wauth-key.pem"))
+    check(r.returncode == 0, "authorization matrix: " + r.stdout[-4000:] + r.stderr[-1000:])
+    logs = s.text()
+    check(user_token not in logs, "a bearer token appeared in the scheduler log")
+    finish(st)
+    return r.stdout.strip().splitlines()[-1]
+
+
+SCENARIOS = [
+    ("F01", f01), ("F02", f02), ("F03", f03), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
+    ("F09", f09), ("F11", f11), ("F14", f14), ("F15", f15), ("F19", f19), ("F24", f24), ("F25", f25), ("F26", f26),
+    ("F30", tool_scenario("malformed")), ("F31", f31), ("F32", tool_scenario("invalid-specs")),
+    ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", tool_scenario("deadlines", "--max_stream_s", "2")),
+]
+
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--train_bin", default="")
+    ap.add_argument("--only", default="")
+    a = ap.parse_args()
+    suite = Suite(a)
+    os.makedirs(os.path.join(suite.work, "data", "fortunes"), exist_ok=True)
+    only = set(x for x in a.only.split(",") if x)
+    passed = failed = 0
+    t_all = time.time()
+    for sid, fn in SCENARIOS:
+        if only and sid not in only:
+            continue
+        t0 = time.time()
+        st = None
+        try:
+            st = Stack(suite, sid)
+            notes = fn(suite, st) or ""
+            print("PASS %s (%.1fs) %s" % (sid, time.time() - t0, notes), flush=True)
+            passed += 1
+        except Exception as e:
+            failed += 1
+            detail = str(e) if isinstance(e, Fail) else traceback.format_exc()
+            print("FAIL %s (%.1fs): %s" % (sid, time.time() - t0, detail), flush=True)
+            if st:
+                for p in st.scheds + st.workers:
+                    print("--- %s\n%s" % (p.log, "\n".join(p.text().splitlines()[-25:])), flush=True)
+        finally:
+            if st:
+                try:
+                    st.teardown()
+                except Exception:
+                    pass
+    sh([os.path.join(SRC, "scripts", "pg-local.sh"), "stop", suite.pgdir])
+    print("fault suite wall time %.0fs" % (time.time() - t_all))
+    print("jobs lost: %d, double-runs: %d" % (suite.lost, suite.double_runs))
+    print("fault scenarios: %d passed, %d failed" % (passed, failed))
+    sys.exit(0 if failed == 0 and suite.lost == 0 and suite.double_runs == 0 else 1)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    main()

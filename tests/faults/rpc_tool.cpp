@@ -1,0 +1,461 @@
+// ablate-fault-rpc: the fault suite's gRPC client for the API-abuse scenarios (F19 stale writes, F30 malformed
+// bytes, F31 oversized messages, F32 invalid specs, F34 duplicate submission, F35 authorization matrix, F36
+// deadlines). Exit 0 when every expectation holds; prints what it saw.
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "ablate/v1/ablate.grpc.pb.h"
+
+using namespace ablate;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::string Slurp(const std::string& p) {
+  std::ifstream in(p);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::shared_ptr<grpc::Channel> Insecure(const std::string& addr) {
+  grpc::ChannelArguments a;
+  a.SetMaxSendMessageSize(64 << 20);
+  return grpc::CreateCustomChannel(addr, grpc::InsecureChannelCredentials(), a);
+}
+
+grpc::Status GenericUnary(const std::shared_ptr<grpc::Channel>& ch, const std::string& method, const std::string& bytes,
+                          const std::string& token = "", std::chrono::milliseconds timeout = 5000ms) {
+  grpc::GenericStub stub(ch);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+  if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer req(&slice, 1), resp;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status st;
+  stub.UnaryCall(&ctx, method, grpc::StubOptions(), &req, &resp, [&](grpc::Status s) {
+    std::lock_guard<std::mutex> l(mu);
+    st = std::move(s);
+    done = true;
+    cv.notify_all();
+  });
+  std::unique_lock<std::mutex> l(mu);
+  cv.wait(l, [&] { return done; });
+  return st;
+}
+
+std::vector<const google::protobuf::MethodDescriptor*> AllMethods() {
+  std::vector<const google::protobuf::MethodDescriptor*> out;
+  const auto* pool = google::protobuf::DescriptorPool::generated_pool();
+  for (const auto* svc : {pool->FindServiceByName("ablate.v1.SweepService"),
+                          pool->FindServiceByName("ablate.v1.WorkerService")}) {
+    for (int i = 0; i < svc->method_count(); ++i) out.push_back(svc->method(i));
+  }
+  return out;
+}
+
+std::string Path(const google::protobuf::MethodDescriptor* m) { return "/" + m->service()->full_name() + "/" + m->name(); }
+
+int StaleWrite(const std::string& addr, const std::string& worker, int64_t job, int attempt, int64_t epoch,
+               const std::string& nonce) {
+  auto stub = v1::WorkerService::NewStub(Insecure(addr));
+  v1::Lease lease;
+  lease.set_job_id(job);
+  lease.set_attempt(attempt);
+  lease.set_lease_epoch(epoch);
+  lease.set_lease_nonce(nonce);
+  int rejected = 0, total = 0;
+  auto expect = [&](const char* what, const grpc::Status& s) {
+    ++total;
+    if (s.error_code() == grpc::FAILED_PRECONDITION) ++rejected;
+    else std::cout << what << ": expected FAILED_PRECONDITION, got " << s.error_code() << " " << s.error_message() << "\n";
+  };
+  {
+    grpc::ClientContext c;
+    v1::HeartbeatRequest r;
+    r.set_worker_id(worker);
+    *r.mutable_lease() = lease;
+    v1::HeartbeatResponse resp;
+    expect("Heartbeat", stub->Heartbeat(&c, r, &resp));
+  }
+  {
+    grpc::ClientContext c;
+    v1::ReportCheckpointRequest r;
+    r.set_worker_id(worker);
+    *r.mutable_lease() = lease;
+    r.set_step(999);
+    r.set_path("/zombie");
+    v1::ReportCheckpointResponse resp;
+    expect("ReportCheckpoint", stub->ReportCheckpoint(&c, r, &resp));
+  }
+  {
+    grpc::ClientContext c;
+    v1::ReportMetricsResponse resp;
+    auto w = stub->ReportMetrics(&c, &resp);
+    v1::MetricBatch b;
+    b.set_worker_id(worker);
+    *b.mutable_lease() = lease;
+    auto* p = b.add_points();
+    p->set_step(1);
+    p->set_name("train/loss");
+    p->set_value(123);
+    w->Write(b);
+    w->WritesDone();
+    expect("ReportMetrics", w->Finish());
+  }
+  {
+    grpc::ClientContext c;
+    v1::CompleteJobRequest r;
+    r.set_worker_id(worker);
+    *r.mutable_lease() = lease;
+    r.set_outcome(v1::OUTCOME_SUCCEEDED);
+    v1::CompleteJobResponse resp;
+    expect("CompleteJob", stub->CompleteJob(&c, r, &resp));
+  }
+  std::cout << rejected << "/" << total << " stale writes rejected with FAILED_PRECONDITION\n";
+  return rejected == total ? 0 : 1;
+}
+
+int Malformed(const std::string& addr) {
+  auto ch = Insecure(addr);
+  std::mt19937 rng(30);
+  std::map<int, int> codes;
+  int calls = 0;
+  std::vector<std::string> shapes = {std::string("\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", 11),  // overlong varint
+                                     std::string("\x0a\xff\xff\xff\x0f", 5),   // length beyond the buffer
+                                     std::string("\x0f", 1),                    // bad wire type
+                                     std::string("\x12\x03\xc3\x28\x41", 5)};   // invalid UTF-8 in a string
+  std::string nest;
+  for (int i = 0; i < 200; ++i) nest = "\x12" + std::string(1, static_cast<char>(nest.size() & 0x7f)) + nest;
+  shapes.push_back(nest);
+  for (const auto* m : AllMethods()) {
+    if (m->client_streaming() || m->server_streaming()) continue;
+    std::vector<std::string> inputs = shapes;
+    for (int i = 0; i < 150; ++i) {
+      std::string b(rng() % 256, '\0');
+      for (auto& ch2 : b) ch2 = static_cast<char>(rng());
+      inputs.push_back(b);
+    }
+    for (const auto& in : inputs) {
+      auto s = GenericUnary(ch, Path(m), in);
+      ++codes[s.error_code()];
+      ++calls;
+    }
+  }
+  // Still alive and answering?
+  auto s = GenericUnary(ch, "/ablate.v1.SweepService/ListSweeps", "");
+  std::cout << calls << " malformed calls; codes:";
+  for (auto& [c, n] : codes) std::cout << " " << c << "x" << n;
+  std::cout << "\nafter: ListSweeps " << (s.ok() ? "OK" : s.error_message()) << "\n";
+  std::cout << calls << " malformed requests, 0 crashes\n";
+  return s.ok() ? 0 : 1;
+}
+
+int Oversize(const std::string& addr) {
+  auto ch = Insecure(addr);
+  int bad = 0;
+  for (int i = 0; i < 10; ++i) {
+    auto stub = v1::SweepService::NewStub(ch);
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + 10s);
+    v1::SubmitSweepRequest r;
+    r.set_spec_yaml("name: big\n#" + std::string(5 << 20, 'x'));
+    v1::SubmitSweepResponse resp;
+    auto s = stub->SubmitSweep(&c, r, &resp);
+    if (s.error_code() != grpc::RESOURCE_EXHAUSTED) {
+      ++bad;
+      std::cout << "5 MiB submit: " << s.error_code() << " " << s.error_message() << "\n";
+    }
+  }
+  {
+    auto stub = v1::WorkerService::NewStub(ch);
+    grpc::ClientContext c;
+    v1::ReportMetricsResponse resp;
+    auto w = stub->ReportMetrics(&c, &resp);
+    v1::MetricBatch b;
+    b.set_worker_id("w");
+    b.mutable_lease()->set_job_id(1);
+    for (int i = 0; i < 9000; ++i) {
+      auto* p = b.add_points();
+      p->set_step(i);
+      p->set_name("train/a_rather_long_metric_name");
+    }
+    w->Write(b);
+    w->WritesDone();
+    auto s = w->Finish();
+    if (s.error_code() != grpc::RESOURCE_EXHAUSTED) {
+      ++bad;
+      std::cout << "300 KiB metric batch: " << s.error_code() << " " << s.error_message() << "\n";
+    }
+  }
+  std::cout << (bad ? "oversized messages accepted: " + std::to_string(bad) : "11/11 oversized messages rejected with RESOURCE_EXHAUSTED") << "\n";
+  return bad ? 1 : 0;
+}
+
+int InvalidSpecs(const std::string& addr) {
+  auto stub = v1::SweepService::NewStub(Insecure(addr));
+  auto base = [](const std::string& grid, const std::string& train) {
+    return "name: bad\ngrid:\n" + grid + (train.empty() ? "" : "train:\n" + train);
+  };
+  std::vector<std::string> specs;
+  for (std::string sz : {"huge", "7.5X", "xl", "12Q", "tinyy", "0.6Bb", "B", "1..5B", "-", "ten"})
+    for (std::string ctx : {"64", "128"}) specs.push_back(base("  model_size: [" + sz + "]\n  context_length: [" + ctx + "]\n", ""));
+  for (std::string ctx : {"-5", "0", "abc", "1.5", "-1", "0x10", "''", "1e3x"})
+    for (std::string sz : {"tiny", "mini", "small"}) specs.push_back(base("  model_size: [" + sz + "]\n  context_length: [" + ctx + "]\n", ""));
+  for (std::string pat : {"AXB", "ZZ", "a1", "A B", "Q", "MDX", "12"})
+    for (std::string sz : {"tiny", "mini"}) specs.push_back(base("  model_size: [" + sz + "]\n  block_pattern: [\"" + pat + "\"]\n", ""));
+  for (std::string at : {"flash3", "x", "sparse9"}) specs.push_back(base("  model_size: [tiny]\n  attention: [" + at + "]\n", ""));
+  for (std::string op : {"sgd", "adam9", "lion", "x"}) specs.push_back(base("  model_size: [tiny]\n  optimizer: [" + op + "]\n", ""));
+  for (std::string lr : {".nan", ".inf", "-.inf", "abc", "nan"})
+    for (std::string sz : {"tiny", "mini"}) specs.push_back(base("  model_size: [" + sz + "]\n", "  learning_rate: " + lr + "\n"));
+  for (std::string k : {"num_train_steps: -3", "batch_size: 0", "batch_size: abc", "no_such_flag: 1", "model_size: tiny"})
+    specs.push_back(base("  model_size: [tiny]\n", "  " + k + "\n"));
+  specs.push_back("name: bad\ngrid: {}\n");
+  specs.push_back("name: bad\ngrid:\n  model_size: []\n");
+  specs.push_back("name: bad\ngrid:\n  model_size: [tiny]\n  model_size: [mini]\n");
+  specs.push_back("name: bad\ngrid:\n  model_size: [tiny, tiny]\n");
+  specs.push_back("name: bad\n");
+  specs.push_back("grid:\n  model_size: [tiny]\n");
+  specs.push_back("name: 'bad name!'\ngrid:\n  model_size: [tiny]\n");
+  specs.push_back("name: bad\ngrid:\n  model_size: [tiny]\nexclude:\n  - {model_size: tiny}\n");
+  specs.push_back("name: bad\ngrid:\n  model_size: [tiny]\nwhat: 1\n");
+  specs.push_back("name: bad\ngrid:\n  model_size: [tiny]\nresources: {gpus: 0}\n");
+  specs.push_back("name: bad\ngrid:\n  model_size: [tiny]\nresources: {memory_gb: -1}\n");
+  specs.push_back("{{{");
+  specs.push_back("");
+  {  // a product over the 10,000-cell cap
+    std::string ctx;
+    for (int i = 1; i <= 150; ++i) ctx += (i > 1 ? ", " : "") + std::to_string(i * 8);
+    std::string sz;
+    for (int i = 1; i <= 70; ++i) sz += (i > 1 ? ", " : "") + std::to_string(i) + "M";
+    specs.push_back(base("  model_size: [" + sz + "]\n  context_length: [" + ctx + "]\n", ""));
+  }
+  for (int n = 0; n < 60; ++n) {  // names, keys and nesting abuse
+    specs.push_back("name: bad" + std::to_string(n) + "\ngrid:\n  model_size: [tiny]\n  context_length: [" +
+                    std::to_string(-n - 1) + "]\n");
+  }
+  int accepted = 0;
+  std::map<int, int> codes;
+  for (const auto& spec : specs) {
+    grpc::ClientContext c;
+    v1::SubmitSweepRequest r;
+    r.set_spec_yaml(spec);
+    v1::SubmitSweepResponse resp;
+    auto s = stub->SubmitSweep(&c, r, &resp);
+    ++codes[s.error_code()];
+    if (s.error_code() != grpc::INVALID_ARGUMENT) {
+      ++accepted;
+      std::cout << "NOT rejected (" << s.error_code() << "): " << spec.substr(0, 200) << "\n";
+    }
+  }
+  // Property: a valid spec expands to the product of its axis lengths (dry run, nothing stored).
+  int prop_bad = 0;
+  for (int a = 1; a <= 4; ++a) {
+    for (int b = 1; b <= 4; ++b) {
+      std::string sz, ctx;
+      for (int i = 0; i < a; ++i) sz += (i ? ", " : "") + std::to_string(i + 1) + "M";
+      for (int i = 0; i < b; ++i) ctx += (i ? ", " : "") + std::to_string((i + 1) * 64);
+      grpc::ClientContext c;
+      v1::SubmitSweepRequest r;
+      r.set_spec_yaml("name: ok\ngrid:\n  model_size: [" + sz + "]\n  context_length: [" + ctx + "]\n");
+      r.set_dry_run(true);
+      v1::SubmitSweepResponse resp;
+      auto s = stub->SubmitSweep(&c, r, &resp);
+      if (!s.ok() || resp.jobs_size() != a * b) ++prop_bad;
+    }
+  }
+  std::cout << specs.size() - accepted << "/" << specs.size() << " invalid specs rejected with INVALID_ARGUMENT; "
+            << (16 - prop_bad) << "/16 valid grids expand to the product of their axes\n";
+  return accepted == 0 && prop_bad == 0 && specs.size() >= 200 ? 0 : 1;
+}
+
+int DupSubmit(const std::string& addr) {
+  auto ch = Insecure(addr);
+  std::atomic<int> created{0}, ok{0};
+  std::mutex mu;
+  std::set<int64_t> ids;
+  std::vector<std::thread> ts;
+  for (int i = 0; i < 50; ++i) {
+    ts.emplace_back([&] {
+      auto stub = v1::SweepService::NewStub(ch);
+      grpc::ClientContext c;
+      v1::SubmitSweepRequest r;
+      r.set_spec_yaml("name: dup\ngrid:\n  model_size: [tiny, mini]\n  context_length: [64, 128]\n");
+      r.set_idempotency_key("dup-key-1");
+      v1::SubmitSweepResponse resp;
+      auto s = stub->SubmitSweep(&c, r, &resp);
+      if (s.ok()) {
+        ++ok;
+        if (resp.created()) ++created;
+        std::lock_guard<std::mutex> l(mu);
+        ids.insert(resp.sweep().id());
+      } else {
+        std::lock_guard<std::mutex> l(mu);
+        std::cout << "submit failed: " << s.error_code() << " " << s.error_message() << "\n";
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  auto stub = v1::SweepService::NewStub(ch);
+  grpc::ClientContext c;
+  v1::SubmitSweepRequest r;
+  r.set_spec_yaml("name: dup\ngrid:\n  model_size: [small]\n");
+  r.set_idempotency_key("dup-key-1");
+  v1::SubmitSweepResponse resp;
+  auto s = stub->SubmitSweep(&c, r, &resp);
+  {  // leave nothing queued behind (the suite checks that no accepted job is lost)
+    grpc::ClientContext cc;
+    v1::CancelSweepRequest cr;
+    cr.set_sweep_id(*ids.begin());
+    v1::CancelSweepResponse cresp;
+    stub->CancelSweep(&cc, cr, &cresp);
+  }
+  std::cout << "50 concurrent identical submits: " << ok << " ok, " << created << " created, " << ids.size()
+            << " distinct sweep id(s); same key + other spec: " << s.error_code() << "\n";
+  return ok == 50 && created == 1 && ids.size() == 1 && s.error_code() == grpc::ALREADY_EXISTS ? 0 : 1;
+}
+
+int Deadlines(const std::string& addr) {
+  auto stub = v1::SweepService::NewStub(Insecure(addr));
+  v1::SubmitSweepResponse sub;
+  {
+    grpc::ClientContext c;
+    v1::SubmitSweepRequest r;
+    r.set_spec_yaml("name: idle\ngrid:\n  model_size: [tiny]\n");
+    if (!stub->SubmitSweep(&c, r, &sub).ok()) return 1;
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  grpc::ClientContext c;  // no deadline at all
+  v1::WatchSweepRequest r;
+  r.set_sweep_id(sub.sweep().id());
+  r.set_poll_interval_ms(100);
+  auto reader = stub->WatchSweep(&c, r);
+  v1::SweepEvent ev;
+  int n = 0;
+  while (reader->Read(&ev)) ++n;
+  auto s = reader->Finish();
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  {
+    grpc::ClientContext cc;
+    v1::CancelSweepRequest cr;
+    cr.set_sweep_id(sub.sweep().id());
+    v1::CancelSweepResponse cresp;
+    stub->CancelSweep(&cc, cr, &cresp);
+  }
+  std::cout << "WatchSweep without a deadline ended after " << secs << " s (" << n << " events, status "
+            << s.error_code() << "); server cap 2 s\n";
+  return secs <= 4.0 ? 0 : 1;
+}
+
+// F35: every RPC × {no credentials, bad token, worker certificate, user token}. The expectation table is this
+// test's own: a method of the proto that is missing from it fails the test.
+int AuthzMatrix(const std::string& addr, const std::string& ca, const std::string& user_token,
+                const std::string& wcert, const std::string& wkey) {
+  const std::map<std::string, std::set<std::string>> allowed = {
+      {"SubmitSweep", {"user"}}, {"GetSweep", {"user"}}, {"ListSweeps", {"user"}}, {"CancelSweep", {"user"}},
+      {"ListJobs", {"user"}}, {"GetJob", {"user"}}, {"WatchSweep", {"user"}}, {"CompareSweep", {"user"}}, {"GetJobMetrics", {"user"}},
+      {"CancelJob", {"user"}}, {"ExtendSweep", {"user"}}, {"CreateSchedule", {"user"}}, {"ListSchedules", {"user"}},
+      {"DeleteSchedule", {"user"}}, {"QuarantineWorker", {}},  // admin only
+      {"RegisterWorker", {"worker"}}, {"LeaseJob", {"worker"}}, {"Heartbeat", {"worker"}},
+      {"ReportMetrics", {"worker"}}, {"ReportCheckpoint", {"worker"}}, {"CompleteJob", {"worker"}}};
+  grpc::SslCredentialsOptions plain;
+  plain.pem_root_certs = Slurp(ca);
+  grpc::SslCredentialsOptions mtls = plain;
+  mtls.pem_cert_chain = Slurp(wcert);
+  mtls.pem_private_key = Slurp(wkey);
+  grpc::ChannelArguments args;
+  args.SetSslTargetNameOverride("localhost");
+  auto tls = grpc::CreateCustomChannel(addr, grpc::SslCredentials(plain), args);
+  auto wtls = grpc::CreateCustomChannel(addr, grpc::SslCredentials(mtls), args);
+  struct Cred { std::string name; std::shared_ptr<grpc::Channel> ch; std::string token; };
+  std::vector<Cred> creds = {{"none", tls, ""}, {"bad_token", tls, "not-a-valid-token-0123456789"},
+                             {"worker", wtls, ""}, {"user", tls, user_token}};
+  int unexpected_ok = 0, unexpected_deny = 0, cells = 0, missing = 0;
+  for (const auto* m : AllMethods()) {
+    auto it = allowed.find(m->name());
+    if (it == allowed.end()) {
+      std::cout << "method " << m->full_name() << " has no entry in the authorization matrix\n";
+      ++missing;
+      continue;
+    }
+    for (const auto& cr : creds) {
+      grpc::Status s;
+      if (m->name() == "WatchSweep") {
+        auto stub = v1::SweepService::NewStub(cr.ch);
+        grpc::ClientContext c;
+        c.set_deadline(std::chrono::system_clock::now() + 5s);
+        if (!cr.token.empty()) c.AddMetadata("authorization", "Bearer " + cr.token);
+        v1::WatchSweepRequest r;  // sweep 0: INVALID_ARGUMENT once authorized
+        auto rd = stub->WatchSweep(&c, r);
+        v1::SweepEvent ev;
+        while (rd->Read(&ev)) {
+        }
+        s = rd->Finish();
+      } else if (m->name() == "ReportMetrics") {
+        auto stub = v1::WorkerService::NewStub(cr.ch);
+        grpc::ClientContext c;
+        c.set_deadline(std::chrono::system_clock::now() + 5s);
+        if (!cr.token.empty()) c.AddMetadata("authorization", "Bearer " + cr.token);
+        v1::ReportMetricsResponse resp;
+        auto w = stub->ReportMetrics(&c, &resp);
+        w->WritesDone();
+        s = w->Finish();
+      } else if (m->client_streaming() || m->server_streaming()) {
+        std::cout << "streaming method " << m->name() << " has no caller in this test\n";
+        ++missing;
+        continue;
+      } else {
+        s = GenericUnary(cr.ch, Path(m), "", cr.token);
+      }
+      ++cells;
+      bool denied = s.error_code() == grpc::UNAUTHENTICATED || s.error_code() == grpc::PERMISSION_DENIED;
+      bool should = it->second.count(cr.name) > 0;
+      if (!should && !denied) {
+        ++unexpected_ok;
+        std::cout << "UNEXPECTED SUCCESS " << m->name() << " as " << cr.name << ": " << s.error_code() << "\n";
+      }
+      if (should && denied) {
+        ++unexpected_deny;
+        std::cout << "unexpected denial " << m->name() << " as " << cr.name << ": " << s.error_message() << "\n";
+      }
+    }
+  }
+  std::cout << "authorization matrix: " << AllMethods().size() << " RPCs x 4 credentials = " << cells
+            << " calls, " << unexpected_ok << " unexpected successes, " << unexpected_deny
+            << " unexpected denials, " << missing << " methods without a policy\n";
+  return unexpected_ok == 0 && unexpected_deny == 0 && missing == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> a(argv + 1, argv + argc);
+  if (a.size() >= 2) {
+    const std::string& cmd = a[0];
+    if (cmd == "stale-write" && a.size() == 7)
+      return StaleWrite(a[1], a[2], std::stoll(a[3]), std::stoi(a[4]), std::stoll(a[5]), a[6]);
+    if (cmd == "malformed") return Malformed(a[1]);
+    if (cmd == "oversize") return Oversize(a[1]);
+    if (cmd == "invalid-specs") return InvalidSpecs(a[1]);
+    if (cmd == "dup-submit") return DupSubmit(a[1]);
+    if (cmd == "deadlines") return Deadlines(a[1]);
+    if (cmd == "authz-matrix" && a.size() == 6) return AuthzMatrix(a[1], a[2], a[3], a[4], a[5]);
+  }
+  std::cerr << "usage: ablate-fault-rpc stale-write|malformed|oversize|invalid-specs|dup-submit|deadlines|"
+               "authz-matrix ADDR ...\n";
+  return 2;
+}
