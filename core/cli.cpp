@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 #include <iostream>
 
+#include "core/cli.h"
 #include "core/prepare_data.h"
 #include "core/train.h"
 
@@ -10,34 +11,59 @@ namespace ablate {
 namespace {
 
 // CLI11 only allows one-letter short names, so the seed's multi-letter single-dash aliases are rewritten.
-std::vector<std::string> normalise_args(int argc, char** argv) {
+std::vector<std::string> normalise_args(const std::vector<std::string>& in) {
   static const std::vector<std::pair<std::string, std::string>> aliases = {
       {"-lr", "--learning_rate"}, {"-wd", "--weight_decay"}, {"-clip", "--max_grad_norm"}, {"-attn", "--attn_type"}};
   std::vector<std::string> out;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
+  for (std::string a : in) {
     for (const auto& [from, to] : aliases) {
       if (a == from) a = to;
       else if (a.rfind(from + "=", 0) == 0) a = to + a.substr(from.size());
     }
     out.push_back(a);
   }
-  std::reverse(out.begin(), out.end());  // CLI11's parse(vector) expects reversed order
   return out;
 }
 
 }  // namespace
 
-int train_cli(int argc, char** argv) {
-  TrainConfig c;
-  CLI::App app{"ablate-train: train one ablation cell (dense Transformer, byte-level data).\n"
-               "Also: ablate-train prepare-data --input PATH... --output DIR"};
+int parse_train_args(const std::vector<std::string>& args, TrainConfig& c, std::ostream& out, std::ostream& err) {
+  CLI::App app{
+      "ablate-train: train one ablation cell (Transformer, NSA, Mamba2, Gated DeltaNet or a hybrid; byte-level "
+      "data).\nAlso: ablate-train prepare-data --input PATH... --output DIR\n\n"
+      "Model type: a --block_pattern gives the hybrid (letters M = Mamba2, D = Gated DeltaNet, A = attention, "
+      "case-insensitive, repeated to depth); otherwise --mamba_type mamba2 gives pure Mamba2, --mamba_type deltanet "
+      "pure Gated DeltaNet, and --mamba_type none (the default) the Transformer. The seed defaulted to mamba2, so "
+      "its 'dense' runs silently trained Mamba2 (seed bug 14.2.1); here a Transformer needs no extra flag.\n"
+      "--attn_type applies to the Transformer and to the A blocks of hybrids (the seed ignored it for hybrids).\n"
+      "Sizes: d over powers of two and L from the seed's size bands (hybrids: whole pattern repeats), chosen so the "
+      "exact parameter count of the built model is closest to --model_size; --print_config shows the result.\n"
+      "Vocabulary: the dataset's meta.json; --print_config without --data_dir uses the seed's 151936 (Qwen); the "
+      "byte-level datasets made by prepare-data have 257 tokens, padded to 320 rows."};
   app.option_defaults()->always_capture_default();
   // Model
-  app.add_option("--model_size", c.model_size, "tiny|mini|small or a size like 100M, 0.6B, 1B, 8B");
-  app.add_option("--block_pattern", c.block_pattern, "string over A (attention), M (Mamba2), D (DeltaNet); only A runs");
-  app.add_option("--block_repeats", c.block_repeats, "pattern repeats; -1 = automatic (layers from the size)");
-  app.add_option("--attn_type,--attention_type", c.attn_type, "dense (nsa/fsa: not implemented yet)");
+  app.add_option("--model_size", c.model_size,
+                 "tiny|mini|small (test presets), the seed table SMALL|MEDIUM|LARGE|XLARGE (seed 1.4: 0.6B/4B/8B/32B "
+                 "shapes), or a size like 100M, 0.6B, 1B, 2.5B, 4B, 8B");
+  app.add_option("--block_pattern", c.block_pattern,
+                 "hybrid stack: letters M (Mamba2), D (Gated DeltaNet), A (attention), e.g. MDMA; repeated to depth");
+  app.add_option("--block_repeats", c.block_repeats, "pattern repeats; -1 = automatic (from the size search)");
+  app.add_option("--mamba_type", c.mamba_type,
+                 "none (Transformer; default) | mamba2 | deltanet: the pure model when no --block_pattern is given");
+  app.add_option("--attn_type,--attention_type", c.attn_type,
+                 "dense (causal SDPA) | nsa = native_sparse_attention (Native Sparse Attention: compressed, selected "
+                 "and sliding-window branches) | fsa = flash_sparse_attention (FSA is NSA with a different kernel "
+                 "loop order; built as nsa for now, same function)");
+  app.add_option("--nsa_block_size", c.nsa_block_size, "NSA selection block l' (paper 64)");
+  app.add_option("--nsa_num_selected_blocks", c.nsa_num_selected_blocks,
+                 "NSA selected blocks per query n, incl. the initial and 2 local blocks (paper 16; the seed CLI had 32)");
+  app.add_option("--nsa_window_size", c.nsa_window_size, "NSA sliding window w (paper 512; the seed had 64)");
+  app.add_option("--nsa_cmp_block_size", c.nsa_cmp_block_size, "NSA compression block l (paper 32)");
+  app.add_option("--nsa_cmp_stride", c.nsa_cmp_stride, "NSA compression stride d (paper 16)");
+  app.add_option("--mamba_d_state", c.mamba_d_state, "Mamba2 state size N");
+  app.add_option("--mamba_d_conv", c.mamba_d_conv, "Mamba2 causal conv width");
+  app.add_option("--mamba_expand", c.mamba_expand, "Mamba2 inner width = expand x d");
+  app.add_option("--mamba_headdim", c.mamba_headdim, "Mamba2 head dim (must divide expand x d)");
   app.add_option("--optimizer_type", c.optimizer_type,
                  "adamw|adamw8bit|adamw4bit|soap|soap8bit|soap4bit|shampoo (aliases adamw_8bit, adamw_4bit, soap_8bit, "
                  "soap_4bit)");
@@ -63,9 +89,13 @@ int train_cli(int argc, char** argv) {
                  "SOAP eigenbasis / Shampoo root refresh interval in steps (the seed CLI defaulted to 5)");
   app.add_option("--shampoo_beta", c.shampoo_beta, "EMA factor of the SOAP/Shampoo Kronecker factors");
   app.add_option("--max_precond_dim", c.max_precond_dim, "SOAP/Shampoo: longer sides are not preconditioned");
-  app.add_flag("--gradient_checkpointing", c.gradient_checkpointing, "accepted; currently a no-op");
+  app.add_flag("--gradient_checkpointing", c.gradient_checkpointing,
+               "recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more "
+               "compute)");
   // I/O
-  app.add_option("--data_dir", c.data_dir, "prepared dataset (train.bin, val.bin, meta.json)");
+  app.add_option("--data_dir", c.data_dir,
+                 "prepared dataset (train.bin, val.bin, meta.json; make one with ablate-train prepare-data); "
+                 "default data/fortunes");
   app.add_option("--output_dir", c.output_dir, "runs go to <output_dir>/<run_name>");
   app.add_option("--run_name", c.run_name, "default: {model_size}_{arch}_{optimizer}_ctx{context_length}");
   app.add_option("--resume_from", c.resume_from, "checkpoint directory to continue from");
@@ -81,25 +111,48 @@ int train_cli(int argc, char** argv) {
   app.add_option("--device", c.device, "auto|cpu|cuda");
   app.add_option("--events_fd", c.events_fd, "file descriptor for JSON-lines events");
   app.add_option("--num_threads", c.num_threads, "CPU threads (0 = auto: 1 for models under 5M params, else all)");
-  app.add_flag("--print_config", c.print_config, "print dims and the exact parameter count, then exit");
-  // Seed flags accepted for compatibility; they only matter for blocks/attention/optimizers not built yet.
-  std::string s_ignored;
-  int64_t i_ignored = 0;
-  for (const char* n : {"--mamba_type", "--kernel_type", "--ce_kernel_type", "--dataset_name", "--dataset_subset"})
-    app.add_option(n, s_ignored, "accepted for seed compatibility; no effect")->group("Compatibility");
-  for (const char* n : {"--mamba_d_state", "--mamba_d_conv", "--mamba_expand", "--mamba_headdim", "--nsa_block_size",
-                        "--nsa_window_size", "--nsa_num_selected_blocks"})
-    app.add_option(n, i_ignored, "accepted for seed compatibility; no effect")->group("Compatibility");
+  app.add_flag("--print_config", c.print_config,
+               "print the family, pattern, dims and exact per-mixer and total parameter counts, then exit");
+  // Seed flags accepted so its command lines run; they select nothing here.
+  app.add_option("--kernel_type", c.kernel_type,
+                 "baseline|triton|liger: accepted and ignored (one LibTorch implementation of every kernel)")
+      ->group("Compatibility");
+  app.add_option("--ce_kernel_type", c.ce_kernel_type,
+                 "baseline|liger: accepted and ignored (the loss is always the chunked linear + cross-entropy)")
+      ->group("Compatibility");
+  std::string dataset_name, dataset_subset;
+  app.add_option("--dataset_name", dataset_name, "accepted and ignored: no network; data comes from --data_dir")
+      ->group("Compatibility");
+  app.add_option("--dataset_subset", dataset_subset, "accepted and ignored: no network; data comes from --data_dir")
+      ->group("Compatibility");
 
   try {
-    app.parse(normalise_args(argc, argv));
+    const auto norm = normalise_args(args);
+    app.parse(std::vector<std::string>(norm.rbegin(), norm.rend()));  // CLI11 wants the reversed order
   } catch (const CLI::CallForHelp&) {
-    std::cout << app.help();
+    out << app.help();
     return kExitOk;
   } catch (const CLI::ParseError& e) {
-    std::cerr << "ablate-train: " << e.what() << "\n(run ablate-train --help for the flags)\n";
+    err << "ablate-train: " << e.what() << "\n(run ablate-train --help for the flags)\n";
     return kExitInvalidConfig;
   }
+  try {
+    c.optimizer_type = canonical_optimizer_name(c.optimizer_type);  // adamw_8bit -> adamw8bit, ...
+    c.validate_model();
+  } catch (const ConfigError& e) {
+    err << "ablate-train: " << e.what() << "\n";
+    return kExitInvalidConfig;
+  }
+  if (!dataset_name.empty() || !dataset_subset.empty())
+    err << "ablate-train: note: --dataset_name/--dataset_subset are ignored (no network); reading "
+        << (c.data_dir.empty() ? std::string(kDefaultDataDir) : c.data_dir) << "\n";
+  return -1;
+}
+
+int train_cli(int argc, char** argv) {
+  TrainConfig c;
+  const int rc = parse_train_args(std::vector<std::string>(argv + 1, argv + argc), c, std::cout, std::cerr);
+  if (rc >= 0) return rc;
   return run_training(c);
 }
 
@@ -112,7 +165,8 @@ int prepare_data_cli(int argc, char** argv) {
   app.add_option("--output", output, "output directory")->required();
   app.add_option("--val_fraction", val_fraction, "fraction of documents for val.bin")->capture_default_str();
   try {
-    app.parse(normalise_args(argc, argv));
+    const auto args = normalise_args(std::vector<std::string>(argv + 1, argv + argc));
+    app.parse(std::vector<std::string>(args.rbegin(), args.rend()));
   } catch (const CLI::CallForHelp&) {
     std::cout << app.help();
     return kExitOk;

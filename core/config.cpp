@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <iomanip>
 #include <regex>
 #include <sstream>
@@ -249,6 +250,17 @@ ModelDims resolve_model(const TrainConfig& cfg, int64_t vocab_size) {
   if (m.pattern.find('A') != std::string::npos && m.head_dim % 2 != 0)
     throw ConfigError("attention head_dim " + std::to_string(m.head_dim) + " must be even for RoPE");
   return m;
+}
+
+std::string resolve_data_dir(const TrainConfig& cfg) {
+  const std::string dir = cfg.data_dir.empty() ? kDefaultDataDir : cfg.data_dir;
+  std::error_code ec;
+  if (!std::filesystem::exists(std::filesystem::path(dir) / "meta.json", ec))
+    throw ConfigError("dataset directory '" + dir + "' has no meta.json" +
+                      (cfg.data_dir.empty() ? " (it is the default; pass --data_dir to use another)" : "") +
+                      ". Prepare one with: ablate-train prepare-data --input /usr/share/games/fortunes --output " + dir +
+                      " (any text files or directories work; --dataset_name/--dataset_subset are not downloaded)");
+  return dir;
 }
 
 std::string describe_model(const ModelDims& m) {

@@ -78,6 +78,11 @@ std::string describe_model(const ModelDims& m);
 // Vocabulary used by --print_config without --data_dir: the seed's Qwen tokenizer.
 constexpr int64_t kSeedVocab = 151936;
 
+// Dataset directory when --data_dir is not given (the seed streamed fineweb-edu; there is no network here).
+constexpr const char* kDefaultDataDir = "data/fortunes";
+// --data_dir or the default, checked: throws ConfigError explaining how to prepare it when meta.json is missing.
+std::string resolve_data_dir(const TrainConfig& cfg);
+
 // LR for 1-based optimizer step s: linear warmup lr*s/W (first step is lr/W, not 0), then cosine from lr
 // down to min_lr_ratio*lr at s == total_steps.
 double lr_at_step(int64_t step, double base_lr, int64_t warmup, int64_t total_steps, double min_lr_ratio);

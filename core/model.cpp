@@ -1,5 +1,9 @@
 #include "core/model.h"
 
+#include <algorithm>
+#include <cmath>
+
+#include "core/checkpointing.h"
 #include "core/ops/rmsnorm.h"
 
 namespace ablate {
@@ -107,17 +111,32 @@ AttentionImpl::AttentionImpl(const ModelDims& m)
   k = register_module("k", linear(m.d, n_kv_heads * head_dim));
   v = register_module("v", linear(m.d, n_kv_heads * head_dim));
   o = register_module("o", linear(n_heads * head_dim, m.d));
+  if (m.attn_type == "nsa") {
+    auto opt = core::NsaAttentionOptions(m.d, n_heads, n_kv_heads, head_dim)
+                   .cmp_block(m.nsa_cmp_block_size)
+                   .cmp_stride(m.nsa_cmp_stride)
+                   .slc_block(m.nsa_block_size)
+                   .num_selected(m.nsa_num_selected_blocks)
+                   .window(m.nsa_window_size);
+    nsa = register_module("nsa", core::NsaAttention(opt));
+  }
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
   const int64_t B = x.size(0), T = x.size(1);
   auto qh = q(x).view({B, T, n_heads, head_dim}).transpose(1, 2);
   auto kh = k(x).view({B, T, n_kv_heads, head_dim}).transpose(1, 2);
-  auto vh = v(x).view({B, T, n_kv_heads, head_dim}).transpose(1, 2);
+  auto vh = v(x).view({B, T, n_kv_heads, head_dim});
   qh = apply_rope(qh, cos, sin);
   kh = apply_rope(kh, cos, sin);
-  // enable_gqa: query head j reads KV head j / (H / KV), the repeat-interleave mapping, without copying K/V.
-  auto out = at::scaled_dot_product_attention(qh, kh, vh, {}, 0.0, /*is_causal=*/true, std::nullopt,
+  if (nsa) {
+    // NSA takes (B, T, heads, hd) with q/k already RoPE'd, and the layer input for its branch gates.
+    auto out = nsa->forward(qh.transpose(1, 2), kh.transpose(1, 2), vh, x);
+    return o(out.reshape({B, T, n_heads * head_dim}));
+  }
+  // Causal SDPA: flash / cuDNN / memory-efficient kernels on CUDA, LibTorch's CPU kernels otherwise. enable_gqa:
+  // query head j reads KV head j / (H / KV), the repeat-interleave mapping, without copying K/V.
+  auto out = at::scaled_dot_product_attention(qh, kh, vh.transpose(1, 2), {}, 0.0, /*is_causal=*/true, std::nullopt,
                                               /*enable_gqa=*/n_heads != n_kv_heads);
   return o(out.transpose(1, 2).reshape({B, T, n_heads * head_dim}));
 }
@@ -130,51 +149,108 @@ MLPImpl::MLPImpl(const ModelDims& m) {
 
 torch::Tensor MLPImpl::forward(const torch::Tensor& x) { return down(F::silu(gate(x)) * up(x)); }
 
-BlockImpl::BlockImpl(const ModelDims& m) {
+BlockImpl::BlockImpl(const ModelDims& m, char t) : type(t) {
   norm1 = register_parameter("norm1", torch::ones({m.d}));
   norm2 = register_parameter("norm2", torch::ones({m.d}));
-  attn = register_module("attn", Attention(m));
+  switch (t) {
+    case 'A':
+      attn = register_module("attn", Attention(m));
+      break;
+    case 'M':
+      mamba = register_module("mamba", core::Mamba2Mixer(core::Mamba2MixerOptions(m.d)
+                                                             .d_state(m.mamba_d_state)
+                                                             .d_conv(m.mamba_d_conv)
+                                                             .expand(m.mamba_expand)
+                                                             .headdim(m.mamba_headdim)));
+      break;
+    case 'D':
+      deltanet = register_module("deltanet", core::GatedDeltaNetMixer(core::GatedDeltaNetMixerOptions(m.d)
+                                                                         .head_dim(m.gdn_head_dim)
+                                                                         .expand_v(m.gdn_expand_v)
+                                                                         .conv_size(m.gdn_conv_size)));
+      break;
+    default:
+      throw ConfigError(std::string("unknown block type '") + t + "' (valid: M, D, A)");
+  }
   mlp = register_module("mlp", MLP(m));
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  auto h = x + attn(ops::rmsnorm(x, norm1, kNormEps), cos, sin);
+  const auto xn = ops::rmsnorm(x, norm1, kNormEps);
+  const auto mixed = type == 'A' ? attn(xn, cos, sin) : type == 'M' ? mamba(xn) : deltanet(xn);
+  auto h = x + mixed;
   return h + mlp(ops::rmsnorm(h, norm2, kNormEps));
 }
 
-TransformerImpl::TransformerImpl(const ModelDims& m, double theta) : dims(m), rope_theta(theta) {
-  TORCH_CHECK(m.d % m.n_heads == 0 && m.n_heads % m.n_kv_heads == 0 && m.head_dim % 2 == 0,
-              "bad model dims: ", m.to_string());
+LanguageModelImpl::LanguageModelImpl(const ModelDims& m, double theta) : dims(m), rope_theta(theta) {
+  TORCH_CHECK(m.d > 0 && m.n_layers > 0 && !m.pattern.empty(), "bad model dims: ", m.to_string());
+  if (m.pattern.find('A') != std::string::npos)
+    TORCH_CHECK(m.n_heads * m.head_dim == m.d && m.n_heads % m.n_kv_heads == 0 && m.head_dim % 2 == 0,
+                "bad attention dims: ", m.to_string());
   embed = register_module("embed", torch::nn::Embedding(m.padded_vocab, m.d));
   blocks = register_module("blocks", torch::nn::ModuleList());
-  for (int64_t i = 0; i < m.n_layers; ++i) blocks->push_back(Block(m));
+  for (int64_t i = 0; i < m.n_layers; ++i) blocks->push_back(Block(m, m.layer_type(i)));
   final_norm = register_parameter("final_norm", torch::ones({m.d}));
   head = register_module("head", linear(m.d, m.padded_vocab));
-  torch::NoGradGuard ng;
-  for (auto& p : named_parameters()) {
-    if (p.value().dim() >= 2) p.value().normal_(0.0, 0.02);  // every Linear and the embedding; norms stay 1
-  }
+  init_weights();
 }
 
-torch::Tensor TransformerImpl::hidden_states(const torch::Tensor& ids) {
-  const int64_t T = ids.size(1);
-  if (!cos_.defined() || cos_.size(0) < T || cos_.device() != ids.device()) {
-    std::tie(cos_, sin_) = rope_tables(T, dims.head_dim, rope_theta, ids.device());
+void LanguageModelImpl::init_weights() {
+  torch::NoGradGuard ng;
+  const double base = 0.02, n = double(dims.n_layers);
+  for (const auto& b : *blocks) {
+    auto* blk = b->as<Block>();
+    // Hybrid scaled init (seed 6.4) hits the layers whose names contain o_proj/down_proj there: the attention
+    // output, the GDN output and the MLP down projection; Mamba2's out_proj is deliberately not among them.
+    std::vector<const torch::nn::Module*> scaled = {blk->mlp->down.get()};
+    if (blk->attn) scaled.push_back(blk->attn->o.get());
+    if (blk->deltanet) scaled.push_back(blk->deltanet->o_proj.get());
+    for (const auto& mod : blk->modules(/*include_self=*/false)) {
+      auto* lin = mod->as<torch::nn::Linear>();
+      if (!lin) continue;
+      const bool scale = dims.hybrid_init &&
+                         std::find(scaled.begin(), scaled.end(), static_cast<const torch::nn::Module*>(lin)) != scaled.end();
+      lin->weight.normal_(0.0, scale ? base / std::sqrt(2.0 * n) : base);
+      if (lin->bias.defined()) lin->bias.zero_();
+    }
   }
-  const auto cos = cos_.narrow(0, 0, T), sin = sin_.narrow(0, 0, T);
+  embed->weight.normal_(0.0, base);
+  head->weight.normal_(0.0, dims.hybrid_init ? base / std::sqrt(n) : base);
+}
+
+torch::Tensor LanguageModelImpl::hidden_states(const torch::Tensor& ids) {
+  const int64_t T = ids.size(1);
+  torch::Tensor cos, sin;
+  if (dims.pattern.find('A') != std::string::npos) {
+    if (!cos_.defined() || cos_.size(0) < T || cos_.device() != ids.device()) {
+      std::tie(cos_, sin_) = rope_tables(T, dims.head_dim, rope_theta, ids.device());
+    }
+    cos = cos_.narrow(0, 0, T);
+    sin = sin_.narrow(0, 0, T);
+  }
   auto x = embed(ids);
-  for (const auto& b : *blocks) x = b->as<Block>()->forward(x, cos, sin);
+  const bool ckpt = gradient_checkpointing && is_training() && torch::GradMode::is_enabled();
+  for (const auto& b : *blocks) {
+    auto blk = b->as<Block>();
+    if (ckpt) {
+      // The block's activations are recomputed in backward; only its input stays alive.
+      x = checkpoint([blk, cos, sin](const torch::Tensor& in) { return blk->forward(in, cos, sin); }, x,
+                     blk->parameters());
+    } else {
+      x = blk->forward(x, cos, sin);
+    }
+  }
   return ops::rmsnorm(x, final_norm, kNormEps);
 }
 
-torch::Tensor TransformerImpl::logits(const torch::Tensor& ids) { return head(hidden_states(ids)); }
+torch::Tensor LanguageModelImpl::logits(const torch::Tensor& ids) { return head(hidden_states(ids)); }
 
-torch::Tensor TransformerImpl::loss(const torch::Tensor& ids, const torch::Tensor& targets) {
+torch::Tensor LanguageModelImpl::loss(const torch::Tensor& ids, const torch::Tensor& targets) {
   auto h = hidden_states(ids);
   return chunked_linear_cross_entropy(h.reshape({-1, dims.d}), head->weight, targets.reshape({-1}));
 }
 
-std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>> TransformerImpl::decay_groups() {
+std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>> LanguageModelImpl::decay_groups() {
   std::vector<torch::Tensor> decay, no_decay;
   for (auto& p : named_parameters()) {
     if (p.value().dim() < 2 || p.key().rfind("embed.", 0) == 0) no_decay.push_back(p.value());

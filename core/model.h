@@ -1,9 +1,14 @@
-// Dense decoder-only Transformer: pre-norm RMSNorm, RoPE (NeoX rotate_half), GQA via SDPA, SwiGLU,
-// no biases, untied head, N(0, 0.02) init. Plus the chunked linear + cross-entropy loss.
+// Decoder-only language models of every family of the study, built from a block pattern (core/config.h ModelDims):
+// A = attention (dense causal SDPA with GQA, or Native Sparse Attention), M = Mamba2 (SSD), D = Gated DeltaNet.
+// Each block: pre-norm RMSNorm -> mixer -> residual -> RMSNorm -> SwiGLU -> residual. RoPE (NeoX rotate_half) in
+// the attention blocks, no biases outside the mixers, final norm, untied head, chunked linear + CE loss.
 #pragma once
 #include <torch/torch.h>
 
 #include "core/config.h"
+#include "core/mixers/gated_deltanet.h"
+#include "core/mixers/mamba2.h"
+#include "core/mixers/nsa.h"
 
 namespace ablate {
 
@@ -18,43 +23,57 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const
 torch::Tensor chunked_linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                            const torch::Tensor& targets, int64_t chunk_rows = 0);
 
+// Attention mixer: q/k/v/o projections and RoPE, then dense causal SDPA (GQA without copying K/V) or NSA.
 struct AttentionImpl : torch::nn::Module {
-  AttentionImpl(const ModelDims& m);
+  explicit AttentionImpl(const ModelDims& m);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
   int64_t n_heads, n_kv_heads, head_dim;
   torch::nn::Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr};
+  core::NsaAttention nsa{nullptr};  // set when attn_type == "nsa": replaces SDPA on the projected q, k, v
 };
 TORCH_MODULE(Attention);
 
 struct MLPImpl : torch::nn::Module {
-  MLPImpl(const ModelDims& m);
+  explicit MLPImpl(const ModelDims& m);
   torch::Tensor forward(const torch::Tensor& x);
   torch::nn::Linear gate{nullptr}, up{nullptr}, down{nullptr};
 };
 TORCH_MODULE(MLP);
 
+// One layer of type 'A', 'M' or 'D'; exactly one of attn / mamba / deltanet is set.
 struct BlockImpl : torch::nn::Module {
-  BlockImpl(const ModelDims& m);
+  BlockImpl(const ModelDims& m, char type);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+  char type;
   torch::Tensor norm1, norm2;  // RMSNorm weights
   Attention attn{nullptr};
+  core::Mamba2Mixer mamba{nullptr};
+  core::GatedDeltaNetMixer deltanet{nullptr};
   MLP mlp{nullptr};
 };
 TORCH_MODULE(Block);
 
-struct TransformerImpl : torch::nn::Module {
-  TransformerImpl(const ModelDims& m, double rope_theta);
+struct LanguageModelImpl : torch::nn::Module {
+  LanguageModelImpl(const ModelDims& m, double rope_theta);
   // ids: [B, T] int64 -> final-normed hidden states [B, T, d].
   torch::Tensor hidden_states(const torch::Tensor& ids);
   // Full logits [B, T, padded_vocab]; for tests and small inputs only.
   torch::Tensor logits(const torch::Tensor& ids);
   // Mean next-token CE: targets[b, t] is the label for position t (already shifted by the caller), -100 = ignore.
   torch::Tensor loss(const torch::Tensor& ids, const torch::Tensor& targets);
-  // Parameter groups for AdamW: matrices get weight decay; norms (1-D) and the embedding do not.
+  // Parameter groups for AdamW: matrices get weight decay; 1-D tensors (norms, biases, SSM scalars) and the
+  // embedding do not.
   std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>> decay_groups();
+  // Per-block activation checkpointing (core/checkpointing.h) while training with gradients.
+  void set_gradient_checkpointing(bool on) { gradient_checkpointing = on; }
+  // Seed init: every Linear N(0, 0.02) with zero bias, embedding N(0, 0.02) (2.7); hybrids additionally scale
+  // attention o / GDN o_proj / MLP down to 0.02/sqrt(2n) and the head to 0.02/sqrt(n) (6.4). Mixer-specific
+  // tensors (convs, A_log, dt_bias, D, norms, NSA position embeddings) keep their own initialisation.
+  void init_weights();
 
   ModelDims dims;
   double rope_theta;
+  bool gradient_checkpointing = false;
   torch::nn::Embedding embed{nullptr};
   torch::nn::ModuleList blocks{nullptr};
   torch::Tensor final_norm;
@@ -63,7 +82,11 @@ struct TransformerImpl : torch::nn::Module {
  private:
   torch::Tensor cos_, sin_;  // RoPE cache, not part of the state dict; rebuilt when T grows or the device changes
 };
-TORCH_MODULE(Transformer);
+TORCH_MODULE(LanguageModel);
+
+// The engine's first (dense-only) name for the model, kept for existing callers.
+using Transformer = LanguageModel;
+using TransformerImpl = LanguageModelImpl;
 
 constexpr double kNormEps = 1e-6;
 

@@ -107,7 +107,8 @@ json config_json(const TrainConfig& c) {
 }
 
 json dims_json(const ModelDims& m) {
-  return {{"d", m.d},           {"n_layers", m.n_layers},         {"n_heads", m.n_heads},
+  return {{"family", m.family}, {"pattern", m.pattern}, {"attn_type", m.attn_type},
+          {"d", m.d},           {"n_layers", m.n_layers},         {"n_heads", m.n_heads},
           {"n_kv_heads", m.n_kv_heads}, {"intermediate", m.intermediate}, {"padded_vocab", m.padded_vocab}};
 }
 
@@ -283,21 +284,17 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
     // A checkpoint is verified before anything else is read or built: a corrupt one fails fast, naming the file.
     if (!cfg.resume_from.empty()) verify_checkpoint(cfg.resume_from);
 
-    // Vocabulary comes from the dataset; --print_config works without one (byte-level default).
+    // Vocabulary: the dataset's meta.json; --print_config without --data_dir describes the seed's Qwen-vocab
+    // (151936) model. Training without --data_dir reads the default data/fortunes (resolve_data_dir explains how to
+    // prepare it when it is missing).
     std::unique_ptr<DataLoader> data;
-    int64_t vocab = kByteVocab;
+    int64_t vocab = kSeedVocab;
     if (!cfg.print_config || !cfg.data_dir.empty()) {
-      if (cfg.data_dir.empty()) throw ConfigError("--data_dir is required (a directory made by ablate-train prepare-data)");
-      data = std::make_unique<DataLoader>(cfg.data_dir, cfg.batch_size, cfg.context_length, cfg.seed);
+      data = std::make_unique<DataLoader>(resolve_data_dir(cfg), cfg.batch_size, cfg.context_length, cfg.seed);
       vocab = data->vocab_size();
     }
-    ModelDims dims = resolve_model_size(cfg.model_size, vocab);
-    if (!cfg.block_pattern.empty()) {
-      // An all-'A' pattern is a dense stack; the layer count follows the seed's block_repeats rule.
-      const int64_t len = static_cast<int64_t>(cfg.block_pattern.size());
-      const int64_t reps = cfg.block_repeats > 0 ? cfg.block_repeats : std::max<int64_t>(1, dims.n_layers / len);
-      dims.n_layers = reps * len;
-    }
+    // Family (transformer / mamba2 / deltanet / hybrid pattern), mixer settings and size: core/config.cpp.
+    const ModelDims dims = resolve_model(cfg, vocab);
     const int64_t n_params = count_params(dims);
     // Auto threads: small models run fastest on one thread (their ops are too small to split, and OpenMP's
     // spinning threads collapse when the cores are shared with other jobs: measured 16k vs 0.8k tok/s on 2 busy
@@ -308,8 +305,7 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
     at::set_num_threads(static_cast<int>(threads));
 
     if (cfg.print_config) {
-      std::cout << dims.to_string() << "\nparams: " << n_params << " (" << std::fixed << std::setprecision(3)
-                << double(n_params) / 1e6 << "M)\n";
+      std::cout << describe_model(dims);
       return kExitOk;
     }
 
@@ -326,8 +322,6 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
 #endif
     }
     const Precision prec = precision_for(cfg.dtype);
-    if (cfg.gradient_checkpointing)
-      std::cerr << "ablate-train: note: --gradient_checkpointing is accepted but not implemented yet (no effect)\n";
 
     const std::string run_name = cfg.run_name.empty() ? cfg.default_run_name() : cfg.run_name;
     const fs::path run_dir = fs::path(cfg.output_dir) / run_name;
@@ -335,6 +329,7 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
     // Model and optimizer (named parameters, so the no-decay rule sees biases, norms and embeddings).
     torch::manual_seed(cfg.seed);
     Transformer model(dims, cfg.rope_theta);
+    model->set_gradient_checkpointing(cfg.gradient_checkpointing);  // per block, core/checkpointing.h
     model->to(device);
     core::optim::OptimConfig oc;
     oc.lr = cfg.learning_rate;
