@@ -711,8 +711,12 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
     // Died before it could even start: a bad node or image, not the job's fault.
     r.failure_class = v1::FAILURE_CLASS_INFRA;
     r.message = "ablate-train died during start-up (before its started event): " + r.message;
-  } else if (r.outcome == v1::OUTCOME_FAILED && run.diverged_at >= 0 && r.failure_class == v1::FAILURE_CLASS_CRASH) {
+  } else if (run.diverged_at >= 0 &&
+             (r.outcome == v1::OUTCOME_SUCCEEDED || r.failure_class == v1::FAILURE_CLASS_CRASH)) {
+    // A run whose loss went non-finite is not a result, even if the trainer exited 0.
+    r.outcome = v1::OUTCOME_FAILED;
     r.failure_class = v1::FAILURE_CLASS_DIVERGED;
+    r.message = "non-finite loss at step " + std::to_string(run.diverged_at) + " (worker NaN guard)";
   }
   Complete(lease, r.outcome, r.failure_class, r.message, r.exit_code);
   return r.outcome == v1::OUTCOME_FAILED &&

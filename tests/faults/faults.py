@@ -118,8 +118,13 @@ class Stack:
     def scheduler(self, extra=(), idx=None):
         idx = len(self.scheds) if idx is None else idx
         out = os.path.join(self.dir, "scheduler-%d.log" % idx)
+        listen = "127.0.0.1:0"
+        if "--listen" in extra:
+            i = list(extra).index("--listen")
+            listen = extra[i + 1]
+            extra = list(extra[:i]) + list(extra[i + 2:])
         argv = [os.path.join(self.s.bin, "ablate-scheduler"), "serve", "--db", self.dsn, "--no_migrate",
-                "--listen", "127.0.0.1:0", "--metrics_listen", "127.0.0.1:0", "--lease_ttl_s", str(L),
+                "--listen", listen, "--metrics_listen", "127.0.0.1:0", "--lease_ttl_s", str(L),
                 "--heartbeat_interval_ms", str(HB_MS), "--reaper_interval_ms", str(R_MS),
                 "--retry_backoff_ms", "300",
                 "--extra_train_keys", "step_ms,fake_fail,fake_fail_attempts,fake_fail_model", "--replica_id", "%s-r%d" % (self.name, idx)] + list(extra)

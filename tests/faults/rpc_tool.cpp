@@ -244,7 +244,7 @@ int InvalidSpecs(const std::string& addr) {
     for (int i = 1; i <= 70; ++i) sz += (i > 1 ? ", " : "") + std::to_string(i) + "M";
     specs.push_back(base("  model_size: [" + sz + "]\n  context_length: [" + ctx + "]\n", ""));
   }
-  for (int n = 0; n < 60; ++n) {  // names, keys and nesting abuse
+  for (int n = 0; n < 110; ++n) {  // one per negative context length
     specs.push_back("name: bad" + std::to_string(n) + "\ngrid:\n  model_size: [tiny]\n  context_length: [" +
                     std::to_string(-n - 1) + "]\n");
   }
