@@ -42,12 +42,17 @@ struct RMSNormResidualBwdArgs {
   int64_t rows = 0, cols = 0;
   bool bf16 = false;
   bool w_bf16 = false;
+  // CUDA kernel choice, for tests and benchmarks: 0 = the default, 1 = dw in shared memory and pass 2 re-reads
+  // its inputs (any cols), 2 = row slice in registers, 3 = registers + next row prefetched (2 and 3 need
+  // cols <= 1024 * (16 / activation element size) and a 16-byte-aligned vector path; wider rows use 1).
+  int variant = 0;
 };
 
 // Largest cols the CUDA kernels take (one row is staged in shared memory as fp32).
 constexpr int64_t kRMSNormResidualMaxCols = 32768;
-// The CUDA backward's grid cap: at most this many blocks, each leaving one row of dw partial sums.
-constexpr int64_t kRMSNormResidualBwdMaxBlocks = 1024;
+// The CUDA backward's grid cap: at most this many blocks (the grid is what fits on the GPU at once), each
+// leaving one row of dw partial sums.
+constexpr int64_t kRMSNormResidualBwdMaxBlocks = 2048;
 // fp32 scratch the CUDA backward needs for its per-block dw partial sums.
 int64_t rmsnorm_residual_bwd_workspace_floats(int64_t rows, int64_t cols);
 

@@ -10,7 +10,7 @@ namespace ablate::ops {
 // turns them in place into d(loss)/d(logits), and the chunk's hidden/weight gradients are accumulated at once
 // (weight gradient in fp32). The matmul dtype is the autocast dtype when autocast is on for the device, else
 // hidden's dtype. Kernels: fp32 on CPU/CUDA, bf16 on CUDA; other dtypes use linear_cross_entropy_composite.
-// chunk_rows <= 0 picks about 2^28 / V rows. Returns an fp32 scalar.
+// chunk_rows <= 0 picks min(4096, 2^30 / V) rows (linear_cross_entropy_chunk_rows). Returns an fp32 scalar.
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                    const torch::Tensor& targets, int64_t chunk_rows = 0, int64_t ignore_index = -100);
 

@@ -43,11 +43,12 @@ bool kernel_ok(const torch::Tensor& x, const torch::Tensor& cos, const torch::Te
          (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16);
 }
 
-// Describes x -> y for the kernel, with the three row dims ordered by decreasing stride of x so that the
-// launch order (n[2] fastest) walks memory forward.
+// Describes x -> y for the kernel, with the three row dims ordered by decreasing stride of y (the output we
+// allocate position-major, see position_major_empty) so that the launch order (n[2] fastest) writes y as one
+// stream and consecutive rows share a position, i.e. one cos/sin table row serves all heads from L1.
 kernels::RopeTensor describe(const torch::Tensor& x, const torch::Tensor& y, RopeLayout layout) {
   std::array<int, 3> perm = {0, 1, 2};
-  std::stable_sort(perm.begin(), perm.end(), [&](int a, int b) { return x.stride(a) > x.stride(b); });
+  std::stable_sort(perm.begin(), perm.end(), [&](int a, int b) { return y.stride(a) > y.stride(b); });
   kernels::RopeTensor t;
   t.x = x.data_ptr();
   t.y = y.data_ptr();
@@ -58,6 +59,14 @@ kernels::RopeTensor describe(const torch::Tensor& x, const torch::Tensor& y, Rop
     if (perm[i] == pos_dim_of(layout)) t.pos_dim = i;
   }
   return t;
+}
+
+// An uninitialized tensor shaped like x whose memory is [B, T, H, hd] (position-major, heads inner): for the
+// kBHTD layout that is the transposed view the model's q/k already are, so the output needs no copy before the
+// projection's backward, and its gradient comes back in the same layout.
+torch::Tensor position_major_empty(const torch::Tensor& x, RopeLayout layout) {
+  if (layout == RopeLayout::kBTHD) return torch::empty(x.sizes(), x.options());
+  return torch::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options()).transpose(1, 2);
 }
 
 // Last dim must be contiguous for the kernel; other strides are free.
@@ -95,7 +104,7 @@ variable_list rotate(const torch::Tensor& x0, const torch::Tensor& x1, const tor
   torch::Tensor like;
   for (int i = 0; i < 2; ++i) {
     if (!in[i].defined()) continue;
-    out[i] = torch::empty_like(in[i]);  // keeps in's strides when it is dense (e.g. the transposed q view)
+    out[i] = position_major_empty(in[i], layout);
     a.t[i] = describe(in[i], out[i], layout);
     like = in[i];
   }

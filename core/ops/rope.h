@@ -13,8 +13,10 @@ enum class RopeLayout {
 };
 
 // NeoX-style RoPE with the fp32 tables of core/model.cpp rope_tables: cos/sin [>= T, hd], row p = position p.
-// x may be any strided view whose last dim is contiguous (e.g. the model's transposed q); the output has x's
-// memory layout. fp32/bf16 CPU-fp32/CUDA tensors use the kernels; anything else uses rope_composite.
+// x may be any strided view whose last dim is contiguous (e.g. the model's transposed q). The output (and the
+// gradient) is laid out [B, T, H, hd] in memory whatever x's strides: position-major, so one table row serves
+// all heads, and for kBHTD exactly the model's transposed-projection layout. fp32 (CPU or CUDA) and bf16 (CUDA)
+// use the kernels; anything else uses rope_composite.
 torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                    RopeLayout layout = RopeLayout::kBHTD);
 

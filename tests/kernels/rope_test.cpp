@@ -60,7 +60,11 @@ TEST(RopeRef, StridedViewsKeepTheirLayout) {
   auto t = torch::randn({2, 3, 64, 9}).transpose(2, 3);  // hd stride != 1: the op makes it contiguous
   check(t, RopeLayout::kBHTD);
   auto y = ablate::ops::rope(mem.transpose(1, 2), tables(19, 64).first, tables(19, 64).second);
-  EXPECT_EQ(y.strides(), mem.transpose(1, 2).strides()) << "output keeps the input's memory layout";
+  EXPECT_EQ(y.strides(), mem.transpose(1, 2).strides()) << "output is [B, T, H, hd] in memory";
+  // A contiguous [B, H, T, hd] input still gives a position-major output.
+  auto yc = ablate::ops::rope(mem.transpose(1, 2).contiguous(), tables(19, 64).first, tables(19, 64).second);
+  EXPECT_EQ(yc.strides(), mem.transpose(1, 2).strides());
+  EXPECT_LT(max_err(yc, y), 1e-6);
 }
 
 TEST(RopeRef, QkInOneCallWithGqa) {
