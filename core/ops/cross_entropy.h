@@ -11,6 +11,8 @@ namespace ablate::ops {
 // (weight gradient in fp32). The matmul dtype is the autocast dtype when autocast is on for the device, else
 // hidden's dtype. Kernels: fp32 on CPU/CUDA, bf16 on CUDA; other dtypes use linear_cross_entropy_composite.
 // chunk_rows <= 0 picks min(4096, 2^30 / V) rows (linear_cross_entropy_chunk_rows). Returns an fp32 scalar.
+// A target outside [0, V) other than ignore_index makes the loss NaN (checked on the device, no host sync).
+// The gradients are computed in the forward (scaled by 1/count) and only rescaled by the upstream gradient.
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                    const torch::Tensor& targets, int64_t chunk_rows = 0, int64_t ignore_index = -100);
 
