@@ -1,6 +1,7 @@
 // Every model family of the study: sizing and exact parameter counts, causality, learning on the real corpus,
 // activation checkpointing, and the CLI (seed README command lines, rejected values).
 #include <gtest/gtest.h>
+#include <ATen/autocast_mode.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/torch.h>
@@ -289,13 +290,14 @@ TEST(Families, WholeModelIsCausal) {
 TEST(Checkpointing, SameLossAndGradientsLessSavedMemory) {
   torch::manual_seed(5);
   TrainConfig c;
-  c.model_size = "mini";
+  c.model_size = "tiny";
   c.block_pattern = "MDMA";  // every mixer type, NSA in the A block
   c.attn_type = "nsa";
+  c.mamba_d_state = 32;
   small_nsa(c);
   LanguageModel model(resolve_model(c, 257), 500000.0);
   model->train();
-  const int64_t B = 4, T = 128;
+  const int64_t B = 2, T = 64;
   auto ids = torch::randint(0, 257, {B, T}, torch::kInt64);
   auto tgt = torch::randint(0, 257, {B, T}, torch::kInt64);
 
@@ -339,9 +341,33 @@ TEST(Checkpointing, SameLossAndGradientsLessSavedMemory) {
             << " KiB\n";
   EXPECT_GT(plain_bytes, 0);
   EXPECT_LT(ckpt_bytes * 3, plain_bytes) << "checkpointing should keep far less than a third";
+  // Under bf16 autocast (left before backward, as the training loop does) the recomputation re-enters autocast,
+  // so it rebuilds the same low-precision graph: identical loss and gradients.
+  {
+    auto amp = [&](bool ckpt) {
+      model->set_gradient_checkpointing(ckpt);
+      model->zero_grad();
+      at::autocast::set_autocast_enabled(at::kCPU, true);
+      at::autocast::set_autocast_dtype(at::kCPU, torch::kBFloat16);
+      auto loss = model->loss(ids, tgt);
+      at::autocast::set_autocast_enabled(at::kCPU, false);
+      at::autocast::clear_cache();
+      loss.backward();
+      std::vector<torch::Tensor> grads;
+      for (const auto& p : model->parameters()) grads.push_back(p.grad().clone());
+      return std::make_pair(loss.item<double>(), grads);
+    };
+    auto [a0, ga] = amp(false);
+    auto [a1, gb] = amp(true);
+    EXPECT_EQ(a0, a1);
+    EXPECT_NE(a0, l0);  // it really ran in bf16
+    for (size_t i = 0; i < ga.size(); ++i)
+      EXPECT_LE((ga[i] - gb[i]).abs().max().item<double>(), 1e-6) << names[i].key();
+  }
   // Eval / no-grad forward does not go through the checkpoint function.
   model->eval();
   torch::NoGradGuard ng;
+  model->set_gradient_checkpointing(true);
   EXPECT_DOUBLE_EQ(model->loss(ids, tgt).item<double>(), l0);
 }
 
