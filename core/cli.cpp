@@ -36,8 +36,10 @@ int parse_train_args(const std::vector<std::string>& args, TrainConfig& c, std::
       "pure Gated DeltaNet, and --mamba_type none (the default) the Transformer. The seed defaulted to mamba2, so "
       "its 'dense' runs silently trained Mamba2 (seed bug 14.2.1); here a Transformer needs no extra flag.\n"
       "--attn_type applies to the Transformer and to the A blocks of hybrids (the seed ignored it for hybrids).\n"
-      "Sizes: d over powers of two and L from the seed's size bands (hybrids: whole pattern repeats), chosen so the "
-      "exact parameter count of the built model is closest to --model_size; --print_config shows the result.\n"
+      "Sizes: d over powers of two 256..16384 and L from the seed's size bands (4-30 below 0.5B, 8-46 up to 5B, "
+      "24-128 above; hybrids: whole pattern repeats), chosen so the exact parameter count of the built model is "
+      "closest to --model_size; H = d/64, KV = min(8, H), MLP width ceil64(8d/3) for every family (the seed's "
+      "Transformer built 2d, so it came out 5-15% smaller than its name); --print_config shows the result.\n"
       "Vocabulary: the dataset's meta.json; --print_config without --data_dir uses the seed's 151936 (Qwen); the "
       "byte-level datasets made by prepare-data have 257 tokens, padded to 320 rows."};
   app.option_defaults()->always_capture_default();
@@ -143,6 +145,9 @@ int parse_train_args(const std::vector<std::string>& args, TrainConfig& c, std::
     err << "ablate-train: " << e.what() << "\n";
     return kExitInvalidConfig;
   }
+  if (app.count("--kernel_type") || app.count("--ce_kernel_type"))
+    err << "ablate-train: note: --kernel_type/--ce_kernel_type are ignored (one LibTorch implementation per op; the "
+           "loss is always the chunked linear + cross-entropy)\n";
   if (!dataset_name.empty() || !dataset_subset.empty())
     err << "ablate-train: note: --dataset_name/--dataset_subset are ignored (no network); reading "
         << (c.data_dir.empty() ? std::string(kDefaultDataDir) : c.data_dir) << "\n";
