@@ -21,11 +21,21 @@ FlopsSpec flops_spec(const ModelDims& dims, const TrainConfig& cfg) {
   s.n_kv_heads = dims.n_kv_heads;
   s.head_dim = dims.head_dim;
   s.context_length = cfg.context_length;
-  // TODO(model families): take pattern, attn_type and the Mamba2/DeltaNet/NSA settings from ModelDims
-  // (pattern, attn_type, mamba_d_state, mamba_expand, mamba_headdim, gdn_head_dim, gdn_expand_v, nsa_*) once
-  // those fields are committed; until then the pattern comes from the flags and the mixers' defaults are used.
-  s.pattern = cfg.block_pattern.empty() ? "A" : cfg.block_pattern;
-  s.attn_type = cfg.attn_type == "dense" ? "dense" : "nsa";  // every sparse alias computes NSA
+  s.pattern = dims.pattern.empty() ? "A" : dims.pattern;
+  s.attn_type = dims.attn_type == "dense" ? "dense" : "nsa";  // fsa computes the same function as nsa
+  // A --block_pattern given while ModelDims still says "A" (a caller that resolved a plain Transformer size).
+  if (s.pattern == "A" && !cfg.block_pattern.empty()) s.pattern = cfg.block_pattern;
+  s.nsa_cmp_block = dims.nsa_cmp_block_size;
+  s.nsa_cmp_stride = dims.nsa_cmp_stride;
+  s.nsa_slc_block = dims.nsa_block_size;
+  s.nsa_num_selected = dims.nsa_num_selected_blocks;
+  s.nsa_window = dims.nsa_window_size;
+  s.mamba_d_state = dims.mamba_d_state;
+  s.mamba_expand = dims.mamba_expand;
+  s.mamba_headdim = dims.mamba_headdim;
+  s.gdn_head_dim = dims.gdn_head_dim;
+  s.gdn_expand_v = dims.gdn_expand_v;
+  // Chunk sizes and Mamba2 ngroups are not model settings (ModelDims has none): the mixers' defaults apply.
   return s;
 }
 

@@ -213,6 +213,43 @@ TEST(ResumeExactExtra, GradientAccumulationAndAliasName) {
   remove_tree(out.string());
 }
 
+TEST(ResumeExactExtra, HybridMambaDeltaNetNsaModel) {
+  // The model families resume exactly too (Mamba2 + Gated DeltaNet + NSA attention in one stack), and their
+  // sequence-mixing FLOPs enter MFU.
+  auto out = temp_dir("resume-hybrid");
+  auto c = tiny_config(out, "soap", "bfloat16");
+  c.block_pattern = "MDA";
+  c.block_repeats = 1;
+  c.attn_type = "nsa";
+  c.nsa_block_size = 16;
+  c.nsa_cmp_block_size = 16;
+  c.nsa_cmp_stride = 8;
+  c.nsa_num_selected_blocks = 3;
+  c.nsa_window_size = 16;
+  c.num_train_steps = 4;
+  c.save_interval = 2;
+  TrainResult straight;
+  ASSERT_EQ(run_training(c, &straight), kExitOk);
+  auto c2 = c;
+  c2.run_name = "resumed";
+  c2.resume_from = (out / "straight" / "checkpoint-2").string();
+  TrainResult resumed;
+  ASSERT_EQ(run_training(c2, &resumed), kExitOk);
+  ASSERT_EQ(resumed.step_losses.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) EXPECT_EQ(resumed.step_losses[i], straight.step_losses[2 + i]) << "step " << 3 + i;
+  expect_same_archive(out / "straight" / "checkpoint-4" / "model.pt", out / "resumed" / "checkpoint-4" / "model.pt");
+
+  const FlopsSpec s = flops_spec(resolve_model(c, 257), c);
+  EXPECT_EQ(s.pattern, "MDA");
+  EXPECT_EQ(s.attn_type, "nsa");
+  const auto f = training_flops_per_token(s, 0);
+  EXPECT_GT(f.ssd, 0);
+  EXPECT_GT(f.delta_rule, 0);
+  EXPECT_GT(f.attention, 0);
+  EXPECT_GT(straight.flops_per_token, f.total()) << "plus the projections";
+  remove_tree(out.string());
+}
+
 // ------------------------------------------------------------------ fp16 dynamic loss scaling
 
 TEST(LossScaling, PolicyGrowsAndBacksOff) {
