@@ -266,6 +266,7 @@ TEST(Families, InitFollowsSeed) {
 // ---------------------------------------------------------------- causality
 
 TEST(Families, WholeModelIsCausal) {
+  at::set_num_threads(1);
   for (const auto& f : kFamilies) {
     torch::manual_seed(3);
     auto c = family_config(f, "tiny");
@@ -288,6 +289,7 @@ TEST(Families, WholeModelIsCausal) {
 // ---------------------------------------------------------------- activation checkpointing
 
 TEST(Checkpointing, SameLossAndGradientsLessSavedMemory) {
+  at::set_num_threads(1);  // tiny ops: OpenMP threads only add contention on shared cores
   torch::manual_seed(5);
   TrainConfig c;
   c.model_size = "tiny";
