@@ -30,11 +30,17 @@
 namespace {
 
 #if ABLATE_WITH_CUDA
-#define REQUIRE_CUDA() \
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device"
+#define REQUIRE_CUDA()                                  \
+  do {                                                  \
+    if (!torch::cuda::is_available()) {                 \
+      GTEST_SKIP() << "no CUDA device";                 \
+    }                                                   \
+  } while (0)
 #else
 #define REQUIRE_CUDA() GTEST_SKIP() << "built without CUDA (ABLATE_WITH_CUDA=OFF)"
 #endif
+
+#if ABLATE_WITH_CUDA
 
 constexpr double kEpsF32 = std::numeric_limits<float>::epsilon();  // 1.19e-7
 constexpr double kEpsBF16 = 0.0078125;                               // 2^-7
@@ -76,7 +82,6 @@ void expect_bf16_within_2x(const torch::Tensor& ours, const torch::Tensor& compo
 
 torch::Tensor nan_like(const torch::Tensor& t) { return torch::full_like(t, std::numeric_limits<float>::quiet_NaN()); }
 
-#if ABLATE_WITH_CUDA
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 void sync_ok(const std::string& what) {
@@ -471,8 +476,12 @@ void ce_raw_case(int64_t rows, int64_t V, int64_t pad, torch::ScalarType dt) {
   const double lse_tol = 8 * kEpsF32 * (1.0 + std::log(double(V)));
   expect_close(lse.to(torch::kCPU), lser, lse_tol, lse_tol * 8, what + " lse");
   expect_close(lossv, lossrv, lse_tol * 4, lse_tol * 16, what + " loss");
-  if (rows > 2) EXPECT_EQ(loss[1].item<float>(), 0.f) << what << ": ignored row";
-  if (rows > 3) EXPECT_TRUE(std::isnan(loss[3].item<float>())) << what << ": out-of-range target";
+  if (rows > 2) {
+    EXPECT_EQ(loss[1].item<float>(), 0.f) << what << ": ignored row";
+  }
+  if (rows > 3) {
+    EXPECT_TRUE(std::isnan(loss[3].item<float>())) << what << ": out-of-range target";
+  }
   auto grad = bd.to(torch::kCPU, kF32).narrow(1, 0, V), gradr = rb.narrow(1, 0, V);
   if (dt == kF32) {
     expect_close(grad, gradr, 64 * kEpsF32, 64 * kEpsF32 * 0.37, what + " grad");
@@ -486,9 +495,10 @@ void ce_raw_case(int64_t rows, int64_t V, int64_t pad, torch::ScalarType dt) {
     (l * 0.37).backward();
     expect_bf16_within_2x(grad, lg.grad().to(kBF16), gradr, what + " grad");
   }
-  if (pad > 0)
+  if (pad > 0) {
     EXPECT_EQ(bd.to(torch::kCPU, kF32).narrow(1, V, pad).ne(123.f).sum().item<int64_t>(), 0)
         << what << ": padding columns written";
+  }
 }
 
 TEST(FusedOpsGpu, CrossEntropyRawKernelVsRef) {
