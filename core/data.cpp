@@ -235,7 +235,8 @@ DataLoader::DataLoader(const std::string& data_dir, int64_t batch_size, int64_t 
                       std::to_string(need));
   if (val_.size() < need)
     throw ConfigError("val.bin has " + std::to_string(val_.size()) + " tokens, fewer than context_length+1 = " +
-                      std::to_string(need));
+                      std::to_string(need) + ": prepare the data with a larger validation split (`ablate-train " +
+                      "prepare-data --val_fraction F`) or a larger corpus");
   // One pass to catch a corrupt or mismatched file now rather than as an index error mid-run.
   for (const TokenFile* f : {&train_, &val_})
     for (int64_t i = 0; i < f->size(); ++i)

@@ -18,7 +18,7 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DABLATE_WITH_CUDA=O
   || { log "configure FAILED"; tail -30 "$out/configure.log"; exit 1; }
 cmake --build build-gpu -j 16 > "$out/build.log" 2>&1 || { log "build FAILED"; grep -m20 -B2 -A10 'error' "$out/build.log"; exit 1; }
 log "build ok in $(( $(date +%s) - t0 ))s"
-(cd build-gpu && ctest --output-on-failure -j 4 --timeout 600) > "$out/ctest.log" 2>&1; rc=$?
+(cd build-gpu && ctest --output-on-failure -j 4 --timeout 600 ${CTEST_ARGS:-}) > "$out/ctest.log" 2>&1; rc=$?
 log "ctest rc=$rc: $(grep -E 'tests passed|tests failed' "$out/ctest.log")"
 grep -E 'Skipped|Failed|\*\*\*' "$out/ctest.log" | head -40 | tee -a "$out/summary.txt"
 shift 0

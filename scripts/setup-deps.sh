@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what Ablate needs on a Debian 12 machine, and nothing that is already there.
 #   - Debian packages: compilers, CMake, gRPC/protobuf, libpq + PostgreSQL server, Boost, yaml-cpp,
-#     GoogleTest, nlohmann-json, CLI11, cpp-httplib, the text corpus (fortunes) used for training.
-#   - LibTorch 2.11.0: from the torch==2.11.0 wheel into the project-local virtualenv .venv/.
-#     Set LIBTORCH_DIR (or put a LibTorch in CMAKE_PREFIX_PATH) to use your own instead.
+#     GoogleTest, nlohmann-json, CLI11, cpp-httplib, the text corpus (fortunes) used for training;
+#     for the deployment tests a real Prometheus (+ promtool) and headless Chromium.
+#   - Python venv .venv/ with LibTorch 2.11.0 (the torch==2.11.0 wheel; its CMake files are the C++ LibTorch)
+#     and the deployment checkers (pyyaml, jsonschema, kubernetes-validate: offline Kubernetes schemas).
+#     Set LIBTORCH_DIR to use your own LibTorch instead of the wheel.
 # Idempotent: a second run checks, installs nothing and takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,8 @@ DEB_PACKAGES=(
   libboost-dev libyaml-cpp-dev libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libcpp-httplib-dev
   libssl-dev libsentencepiece-dev curl
   fortunes fortunes-min
+  # deployment tests (tests/deploy)
+  prometheus chromium fonts-dejavu-core
 )
 
 missing=()
@@ -28,44 +32,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
-  # The Debian postgresql package starts a system cluster; Ablate runs its own private clusters instead.
+  # The Debian postgresql and prometheus packages may start system services; Ablate runs private instances.
 else
   echo "setup-deps: Debian packages present"
 fi
 
-if [ -n "${LIBTORCH_DIR:-}" ]; then
-  echo "setup-deps: using LIBTORCH_DIR=$LIBTORCH_DIR"
-  exit 0
-fi
-
-PY=python3
 if [ ! -x .venv/bin/python ]; then
   echo "setup-deps: creating .venv"
-  # Prefer a system python with venv; pyenv pythons work too.
-  $PY -m venv .venv
+  python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
+if [ -n "${LIBTORCH_DIR:-}" ]; then
+  echo "setup-deps: using LIBTORCH_DIR=$LIBTORCH_DIR (no torch wheel)"
+elif ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
   echo "setup-deps: installing torch==$TORCH_VERSION into .venv (LibTorch for the C++ build; large download)"
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet "torch==$TORCH_VERSION" numpy
+  echo "setup-deps: LibTorch CMake prefix: $(.venv/bin/python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
 else
   echo "setup-deps: torch $TORCH_VERSION present in .venv"
-fi
-echo "setup-deps: LibTorch CMake prefix: $(.venv/bin/python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
-
-# --- Deployment checks (tests/deploy): a real Prometheus + promtool, headless Chromium for the report screenshot,
-# and Python checkers in .venv (pyyaml, jsonschema, kubernetes-validate: offline Kubernetes schemas).
-DEPLOY_DEB_PACKAGES=(prometheus chromium fonts-dejavu-core)
-missing=()
-for p in "${DEPLOY_DEB_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup-deps: installing Debian packages for the deploy tests: ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 if ! .venv/bin/python -c "import yaml, jsonschema, kubernetes_validate" 2>/dev/null; then
   echo "setup-deps: installing pyyaml, jsonschema, kubernetes-validate into .venv (deploy checks)"
