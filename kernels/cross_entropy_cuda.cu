@@ -5,6 +5,7 @@
 // Pass 2 streams the row again and overwrites it with (softmax - onehot) * grad_scale. Exponentials are exp2f on
 // pre-scaled arguments; all statistics are fp32. grad_scale lives in device memory so the host never syncs.
 #include "kernels/cross_entropy.h"
+#include "kernels/cuda_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -18,23 +19,7 @@ constexpr int kThreads = 512;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <typename T, int V>
-struct alignas(sizeof(T) * V >= 16 ? 16 : sizeof(T) * V) Vec {
-  T v[V];
-};
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using namespace cuda_common;  // Vec, to_f, from_f, load, store
 
 // (m, s) pairs in the log2 domain: the represented sum is s * 2^m.
 __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {

@@ -12,6 +12,7 @@
 // shared memory and re-read dy/h/w in pass 2 (bwd_kernel, variant 1). Each block writes its dw partials to a
 // [blocks, cols] workspace that dw_reduce_kernel sums in a fixed order.
 #include "kernels/rmsnorm_residual.h"
+#include "kernels/cuda_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -27,41 +28,10 @@ constexpr int kMaxThreads = 256;
 constexpr int64_t kMaxBlocks = kRMSNormResidualBwdMaxBlocks;
 constexpr int kAutoVariant = 2;  // backward variant for RMSNormResidualBwdArgs::variant == 0 (see the header)
 
-template <typename T, int V>
-struct alignas(sizeof(T) * V >= 16 ? 16 : sizeof(T) * V) Vec {
-  T v[V];
-};
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using namespace cuda_common;  // Vec, to_f, from_f, load, store
 template <typename T>
 __device__ __forceinline__ float round_to(float v) {
   return to_f(from_f<T>(v));
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void load(const T* p, float (&out)[V]) {
-  const Vec<T, V> r = *reinterpret_cast<const Vec<T, V>*>(p);
-#pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = to_f(r.v[i]);
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store(T* p, const float (&in)[V]) {
-  Vec<T, V> r;
-#pragma unroll
-  for (int i = 0; i < V; ++i) r.v[i] = from_f<T>(in[i]);
-  *reinterpret_cast<Vec<T, V>*>(p) = r;
 }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.

@@ -7,6 +7,7 @@
 // in one launch: items [0, work0) are t[0]'s, the rest t[1]'s. Row decomposition uses 32-bit division when the
 // item count allows (the common case), 64-bit otherwise.
 #include "kernels/rope.h"
+#include "kernels/cuda_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -18,38 +19,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T, int V>
-struct alignas(sizeof(T) * V >= 16 ? 16 : sizeof(T) * V) Vec {
-  T v[V];
-};
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void load(const T* p, float (&out)[V]) {
-  const Vec<T, V> r = *reinterpret_cast<const Vec<T, V>*>(p);
-#pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = to_f(r.v[i]);
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store(T* p, const float (&in)[V]) {
-  Vec<T, V> r;
-#pragma unroll
-  for (int i = 0; i < V; ++i) r.v[i] = from_f<T>(in[i]);
-  *reinterpret_cast<Vec<T, V>*>(p) = r;
-}
+using namespace cuda_common;  // Vec, to_f, from_f, load, store
 
 template <typename T, int V, typename I>
 __device__ __forceinline__ void rope_item(const RopeTensor& t, I item, I nv, int64_t half, int64_t hd,

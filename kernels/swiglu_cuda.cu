@@ -5,6 +5,7 @@
 // fast __expf) so fp32 results stay within a few ulps of the double-precision reference at large |gate|; the
 // backward's 1 - sigmoid(g) is computed as sigmoid(-g) (an extra exp is free in a memory-bound kernel).
 #include "kernels/swiglu.h"
+#include "kernels/cuda_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -16,38 +17,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T, int V>
-struct alignas(sizeof(T) * V >= 16 ? 16 : sizeof(T) * V) Vec {
-  T v[V];
-};
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void load(const T* p, float (&out)[V]) {
-  const Vec<T, V> r = *reinterpret_cast<const Vec<T, V>*>(p);
-#pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = to_f(r.v[i]);
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store(T* p, const float (&in)[V]) {
-  Vec<T, V> r;
-#pragma unroll
-  for (int i = 0; i < V; ++i) r.v[i] = from_f<T>(in[i]);
-  *reinterpret_cast<Vec<T, V>*>(p) = r;
-}
+using namespace cuda_common;  // Vec, to_f, from_f, load, store
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
 
@@ -92,7 +62,6 @@ unsigned grid_for(int64_t total) {
   const int64_t b = (total + kThreads - 1) / kThreads;
   return static_cast<unsigned>(b < (int64_t(1) << 20) ? b : (int64_t(1) << 20));
 }
-
 
 template <typename T>
 cudaError_t fwd(const SwiGLUFwdArgs& a, cudaStream_t stream) {
