@@ -294,7 +294,15 @@ class Stack:
             if valid and r["resume_step"] < max(valid):
                 v.append("I4: job %d attempt %d resumed at step %d, last valid checkpoint %d" %
                          (r["job"], r["attempt"], r["resume_step"], max(valid)))
+        # A recorded checkpoint that is gone because the trainer's retention (--keep_checkpoints) replaced it with
+        # a newer recorded one of the same job is not a violation; one that exists and fails verification is, and
+        # so is a job's newest recorded checkpoint going missing.
+        newest = {}
         for j, s, p, c in ckpts:
+            newest[j] = max(newest.get(j, -1), int(s))
+        for j, s, p, c in ckpts:
+            if not os.path.exists(p) and int(s) < newest[j]:
+                continue
             if not verify(p) and not getattr(self, "corrupted", None):
                 v.append("I6: recorded checkpoint %s does not verify" % p)
         # I5 bounded detection: an expired attempt is marked lost within L + R (+1 s slack) of the fault.
