@@ -7,27 +7,14 @@
 // arithmetic free of FMA contraction, so results match adam_lowbit_step_ref up to sqrt/div rounding
 // (both use IEEE-rounded sqrt and division here).
 #include "kernels/adam_lowbit.h"
+#include "kernels/cuda_common.cuh"
 
 #include <cuda_runtime.h>
 
 namespace ablate::kernels {
 namespace {
 
-__device__ float block_max(float v, float* shm) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) shm[warp] = v;
-  __syncthreads();
-  const int nwarps = (blockDim.x + 31) >> 5;
-  v = (threadIdx.x < nwarps) ? shm[threadIdx.x] : 0.f;
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if (threadIdx.x == 0) shm[0] = v;
-  __syncthreads();
-  const float r = shm[0];
-  __syncthreads();
-  return r;
-}
+using cuda_common::block_max;
 
 __global__ void adam_lowbit_step_kernel(AdamLowbitArgs a) {
   __shared__ float qm[256];

@@ -1,5 +1,5 @@
-// Device helpers shared by the elementwise/row kernels: vectorized (up to 16-byte) loads and stores that
-// convert to and from fp32, the accumulation type of every kernel here.
+// Device helpers shared by the kernels: vectorized (up to 16-byte) loads and stores that convert to and from
+// fp32, the accumulation type of every kernel here, and a block-wide max reduction.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -40,6 +40,24 @@ __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
 #pragma unroll
   for (int i = 0; i < V; ++i) r.v[i] = from_f<T>(in[i]);
   *reinterpret_cast<Vec<T, V>*>(p) = r;
+}
+
+// Maximum of v over the thread block, returned to every thread. shm: at least 32 floats of shared memory;
+// every thread of the block must call it (it synchronizes).
+__device__ inline float block_max(float v, float* shm) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  const int nwarps = (blockDim.x + 31) >> 5;
+  v = (threadIdx.x < nwarps) ? shm[threadIdx.x] : 0.f;
+  if (warp == 0)
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (threadIdx.x == 0) shm[0] = v;
+  __syncthreads();
+  const float r = shm[0];
+  __syncthreads();
+  return r;
 }
 
 }  // namespace ablate::kernels::cuda_common

@@ -6,27 +6,14 @@
 // 4-bit: even/odd neighbours exchange their nibble with one __shfl_down_sync and the even lane writes the
 // byte. A partial last block is handled by masking.
 #include "kernels/quant.h"
+#include "kernels/cuda_common.cuh"
 
 #include <cuda_runtime.h>
 
 namespace ablate::kernels {
 namespace {
 
-__device__ float block_absmax(float v, float* shm) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) shm[warp] = v;
-  __syncthreads();
-  const int nwarps = (blockDim.x + 31) >> 5;
-  v = (threadIdx.x < nwarps) ? shm[threadIdx.x] : 0.f;
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if (threadIdx.x == 0) shm[0] = v;
-  __syncthreads();
-  const float r = shm[0];
-  __syncthreads();
-  return r;
-}
+using cuda_common::block_max;
 
 __global__ void quant_encode_kernel(QuantEncodeArgs a) {
   __shared__ float qmap[256];
@@ -36,7 +23,7 @@ __global__ void quant_encode_kernel(QuantEncodeArgs a) {
   const int64_t i = int64_t(blockIdx.x) * a.block + threadIdx.x;
   const bool valid = threadIdx.x < a.block && i < a.n;
   const float x = valid ? a.x[i] : 0.f;
-  const float amax = block_absmax(fabsf(x), red);  // also syncs the qmap load
+  const float amax = block_max(fabsf(x), red);  // also syncs the qmap load
   const float s = fmaxf(amax, 1e-12f);
   if (threadIdx.x == 0) a.scale[blockIdx.x] = s;
   const uint32_t c = valid ? quant_nearest_code(__fdiv_rn(x, s), qmap, a.bits) : 0u;
