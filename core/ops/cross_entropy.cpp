@@ -1,4 +1,5 @@
 #include "core/ops/cross_entropy.h"
+#include "core/ops/kernel_dispatch.h"
 
 #include <ATen/autocast_mode.h>
 
@@ -18,16 +19,7 @@ namespace F = torch::nn::functional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-#if ABLATE_WITH_CUDA
-constexpr bool kHaveCudaKernels = true;
-#else
-constexpr bool kHaveCudaKernels = false;
-#endif
-
-bool kernel_ok(torch::ScalarType ct, const torch::Device& dev) {
-  if (dev.is_cpu()) return ct == torch::kFloat32;
-  return kHaveCudaKernels && dev.is_cuda() && (ct == torch::kFloat32 || ct == torch::kBFloat16);
-}
+bool kernel_ok(torch::ScalarType ct, const torch::Device& dev) { return kernel_takes(ct, dev); }
 
 void run_ce(kernels::CrossEntropyArgs& a, const torch::Tensor& logits) {
   if (logits.is_cuda()) {

@@ -1,4 +1,5 @@
 #include "core/ops/rmsnorm.h"
+#include "core/ops/kernel_dispatch.h"
 
 #include "kernels/rmsnorm.h"
 
@@ -12,12 +13,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-#if ABLATE_WITH_CUDA
-constexpr bool kHaveCudaKernels = true;
-#else
-constexpr bool kHaveCudaKernels = false;
-#endif
 
 void check_cuda(bool is_cuda) {
 #if !ABLATE_WITH_CUDA

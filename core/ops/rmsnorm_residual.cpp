@@ -1,4 +1,5 @@
 #include "core/ops/rmsnorm_residual.h"
+#include "core/ops/kernel_dispatch.h"
 
 #include "kernels/rmsnorm_residual.h"
 
@@ -12,12 +13,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-#if ABLATE_WITH_CUDA
-constexpr bool kHaveCudaKernels = true;
-#else
-constexpr bool kHaveCudaKernels = false;
-#endif
 
 bool is_f32_or_bf16(const torch::Tensor& t) {
   return t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16;

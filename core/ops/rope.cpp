@@ -1,4 +1,5 @@
 #include "core/ops/rope.h"
+#include "core/ops/kernel_dispatch.h"
 
 #include <algorithm>
 #include <array>
@@ -16,12 +17,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-#if ABLATE_WITH_CUDA
-constexpr bool kHaveCudaKernels = true;
-#else
-constexpr bool kHaveCudaKernels = false;
-#endif
-
 int pos_dim_of(RopeLayout layout) { return layout == RopeLayout::kBHTD ? 2 : 1; }
 
 void check_args(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, RopeLayout layout) {
@@ -38,9 +33,7 @@ void check_args(const torch::Tensor& x, const torch::Tensor& cos, const torch::T
 
 bool kernel_ok(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
   if (cos.scalar_type() != torch::kFloat32 || sin.scalar_type() != torch::kFloat32) return false;
-  if (x.is_cpu()) return x.scalar_type() == torch::kFloat32;
-  return kHaveCudaKernels && x.is_cuda() &&
-         (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16);
+  return kernel_takes(x.scalar_type(), x.device());
 }
 
 // Describes x -> y for the kernel, with the three row dims ordered by decreasing stride of y (the output we

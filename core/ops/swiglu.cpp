@@ -1,4 +1,5 @@
 #include "core/ops/swiglu.h"
+#include "core/ops/kernel_dispatch.h"
 
 #include "kernels/swiglu.h"
 
@@ -14,16 +15,7 @@ namespace F = torch::nn::functional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-#if ABLATE_WITH_CUDA
-constexpr bool kHaveCudaKernels = true;
-#else
-constexpr bool kHaveCudaKernels = false;
-#endif
-
-bool kernel_ok(const torch::Tensor& x) {
-  if (x.is_cpu()) return x.scalar_type() == torch::kFloat32;
-  return kHaveCudaKernels && x.is_cuda() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16);
-}
+bool kernel_ok(const torch::Tensor& x) { return kernel_takes(x.scalar_type(), x.device()); }
 
 // [rows, cols] view with contiguous columns (a view where the strides allow it, e.g. a half of a fused tensor).
 torch::Tensor rows_view(const torch::Tensor& x) {
