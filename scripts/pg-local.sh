@@ -12,15 +12,31 @@ mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [ -x "$pgbin/initdb" ] || { echo "pg-local: PostgreSQL server binaries not found (run scripts/setup-deps.sh)" >&2; exit 1; }
-data="$dir/data"; sock="$dir/socket"; port=5432
-dsn="host=$sock port=$port dbname=ablate user=ablate"
+port=5432
+dsn="host=$dir/socket port=$port dbname=ablate user=ablate"
+pg_user=${ABLATE_PG_USER:-postgres}
+
+# Where the cluster really lives. As root, PostgreSQL runs as $pg_user, which must be able to reach the files:
+# when DIR is not reachable for it (a checkout under /root, mode 700), the cluster goes to a directory of its own
+# under /tmp and DIR/data and DIR/socket become links to it, so the DSN above still works for our clients.
+home="$dir"
+if [ "$(id -u)" -eq 0 ]; then
+  id "$pg_user" >/dev/null 2>&1 || { echo "pg-local: user '$pg_user' does not exist" >&2; exit 1; }
+  if ! runuser -u "$pg_user" -- test -x "$dir"; then
+    home="/tmp/ablate-pg-$(printf '%s' "$dir" | sha256sum | cut -c1-16)"
+    mkdir -p "$home/data" "$home/socket"
+    chmod 700 "$home"
+    for sub in data socket; do
+      [ -L "$dir/$sub" ] || { rm -rf "${dir:?}/$sub"; ln -s "$home/$sub" "$dir/$sub"; }
+    done
+  fi
+fi
+data="$home/data"; sock="$home/socket"
 
 as_pg() {
   if [ "$(id -u)" -eq 0 ]; then
-    local u=${ABLATE_PG_USER:-postgres}
-    id "$u" >/dev/null 2>&1 || { echo "pg-local: user '$u' does not exist" >&2; exit 1; }
-    chown -R "$u" "$dir"
-    runuser -u "$u" -- "$@"
+    chown -R "$pg_user" "$home"
+    runuser -u "$pg_user" -- "$@"
   else
     "$@"
   fi
@@ -34,9 +50,9 @@ case "$cmd" in
         || { cat "$dir/initdb.log" >&2; exit 1; }
     fi
     if ! as_pg "$pgbin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
-      as_pg "$pgbin/pg_ctl" -D "$data" -w -t 60 -l "$dir/postgres.log" \
+      as_pg "$pgbin/pg_ctl" -D "$data" -w -t 60 -l "$home/postgres.log" \
         -o "-c listen_addresses='' -c unix_socket_directories='$sock' -p $port -c fsync=on -c max_connections=200" \
-        start >/dev/null || { cat "$dir/postgres.log" >&2; exit 1; }
+        start >/dev/null || { cat "$home/postgres.log" >&2; exit 1; }
     fi
     if ! "$pgbin/psql" "host=$sock port=$port dbname=postgres user=ablate" -Atqc "select 1 from pg_database where datname='ablate'" | grep -q 1; then
       "$pgbin/createdb" -h "$sock" -p $port -U ablate ablate
