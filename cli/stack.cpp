@@ -158,6 +158,28 @@ struct PgRunner {
   }
 };
 
+// Where the cluster of <state>/pg really lives. As root, PostgreSQL runs as the unprivileged user, which must be
+// able to reach its files: when <state> is out of its reach (a checkout under /root, mode 700), the cluster goes
+// to a private directory under /tmp and <state>/pg becomes a link to it. Returns the real (resolved) path, which
+// is what the PostgreSQL tools must be given.
+std::string PgHome(const std::string& state, const std::string& logs) {
+  const std::string link = state + "/pg";
+  std::error_code ec;
+  if (::geteuid() == 0 && !fs::is_symlink(link, ec)) {
+    const std::string user = std::getenv("ABLATE_PG_USER") ? std::getenv("ABLATE_PG_USER") : "postgres";
+    if (RunLogged({"runuser", "-u", user, "--", "test", "-x", state}, logs + "/pg-reach.log") != 0) {
+      std::ostringstream name;
+      name << "/tmp/ablate-pg-" << std::hex << std::hash<std::string>{}(state);
+      fs::create_directories(name.str(), ec);
+      ::chmod(name.str().c_str(), 0700);
+      if (!fs::exists(link + "/data/PG_VERSION", ec)) fs::remove_all(link, ec);  // never a usable cluster
+      if (!fs::exists(link, ec)) fs::create_directory_symlink(name.str(), link, ec);
+    }
+  }
+  const fs::path real = fs::weakly_canonical(link, ec);
+  return ec ? link : real.string();
+}
+
 constexpr int kPgPort = 5432;  // only names the socket file inside our own socket dir; no TCP
 
 std::string Dsn(const std::string& sock) {
@@ -190,12 +212,13 @@ int Fail(const std::string& msg) {
 
 int CmdUp(const UpOptions& o) {
   const std::string state = Abs(o.state_dir);
-  const std::string logs = state + "/logs", pg_dir = state + "/pg", sock = pg_dir + "/socket";
+  const std::string logs = state + "/logs";
   const std::string data_root = Abs(o.data_root);
   const std::string bin_dir = o.bin_dir.empty() ? SelfDir() : o.bin_dir;
   const std::string stack_path = state + "/stack.json";
   std::error_code ec;
   fs::create_directories(logs, ec);
+  const std::string pg_dir = PgHome(state, logs), sock = pg_dir + "/socket";
   fs::create_directories(sock, ec);
   if (ec) return Fail("cannot create " + state + ": " + ec.message());
 
@@ -351,10 +374,12 @@ int CmdDown(const std::string& state_dir) {
   } else {
     std::cout << "no stack.json in " << state << " (no scheduler or workers recorded)\n";
   }
-  const std::string data = state + "/pg/data";
+  std::error_code canon_ec;
+  const fs::path pg_home = fs::weakly_canonical(state + "/pg", canon_ec);  // resolves the /tmp link of PgHome
+  const std::string pg_dir = canon_ec ? state + "/pg" : pg_home.string(), data = pg_dir + "/data";
   if (fs::exists(data + "/PG_VERSION")) {
     const std::string pgbin = PgBinDir();
-    PgRunner pg{pgbin, state + "/pg", state + "/logs/postgres-ctl.log"};
+    PgRunner pg{pgbin, pg_dir, state + "/logs/postgres-ctl.log"};
     std::error_code ec;
     fs::create_directories(state + "/logs", ec);
     if (pg.Run({pgbin + "/pg_ctl", "-D", data, "status"}) == 0) {
