@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One device-tool call on the H200 that builds the engine with CUDA and runs the chosen steps, each capped in
+# time, a failing step never stopping the next. Run from a clean source tree (e.g. `git archive HEAD` unpacked
+# into .gpu-src/, with .deps/ beside it):
+#   STEPS="build data test optim mixers e2e families" scripts/gpu-session.sh
+# needs: .deps/*.deb (CLI11, nlohmann-json, GoogleTest, fortunes: `apt-get download` them on a Debian machine),
+#        optionally .deps/wheels/*.whl (reference packages for the benchmarks: bench/*/fetch scripts).
+# Writes $OUT/summary.txt and $OUT/logs.tgz (every step's log and JSON): the device tool returns at most 8 files.
+set -uo pipefail
+out=${OUT:-gpu-out}; mkdir -p "$out"
+work=/tmp/gpu-session; rm -rf "$work"; mkdir -p "$work"
+steps=${STEPS:-build data test families}
+deps=${DEPS:-.deps}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+log() { echo "== [$(date +%T)] $*" | tee -a "$out/summary.txt"; }
+has() { [[ " $steps " == *" $1 "* ]]; }
+finish() { tar -C "$work" -czf "$out/logs.tgz" . 2>/dev/null; log "session done"; }
+trap finish EXIT
+
+mkdir -p /tmp/deps && for f in "$deps"/*.deb; do dpkg -x "$f" /tmp/deps; done
+# The training tests read the real corpus at its Debian path; the GPU image has no Debian packages.
+[ -d /usr/share/games/fortunes ] || { mkdir -p /usr/share/games && ln -s /tmp/deps/usr/share/games/fortunes /usr/share/games/fortunes; }
+if compgen -G "$deps/wheels/*" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$deps"/wheels/*.whl \
+    > "$work/wheels.log" 2>&1 && log "reference wheels installed in /tmp/site" || log "wheel install FAILED (see wheels.log)"
+  for sd in "$deps"/wheels/*.tar.gz; do [ -e "$sd" ] && tar -C /tmp/site -xzf "$sd"; done
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/summary.txt"
+bin=build-gpu/bin
+
+if has build; then
+  t0=$(date +%s)
+  torch_prefix=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DABLATE_WITH_CUDA=ON -DABLATE_BUILD_CONTROL_PLANE=OFF \
+    -DABLATE_CUDA_ARCHITECTURES=90 -DCMAKE_PREFIX_PATH="$torch_prefix;/tmp/deps/usr" > "$work/configure.log" 2>&1 \
+    || { log "configure FAILED"; tail -30 "$work/configure.log"; exit 1; }
+  # -k 0: one broken target does not stop the others.
+  cmake --build build-gpu -j 16 -- -k 0 > "$work/build.log" 2>&1 \
+    || { log "build FAILED (some targets)"; grep -m40 -A8 -E 'error|FAILED' "$work/build.log"; }
+  log "build done in $(( $(date +%s) - t0 ))s"
+fi
+
+if has data; then
+  # The default split for the 32K runs; a larger validation split so one 128K window fits for eval.
+  $bin/ablate-train prepare-data --input /usr/share/games/fortunes --output data/fortunes > "$work/data.log" 2>&1
+  $bin/ablate-train prepare-data --input /usr/share/games/fortunes --output data/fortunes-long --val_fraction 0.1 \
+    >> "$work/data.log" 2>&1
+  log "data rc=$?: $(tail -2 "$work/data.log" | tr '\n' ' ')"
+fi
+
+if has test; then
+  (cd build-gpu && timeout 900 ctest --output-on-failure -j 2 --timeout 600 -L "${CTEST_LABEL:-gpu}" ${CTEST_ARGS:-}) \
+    > "$work/ctest.log" 2>&1
+  log "ctest rc=$?: $(grep -E 'tests passed|tests failed' "$work/ctest.log")"
+  grep -E '\*\*\*Failed|\(Failed\)|Not Run|Timeout' "$work/ctest.log" | head -30 | tee -a "$out/summary.txt"
+fi
+
+# Benchmark scripts of bench/*/run_gpu.sh: each gets its own OUT and a time cap.
+run_bench() {
+  local name=$1 script=$2 cap=$3
+  [ -x "$script" ] || { log "$name: $script missing"; return; }
+  mkdir -p "$work/$name"
+  OUT="$work/$name" BIN="$bin" timeout "$cap" "$script" "$bin" > "$work/$name/stdout.log" 2>&1
+  log "$name rc=$?"; tail -40 "$work/$name/stdout.log" | tee -a "$out/summary.txt"
+}
+has optim && run_bench optim bench/optim/run_gpu.sh "${OPTIM_CAP:-300}"
+has mixers && run_bench mixers bench/mixers/run_gpu.sh "${MIXERS_CAP:-300}"
+has e2e && run_bench e2e bench/e2e/run_gpu.sh "${E2E_CAP:-300}"
+
+if has vectors; then
+  mkdir -p "$work/vectors"
+  python3 tests/optim/make_torchao_vectors.py --device cuda --out "$work/vectors" > "$work/vectors/log.txt" 2>&1
+  log "torchao vectors rc=$?: $(tail -3 "$work/vectors/log.txt" | tr '\n' ' ')"
+fi
+
+if has families; then
+  mkdir -p "$work/families"
+  OUT="$work/families" BIN="$bin" RUN_LIMIT="${RUN_LIMIT:-60}" scripts/gpu-families.sh ${FAMILIES:-}
+  cat "$work/families/families.txt" >> "$out/summary.txt"
+fi
