@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# K1-K4 on the GPU machine, side by side: mixer_bench (ours, C++) then ref_mixers.py (torch SDPA, fla, mamba_ssm),
+# then compare.py (speedups vs the targets). Run from the repository root after building mixer_bench:
+#   bench/mixers/run_gpu.sh [BIN_DIR] [OUT]      BIN_DIR default build-gpu/bin, OUT default $OUT or gpu-out
+# needs: .deps/wheels from bench/fetch-ref-wheels.sh (carried along); python3 with torch/triton on the machine.
+# env:   CASES (default k2,k3,k4,k1: the order rows run in, so the deadline cuts K1's big shapes last),
+#        BUDGET_S (seconds of timed calls per row, default 1.5), OURS_DEADLINE_S / REF_DEADLINE_S (default 100 / 100),
+#        MAX_T (skip shapes with a longer sequence).
+# Every step reports its failure and the next one still runs. Total well under 4 minutes on an H200.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+bin=${1:-build-gpu/bin}
+out=${2:-${OUT:-gpu-out}}
+mkdir -p "$out"
+cases=${CASES:-k2,k3,k4,k1}
+budget=${BUDGET_S:-1.5}
+maxt=${MAX_T:-1048576}
+summary="$out/mixers_summary.txt"
+log() { echo "== $*" | tee -a "$summary"; }
+t0=$(date +%s)
+log "mixers: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$summary"
+
+if [[ -x $bin/mixer_bench ]]; then
+  timeout 170 "$bin/mixer_bench" --device cuda --case "$cases" --budget_s "$budget" --max_t "$maxt" \
+    --deadline_s "${OURS_DEADLINE_S:-100}" --json "$out/mixers_ours.jsonl" > "$out/mixers_ours.txt" 2>&1
+  rc=$?
+  log "mixer_bench rc=$rc ($(( $(date +%s) - t0 ))s)"
+  grep -v '^{' "$out/mixers_ours.txt"
+else
+  log "mixer_bench not found in $bin (build it: cmake --build <dir> --target mixer_bench)"
+fi
+
+refpy=$(bench/setup-refpy.sh)
+t1=$(date +%s)
+PYTHONPATH="$refpy${PYTHONPATH:+:$PYTHONPATH}" timeout 170 python3 bench/mixers/ref_mixers.py --case "$cases" \
+  --budget_s "$budget" --max_t "$maxt" --deadline_s "${REF_DEADLINE_S:-100}" --json "$out/mixers_ref.jsonl" \
+  > "$out/mixers_ref.txt" 2>&1
+rc=$?
+log "ref_mixers rc=$rc ($(( $(date +%s) - t1 ))s)"
+grep -v '^{' "$out/mixers_ref.txt" | grep -v -i 'warn' | tail -80
+
+python3 bench/mixers/compare.py "$out/mixers_ours.jsonl" "$out/mixers_ref.jsonl" --json "$out/mixers_compare.json" \
+  2>&1 | tee -a "$summary"
+log "mixers done in $(( $(date +%s) - t0 ))s"
