@@ -41,6 +41,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,7 @@
 namespace {
 
 using torch::Tensor;
+namespace core = ablate::core;
 constexpr double kMatmulCeiling = 790e12;  // FLOP/s, dense bf16 matmul measured on the H200
 constexpr double kCopyCeiling = 4.3e12;    // bytes/s, device copy measured on the H200
 
