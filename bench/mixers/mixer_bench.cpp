@@ -22,7 +22,8 @@
 // random cotangent. Outputs: a table, and one JSON object per row on stdout (lines starting with '{') and in
 // --json FILE. Exit status 1 when a correctness check fails.
 //
-//   mixer_bench [--device cuda|cpu] [--case all|k1,k2,k3,k4 (a list, in order)] [--smoke] [--max_t N] [--iters 50] [--min_iters 5]
+//   mixer_bench [--device cuda|cpu] [--case all|k1,k2,k3,k4 (a list, in order)] [--smoke] [--max_t N] [--iters 50]
+//   [--min_iters 5]
 //               [--budget_s 3] [--deadline_s 200] [--json FILE]
 // --smoke: tiny shapes and 3 iterations (CPU ctest); the checks are the same.
 #include <torch/torch.h>
@@ -97,10 +98,13 @@ Stats time_it(const std::function<void()>& fn) {
   fn();
   sync();
   const double first = std::max(1e-6, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  const int warm = std::clamp(static_cast<int>(0.3 * g_opt.budget_s / first), 1, 9);
+  // Slow calls (first > budget): the first call was the warm-up, and at least 3 timed calls within ~6 budgets.
+  const int warm = first > g_opt.budget_s ? 0 : std::clamp(static_cast<int>(0.3 * g_opt.budget_s / first), 1, 9);
   for (int i = 0; i < warm; ++i) fn();
   sync();
-  const int iters = std::clamp(static_cast<int>(g_opt.budget_s / first), g_opt.min_iters, g_opt.iters);
+  int iters = std::clamp(static_cast<int>(g_opt.budget_s / first), g_opt.min_iters, g_opt.iters);
+  if (first * iters > 6 * g_opt.budget_s)
+    iters = std::max(std::min(3, g_opt.iters), static_cast<int>(6 * g_opt.budget_s / first));
   std::vector<double> ms(iters);
 #if ABLATE_WITH_CUDA
   if (g_dev.is_cuda()) {
@@ -165,8 +169,8 @@ void row(const std::string& id, const std::string& shape, const std::string& var
   const double tf = flops / sec / 1e12;
   const double floor_ms = 1e3 * std::max(flops / kMatmulCeiling, bytes / kCopyCeiling);
   std::printf("%-5s %-34s %-10s %-8s %9.3f %9.3f %9.3f %5d %9.1f %6.1f%% %9.3f\n", id.c_str(), shape.c_str(),
-              variant.c_str(), dir.c_str(), s.med_ms, s.p20_ms, s.p80_ms, s.iters, tf, 100.0 * tf * 1e12 / kMatmulCeiling,
-              floor_ms);
+              variant.c_str(), dir.c_str(), s.med_ms, s.p20_ms, s.p80_ms, s.iters, tf,
+              100.0 * tf * 1e12 / kMatmulCeiling, floor_ms);
   char js[2048];
   std::snprintf(js, sizeof js,
                 "{\"bench\":\"mixer_bench\",\"id\":\"%s\",\"shape\":\"%s\",\"impl\":\"ours\",\"variant\":\"%s\","
@@ -320,7 +324,7 @@ void bench_k1() {
     shapes = {{1, 4, 2, 128}};
   } else {
     // 0.6B heads 16/8 at 4K/32K/128K; 4B heads 32/8 at 32K/64K (K2's dense at G=4); 64/4 at 64K (K2's dense at G=16).
-    shapes = {{1, 16, 8, 4096}, {1, 16, 8, 32768}, {1, 16, 8, 131072}, {1, 32, 8, 32768},
+    shapes = {{1, 16, 8, 4096},  {1, 16, 8, 32768}, {1, 16, 8, 131072}, {1, 32, 8, 32768},
               {1, 32, 8, 65536}, {1, 64, 4, 65536}, {1, 16, 1, 32768}};
   }
   check_k1(shapes.front());
@@ -333,13 +337,15 @@ void bench_k1() {
     auto v = torch::randn({sh.B, sh.KV, sh.T, d}, bf16()).requires_grad_(true);
     auto gy = torch::randn({sh.B, sh.H, sh.T, d}, bf16());
     const double flops = 2.0 * double(sh.B) * double(sh.H) * double(sh.T) * double(sh.T) * double(d);  // causal
-    const double bytes = 2.0 * double(sh.B * sh.T * d) * double(2 * sh.H + 2 * sh.KV);  // q, k, v, o
+    const double bytes = 2.0 * double(sh.B * sh.T * d) * double(2 * sh.H + 2 * sh.KV);                 // q, k, v, o
     const std::string shape = "B" + std::to_string(sh.B) + " T" + kstr(sh.T) + " H" + std::to_string(sh.H) + "/" +
                               std::to_string(sh.KV) + " d" + std::to_string(d);
-    time_fwd_bwd("K1", shape, "model", [&] { return attention_model_path(q, k, v); }, {q, k, v}, gy, flops, 3.5, bytes,
-                 2.5 * bytes, "passed");
-    time_fwd_bwd("K1", shape, "gqa", [&] { return attention_enable_gqa(q, k, v); }, {q, k, v}, gy, flops, 3.5, bytes,
-                 2.5 * bytes, "passed");
+    time_fwd_bwd(
+        "K1", shape, "model", [&] { return attention_model_path(q, k, v); }, {q, k, v}, gy, flops, 3.5, bytes,
+        2.5 * bytes, "passed");
+    time_fwd_bwd(
+        "K1", shape, "gqa", [&] { return attention_enable_gqa(q, k, v); }, {q, k, v}, gy, flops, 3.5, bytes,
+        2.5 * bytes, "passed");
   }
 }
 
@@ -371,7 +377,6 @@ NsaKeys nsa_keys(const core::NsaAttentionOptions& o, int64_t T) {
   k.swa /= double(T);
   return k;
 }
-
 
 // The repo's dense reference (fp32) against our chunked branches (bf16): outputs and input gradients per branch.
 // The selected branch is fed the reference's block indices, so a near-tie in the top-n (bf16 vs fp32 scores) cannot
@@ -422,7 +427,8 @@ void check_k2(int64_t H, int64_t KV) {
         ok = ok && e <= 2e-2;
         detail += std::string(" ") + names[i] + fmt(" %.2e", e);
       }
-      check_result("K2", name + " (bf16) vs nsa_reference (fp32) " + tag, ok, detail + " (rel. RMS; o <= 1e-2, grads <= 2e-2)");
+      check_result("K2", name + " (bf16) vs nsa_reference (fp32) " + tag, ok,
+                   detail + " (rel. RMS; o <= 1e-2, grads <= 2e-2)");
     }
   } catch (const c10::Error& e) {
     check_result("K2", "NSA check " + tag, false, std::string("error: ") + e.what_without_backtrace());
@@ -437,7 +443,7 @@ void bench_k2() {
   };
   std::vector<S> shapes;
   if (g_opt.smoke) {
-    shapes = {{1, 4, 1, 256}};
+    shapes = {{1, 4, 1, 128}};
   } else {
     shapes = {{1, 64, 4, 32768}, {1, 64, 4, 65536}, {1, 64, 4, 131072}, {1, 16, 1, 32768},
               {1, 32, 8, 32768}, {1, 32, 8, 65536}, {1, 32, 8, 131072}};
@@ -459,7 +465,8 @@ void bench_k2() {
     const double per_key = 4.0 * double(sh.B * sh.T * sh.H * d);  // QK^T and PV per attended key, fwd
     const int64_t nc = o.num_cmp_blocks(sh.T);
     const double hidden = double(d);  // cmp_hidden 0 = head_dim
-    const double mlp = 2.0 * 2.0 * double(sh.B * nc * sh.KV) * (double(o.cmp_block() * d) * hidden + hidden * double(d));
+    const double mlp =
+        2.0 * 2.0 * double(sh.B * nc * sh.KV) * (double(o.cmp_block() * d) * hidden + hidden * double(d));
     const double bytes = 2.0 * double(sh.B * sh.T * d) * double(2 * sh.H + 2 * sh.KV);
     const std::string shape = "B" + std::to_string(sh.B) + " T" + kstr(sh.T) + " H" + std::to_string(sh.H) + "/" +
                               std::to_string(sh.KV) + " G" + std::to_string(sh.H / sh.KV);
@@ -470,8 +477,9 @@ void bench_k2() {
           return c.out + core::nsa_selected_attention(q, k, v, c.block_idx, o);
         },
         {q, k, v}, gy, per_key * (keys.cmp + keys.slc) + mlp, 3.5, bytes, 2.5 * bytes, "passed");
-    time_fwd_bwd("K2", shape, "swa", [&] { return core::nsa_window_attention(q, k, v, o); }, {q, k, v}, gy,
-                 per_key * keys.swa, 3.5, bytes, 2.5 * bytes, "passed");
+    time_fwd_bwd(
+        "K2", shape, "swa", [&] { return core::nsa_window_attention(q, k, v, o); }, {q, k, v}, gy, per_key * keys.swa,
+        3.5, bytes, 2.5 * bytes, "passed");
   }
 }
 
@@ -550,9 +558,10 @@ void bench_k3() {
     const double bytes = tokens * (2.0 * 2 * double(sh.H * sh.P) + 2.0 * 2 * double(sh.G * sh.N) + 4.0 * double(sh.H));
     const std::string shape = "B" + std::to_string(sh.Bn) + " T" + kstr(sh.T) + " H" + std::to_string(sh.H) + "x" +
                               std::to_string(sh.P) + " N" + std::to_string(sh.N) + " G" + std::to_string(sh.G);
-    time_fwd_bwd("K3", shape, "chunked",
-                 [&] { return std::get<0>(core::ssd_chunked(in[0], in[1], in[2], in[3], in[4], sh.chunk)); }, in, gy,
-                 flops, 3.0, bytes, 2.5 * bytes, "passed");
+    time_fwd_bwd(
+        "K3", shape, "chunked",
+        [&] { return std::get<0>(core::ssd_chunked(in[0], in[1], in[2], in[3], in[4], sh.chunk)); }, in, gy, flops, 3.0,
+        bytes, 2.5 * bytes, "passed");
   }
 }
 
@@ -632,19 +641,19 @@ void bench_k4() {
     const double bytes = tokens * double(sh.H) * (2.0 * double(2 * sh.K + 2 * sh.V) + 4.0 + 2.0);
     const std::string shape = "B" + std::to_string(sh.Bn) + " T" + kstr(sh.T) + " H" + std::to_string(sh.H) + " K" +
                               std::to_string(sh.K) + " V" + std::to_string(sh.V);
-    time_fwd_bwd("K4", shape, "chunked",
-                 [&] {
-                   return std::get<0>(core::gated_delta_rule_chunked(in[0], in[1], in[2], in[3], in[4], sh.chunk));
-                 },
-                 in, gy, flops, 3.0, bytes, 2.5 * bytes, "passed");
+    time_fwd_bwd(
+        "K4", shape, "chunked",
+        [&] { return std::get<0>(core::gated_delta_rule_chunked(in[0], in[1], in[2], in[3], in[4], sh.chunk)); }, in,
+        gy, flops, 3.0, bytes, 2.5 * bytes, "passed");
   }
 }
 
 int usage(const char* argv0) {
-  std::fprintf(stderr,
-               "usage: %s [--device cuda|cpu] [--case all|k1,k2,k3,k4 (a list, in order)] [--smoke] [--max_t N] [--iters 50] "
-               "[--min_iters 5] [--budget_s 3] [--deadline_s 200] [--json FILE]\n",
-               argv0);
+  std::fprintf(
+      stderr,
+      "usage: %s [--device cuda|cpu] [--case all|k1,k2,k3,k4 (a list, in order)] [--smoke] [--max_t N] [--iters 50] "
+      "[--min_iters 5] [--budget_s 3] [--deadline_s 200] [--json FILE]\n",
+      argv0);
   return 2;
 }
 
@@ -661,16 +670,26 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--device") g_opt.device = next();
-    else if (a == "--case") g_opt.which = next();
-    else if (a == "--smoke") g_opt.smoke = true;
-    else if (a == "--max_t") g_opt.max_t = std::stoll(next());
-    else if (a == "--iters") g_opt.iters = std::stoi(next());
-    else if (a == "--min_iters") g_opt.min_iters = std::stoi(next());
-    else if (a == "--budget_s") g_opt.budget_s = std::stod(next());
-    else if (a == "--deadline_s") g_opt.deadline_s = std::stod(next());
-    else if (a == "--json") g_opt.json_path = next();
-    else return usage(argv[0]);
+    if (a == "--device")
+      g_opt.device = next();
+    else if (a == "--case")
+      g_opt.which = next();
+    else if (a == "--smoke")
+      g_opt.smoke = true;
+    else if (a == "--max_t")
+      g_opt.max_t = std::stoll(next());
+    else if (a == "--iters")
+      g_opt.iters = std::stoi(next());
+    else if (a == "--min_iters")
+      g_opt.min_iters = std::stoi(next());
+    else if (a == "--budget_s")
+      g_opt.budget_s = std::stod(next());
+    else if (a == "--deadline_s")
+      g_opt.deadline_s = std::stod(next());
+    else if (a == "--json")
+      g_opt.json_path = next();
+    else
+      return usage(argv[0]);
   }
   if (g_opt.device == "cuda") {
     if (!torch::cuda::is_available()) {
@@ -682,9 +701,9 @@ int main(int argc, char** argv) {
     return usage(argv[0]);
   }
   if (g_opt.smoke) {
-    g_opt.iters = std::min(g_opt.iters, 3);
-    g_opt.min_iters = std::min(g_opt.min_iters, 2);
-    g_opt.budget_s = std::min(g_opt.budget_s, 0.2);
+    g_opt.iters = std::min(g_opt.iters, 2);
+    g_opt.min_iters = 1;
+    g_opt.budget_s = std::min(g_opt.budget_s, 0.05);
   }
   g_opt.min_iters = std::min(g_opt.min_iters, g_opt.iters);
   if (!g_opt.json_path.empty()) g_json.open(g_opt.json_path, std::ios::trunc);
@@ -701,8 +720,8 @@ int main(int argc, char** argv) {
   std::snprintf(meta, sizeof meta,
                 "{\"bench\":\"mixer_bench\",\"meta\":true,\"device\":\"%s\",\"device_name\":\"%s\","
                 "\"smoke\":%s,\"iters\":%d,\"min_iters\":%d,\"budget_s\":%.2f}",
-                g_dev.str().c_str(), json_escape(dev_name).c_str(), g_opt.smoke ? "true" : "false",
-                g_opt.iters, g_opt.min_iters, g_opt.budget_s);
+                g_dev.str().c_str(), json_escape(dev_name).c_str(), g_opt.smoke ? "true" : "false", g_opt.iters,
+                g_opt.min_iters, g_opt.budget_s);
   emit(meta);
   // --case all or a comma list, run in the order given (so a deadline cuts the last ones).
   std::string w = g_opt.which == "all" ? "k1,k2,k3,k4" : g_opt.which;
@@ -710,11 +729,16 @@ int main(int argc, char** argv) {
     const size_t end = std::min(w.find(',', pos), w.size());
     const std::string c = w.substr(pos, end - pos);
     pos = end + 1;
-    if (c == "k1") bench_k1();
-    else if (c == "k2") bench_k2();
-    else if (c == "k3") bench_k3();
-    else if (c == "k4") bench_k4();
-    else if (!c.empty()) return usage(argv[0]);
+    if (c == "k1")
+      bench_k1();
+    else if (c == "k2")
+      bench_k2();
+    else if (c == "k3")
+      bench_k3();
+    else if (c == "k4")
+      bench_k4();
+    else if (!c.empty())
+      return usage(argv[0]);
   }
   std::printf("\nmixer_bench: %d correctness check(s) failed; %.1f s\n", g_failures, elapsed_s());
   return g_failures ? 1 : 0;
