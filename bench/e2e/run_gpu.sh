@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # E1-E3 on the GPU machine: ablate-train beside its PyTorch twin (bench/e2e/ref_model.py), same model, batch,
 # sequence, precision (fp32 master + bf16 autocast) and optimizer; tokens/s, peak memory, MFU; report.py prints the
-# ratios against the targets and writes e2e_report.json. Run from the repository root:
+# ratios against the targets. Run from the repository root:
 #   bench/e2e/run_gpu.sh [BIN_DIR] [OUT]      BIN_DIR default build-gpu/bin (needs ablate-train), OUT default $OUT
 # PARTS picks what runs (each part alone stays under 4 minutes; all three together do not):
 #   PARTS=e1   0.6B dense (E1_MODEL, default SMALL = d1024 L28 16/8 heads I3072, the Qwen3-0.6B layout) at 4K x 4
@@ -10,6 +10,8 @@
 #              AdamW8bit, AC: ours vs reference compile + torchao AdamW8bit
 #   PARTS=e3   hybrids at E3_MODEL (default SMALL) 4K x 2: MDMA ours vs reference (fla GatedDeltaNet, mamba_ssm SSD,
 #              SDPA) eager and compile; NSA (every attention layer NSA) ours only (fla's NSA needs GQA group >= 16)
+# $OUT gets two files per call (the device tool brings back at most 8): e2e-<parts>_summary.txt (everything printed,
+# the report) and e2e-<parts>_results.tar.gz (per-case JSON, logs, the --print_config the twin was built from).
 # Data: random tokens (uniform over a 65,536 vocabulary, the most a uint16 token file holds) written as an
 # ablate-train dataset; the reference draws the same distribution on the GPU.
 # env: DEADLINE_S (default 220: later runs are skipped and reported), STEPS_4K / STEPS_32K / STEPS_4B (logged steps),
@@ -25,8 +27,11 @@ vocab=${VOCAB:-65536}
 e1_model=${E1_MODEL:-SMALL}
 e2_model=${E2_MODEL:-MEDIUM}
 e3_model=${E3_MODEL:-SMALL}
-summary="$out/e2e_summary.txt"
+tag=e2e-$(echo "$parts" | tr -c 'a-z0-9\n' '_' | tr -d '\n' | sed 's/_*$//')
+summary="$out/${tag}_summary.txt"
+: > "$summary"
 work=/tmp/ablate-e2e
+res=$(mktemp -d "/tmp/$tag.XXXX")
 mkdir -p "$work"
 t0=$(date +%s)
 log() { echo "== $*" | tee -a "$summary"; }
@@ -64,16 +69,16 @@ run_case() {
     $train $mflags --print_config --data_dir "$work/data" > "$work/$label.config.txt" 2>&1 \
       || log "$label: --print_config failed: $(tail -3 "$work/$label.config.txt")"
   fi
-  cp "$work/$label.config.txt" "$out/$label.config.txt" 2>/dev/null
+  cp "$work/$label.config.txt" "$res/$label.config.txt" 2>/dev/null
   if (( $(left) < 20 )); then log "$label: skipped (deadline)"; return; fi
   if [[ -x $train ]]; then
     local c=$(( cap < $(left) ? cap : $(left) ))
     # shellcheck disable=SC2086
     python3 bench/e2e/run_ours.py --bin "$train" --label "$label-ours" --steps "$steps" --warmup "$warm" \
-      --time_cap_s "$c" --json "$out/$label-ours.json" --log "$work/$label-ours.log" -- \
+      --time_cap_s "$c" --json "$res/$label-ours.json" --log "$work/$label-ours.log" -- \
       $mflags --context_length "$seq" --batch_size "$batch" --optimizer_type "$opt" "${acflag[@]}" "${common[@]}" \
-      | grep RESULT | cut -c1-400
-    tail -3 "$work/$label-ours.log" > "$out/$label-ours.tail.txt" 2>/dev/null
+      | grep RESULT | cut -c1-400 | tee -a "$summary"
+    cp "$work/$label-ours.log" "$res/" 2>/dev/null
   fi
   for mode in $modes; do
     if (( $(left) < 20 )); then log "$label-$mode: skipped (deadline)"; continue; fi
@@ -84,9 +89,10 @@ run_case() {
     [[ $opt == adamw8bit ]] && ropt=adamw8bit
     timeout $(( c + 30 )) python3 bench/e2e/ref_model.py --print_config "$work/$label.config.txt" --seq "$seq" \
       --batch "$batch" --mode "$mode" --optimizer "$ropt" "${refac[@]}" --steps "$steps" --warmup "$warm" \
-      --time_cap_s "$c" --device "${DEVICE:-cuda}" --label "$label-$mode" --json "$out/$label-$mode.json" > "$work/$label-$mode.log" 2>&1
+      --time_cap_s "$c" --device "${DEVICE:-cuda}" --label "$label-$mode" --json "$res/$label-$mode.json" > "$work/$label-$mode.log" 2>&1
     log "$label-$mode rc=$?: $(grep -h RESULT "$work/$label-$mode.log" | cut -c1-300)"
-    grep -v RESULT "$work/$label-$mode.log" | grep -i -E 'error|Traceback' | tail -3
+    grep -v RESULT "$work/$label-$mode.log" | grep -i -E 'error|Traceback' | tail -3 | tee -a "$summary"
+    cp "$work/$label-$mode.log" "$res/" 2>/dev/null
   done
 }
 
@@ -109,5 +115,6 @@ for p in $parts; do
     *) log "unknown part $p (e1, e2, e3)" ;;
   esac
 done
-python3 bench/e2e/report.py "$out" --json "$out/e2e_report.json" 2>&1 | tee -a "$summary"
+python3 bench/e2e/report.py "$res" --json "$res/e2e_report.json" 2>&1 | tee -a "$summary"
+tar -czf "$out/${tag}_results.tar.gz" -C "$res" . && log "raw files: $out/${tag}_results.tar.gz"
 log "e2e done in $(( $(date +%s) - t0 ))s"

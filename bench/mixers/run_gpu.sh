@@ -7,15 +7,19 @@
 #        BUDGET_S (seconds of timed calls per row, default 1.5), OURS_DEADLINE_S / REF_DEADLINE_S (default 100 / 100),
 #        MAX_T (skip shapes with a longer sequence).
 # Every step reports its failure and the next one still runs. Total well under 4 minutes on an H200.
+# $OUT gets two files (the device tool brings back at most 8): mixers_summary.txt (tables, speedups, checks) and
+# mixers_results.tar.gz (every raw file: mixers_{ours,ref}.{txt,jsonl}, mixers_compare.json).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bin=${1:-build-gpu/bin}
 out=${2:-${OUT:-gpu-out}}
 mkdir -p "$out"
+work=$(mktemp -d /tmp/ablate-mixers.XXXX)
 cases=${CASES:-k2,k3,k4,k1}
 budget=${BUDGET_S:-1.5}
 maxt=${MAX_T:-1048576}
 summary="$out/mixers_summary.txt"
+: > "$summary"
 log() { echo "== $*" | tee -a "$summary"; }
 t0=$(date +%s)
 log "mixers: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
@@ -23,10 +27,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 if [[ -x $bin/mixer_bench ]]; then
   timeout 170 "$bin/mixer_bench" --device cuda --case "$cases" --budget_s "$budget" --max_t "$maxt" \
-    --deadline_s "${OURS_DEADLINE_S:-100}" --json "$out/mixers_ours.jsonl" > "$out/mixers_ours.txt" 2>&1
+    --deadline_s "${OURS_DEADLINE_S:-100}" --json "$work/mixers_ours.jsonl" > "$work/mixers_ours.txt" 2>&1
   rc=$?
   log "mixer_bench rc=$rc ($(( $(date +%s) - t0 ))s)"
-  grep -v '^{' "$out/mixers_ours.txt"
+  grep -v '^{' "$work/mixers_ours.txt" | tee -a "$summary"
 else
   log "mixer_bench not found in $bin (build it: cmake --build <dir> --target mixer_bench)"
 fi
@@ -34,12 +38,13 @@ fi
 refpy=$(bench/setup-refpy.sh)
 t1=$(date +%s)
 PYTHONPATH="$refpy${PYTHONPATH:+:$PYTHONPATH}" timeout 170 python3 bench/mixers/ref_mixers.py --case "$cases" \
-  --budget_s "$budget" --max_t "$maxt" --deadline_s "${REF_DEADLINE_S:-100}" --json "$out/mixers_ref.jsonl" \
-  > "$out/mixers_ref.txt" 2>&1
+  --budget_s "$budget" --max_t "$maxt" --deadline_s "${REF_DEADLINE_S:-100}" --json "$work/mixers_ref.jsonl" \
+  > "$work/mixers_ref.txt" 2>&1
 rc=$?
 log "ref_mixers rc=$rc ($(( $(date +%s) - t1 ))s)"
-grep -v '^{' "$out/mixers_ref.txt" | grep -v -i 'warn' | tail -80
+grep -v '^{' "$work/mixers_ref.txt" | grep -v -i 'warn' | tail -80 | tee -a "$summary"
 
-python3 bench/mixers/compare.py "$out/mixers_ours.jsonl" "$out/mixers_ref.jsonl" --json "$out/mixers_compare.json" \
+python3 bench/mixers/compare.py "$work/mixers_ours.jsonl" "$work/mixers_ref.jsonl" --json "$work/mixers_compare.json" \
   2>&1 | tee -a "$summary"
+tar -czf "$out/mixers_results.tar.gz" -C "$work" . && log "raw files: $out/mixers_results.tar.gz"
 log "mixers done in $(( $(date +%s) - t0 ))s"
