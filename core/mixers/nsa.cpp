@@ -8,13 +8,24 @@
 //   `chunk_budget` elements.
 // - Backward recomputes scores and probabilities chunk by chunk from the saved inputs (FlashAttention's
 //   dS = P * (dP - rowsum(P * dP))); nothing per chunk is kept between forward and backward.
+// - On CUDA the selected branch runs the kernels of kernels/nsa_select.h instead (no gathered K/V at all):
+//   query-centric forward and dq, key-centric dk/dv over an inverse index built here with sort/bincount/cumsum.
 #include "core/mixers/nsa.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
+
+#include "core/ops/kernel_dispatch.h"
+#include "kernels/nsa_select.h"
+
+#if ABLATE_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace ablate::core {
 namespace {
@@ -26,6 +37,7 @@ using torch::autograd::variable_list;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 std::atomic<int64_t> g_max_chunk_numel{0};
+std::atomic<bool> g_slc_kernels{true};
 
 void note_chunk(const Tensor& t) {
   const int64_t n = t.numel();
@@ -263,9 +275,150 @@ int64_t slc_chunk(int64_t B, int64_t H, int64_t KV, int64_t hd, const NsaAttenti
   return pick_chunk(std::max(B * KV * L * hd, B * H * L), o, T);
 }
 
+// ---- selected branch on the CUDA kernels ----
+
+// CUDA tensors of fp32/bf16 (kernel_dispatch's rule) or fp16, with a head_dim and group size the kernels take.
+bool slc_kernel_takes(const Tensor& q, const NsaAttentionOptions& o) {
+  if (!ops::kHaveCudaKernels || !q.is_cuda() || !g_slc_kernels.load()) return false;
+  if (!ops::kernel_takes(q.scalar_type(), q.device()) && q.scalar_type() != torch::kHalf) return false;
+  return kernels::nsa_select_cuda_supports(o.head_dim(), o.num_heads() / o.num_kv_heads());
+}
+
+// Contiguous and 16-byte aligned (the kernels load 16-byte vectors).
+Tensor kernel_operand(const Tensor& t) {
+  auto c = t.contiguous();
+  if (reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+kernels::NsaSelectShape slc_shape(const Tensor& q, const NsaAttentionOptions& o) {
+  kernels::NsaSelectShape s;
+  s.B = q.size(0);
+  s.T = q.size(1);
+  s.H = o.num_heads();
+  s.KV = o.num_kv_heads();
+  s.head_dim = o.head_dim();
+  s.num_selected = o.num_selected();
+  s.block = o.slc_block();
+  s.scale = static_cast<float>(o.scale());
+  s.dtype = q.scalar_type() == torch::kBFloat16 ? kernels::NsaDtype::kBF16
+            : q.scalar_type() == torch::kHalf   ? kernels::NsaDtype::kF16
+                                                : kernels::NsaDtype::kF32;
+  return s;
+}
+
+#if ABLATE_WITH_CUDA
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "nsa_selected_attention ", what, " CUDA kernel: ", cudaGetErrorString(err));
+}
+#endif
+
+// -> {o (B, T, H, hd) in q's dtype, lse (B, T, H) fp32}. q, k, v, idx: kernel operands.
+std::pair<Tensor, Tensor> slc_kernel_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& idx,
+                                             const NsaAttentionOptions& o) {
+  auto out = torch::empty(q.sizes(), q.options());
+  auto lse = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(torch::kFloat));
+#if ABLATE_WITH_CUDA
+  kernels::NsaSelectFwdArgs a;
+  a.s = slc_shape(q, o);
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.block_idx = idx.data_ptr<int64_t>();
+  a.o = out.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_cuda(kernels::nsa_select_forward_cuda(a, c10::cuda::getCurrentCUDAStream()), "forward");
+#else
+  TORCH_CHECK(false, "nsa_selected_attention: this build has no CUDA kernels (ABLATE_WITH_CUDA=OFF)");
+#endif
+  return {out, lse};
+}
+
+// The inverse index for the key-centric dk/dv kernel: the queries that selected each (b, kv head, block), in
+// segments of at most nsa_select_seg_queries(G) queries (block 0 and the local blocks are selected by nearly
+// every query; segments keep the thread blocks' work bounded).
+struct SlcInverse {
+  Tensor rows_t, seg_key, seg_start, seg_len;  // int32
+  int64_t num_segments = 0;
+};
+
+SlcInverse slc_inverse(const Tensor& idx, const NsaAttentionOptions& o) {
+  const auto B = idx.size(0), T = idx.size(1), KV = idx.size(2), n = idx.size(3);
+  const int64_t ns = o.num_slc_blocks(T), nkeys = B * KV * ns;
+  TORCH_CHECK(nkeys < (int64_t{1} << 31) && B * T * KV * n < (int64_t{1} << 31) && T < (int64_t{1} << 31),
+              "nsa_selected_attention: too many selection entries for the CUDA kernels' int32 index");
+  auto lopt = idx.options().dtype(torch::kLong);
+  auto tpos = torch::arange(T, lopt).view({1, T, 1, 1}).expand(idx.sizes());
+  auto bc = (torch::arange(B, lopt).view({B, 1, 1, 1}) * KV + torch::arange(KV, lopt).view({1, 1, KV, 1})) * ns;
+  auto valid = (idx >= 0) & (idx * o.slc_block() <= tpos);
+  auto keys = (bc + idx).masked_select(valid);
+  auto ts = tpos.masked_select(valid);
+  auto order = std::get<1>(keys.sort(/*stable=*/true, 0, false));
+  SlcInverse r;
+  r.rows_t = ts.index_select(0, order).to(torch::kInt);
+  auto counts = torch::bincount(keys, /*weights=*/{}, nkeys);
+  auto offsets = counts.cumsum(0) - counts;
+  const int64_t sq = kernels::nsa_select_seg_queries(o.num_heads() / o.num_kv_heads());
+  auto nseg = (counts + (sq - 1)).div(sq, "floor");
+  r.num_segments = nseg.sum().item<int64_t>();
+  auto key_of_seg = torch::repeat_interleave(torch::arange(nkeys, lopt), nseg, /*dim=*/0, r.num_segments);
+  auto first_seg = nseg.cumsum(0) - nseg;
+  auto within = torch::arange(r.num_segments, lopt) - first_seg.index_select(0, key_of_seg);
+  r.seg_key = key_of_seg.to(torch::kInt);
+  r.seg_start = (offsets.index_select(0, key_of_seg) + within * sq).to(torch::kInt);
+  r.seg_len = torch::clamp_max(counts.index_select(0, key_of_seg) - within * sq, sq).to(torch::kInt);
+  return r;
+}
+
+// -> {dq, dk, dv}; dk/dv in fp32.
+std::vector<Tensor> slc_kernel_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& idx,
+                                        const Tensor& out, const Tensor& lse, const Tensor& go,
+                                        const NsaAttentionOptions& o) {
+  auto dout = kernel_operand(go);
+  auto delta = (dout.to(torch::kFloat) * out.to(torch::kFloat)).sum(-1).contiguous();  // (B, T, H)
+  auto dq = torch::empty(q.sizes(), q.options());
+  auto dk = torch::zeros(k.sizes(), k.options().dtype(torch::kFloat));
+  auto dv = torch::zeros(v.sizes(), v.options().dtype(torch::kFloat));
+  const auto inv = slc_inverse(idx, o);
+#if ABLATE_WITH_CUDA
+  kernels::NsaSelectBwdArgs a;
+  a.s = slc_shape(q, o);
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.block_idx = idx.data_ptr<int64_t>();
+  a.dout = dout.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  a.delta = delta.data_ptr<float>();
+  a.dq = dq.data_ptr();
+  a.dk = dk.data_ptr<float>();
+  a.dv = dv.data_ptr<float>();
+  a.inv.rows_t = inv.rows_t.data_ptr<int32_t>();
+  a.inv.seg_key = inv.seg_key.data_ptr<int32_t>();
+  a.inv.seg_start = inv.seg_start.data_ptr<int32_t>();
+  a.inv.seg_len = inv.seg_len.data_ptr<int32_t>();
+  a.inv.num_segments = inv.num_segments;
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_cuda(kernels::nsa_select_backward_cuda(a, c10::cuda::getCurrentCUDAStream()), "backward");
+#else
+  TORCH_CHECK(false, "nsa_selected_attention: this build has no CUDA kernels (ABLATE_WITH_CUDA=OFF)");
+#endif
+  return {dq, dk, dv};
+}
+
 struct SlcFn : torch::autograd::Function<SlcFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& idx,
                         const NsaAttentionOptions& o) {
+    save_options(ctx, o);
+    if (slc_kernel_takes(q, o)) {
+      auto qc = kernel_operand(q), kc = kernel_operand(k), vc = kernel_operand(v), ic = idx.contiguous();
+      auto [out, lse] = slc_kernel_forward(qc, kc, vc, ic, o);
+      ctx->saved_data["kernel"] = true;
+      ctx->save_for_backward({qc, kc, vc, ic, out, lse});
+      return out;
+    }
+    ctx->saved_data["kernel"] = false;
     const auto B = q.size(0), T = q.size(1), H = q.size(2), KV = k.size(2), hd = k.size(3);
     const auto ns = o.num_slc_blocks(T);
     auto kb = to_blocks(k, ns, o.slc_block()), vb = to_blocks(v, ns, o.slc_block());
@@ -278,7 +431,6 @@ struct SlcFn : torch::autograd::Function<SlcFn> {
       auto p = masked_softmax(chunk_scores(qg, g.K, false, o.scale()), g.mask);
       out.slice(1, t0, t1).copy_(from_group(chunk_apply(p, g.V, false)));
     }
-    save_options(ctx, o);
     ctx->save_for_backward({q, k, v, idx});
     return out;
   }
@@ -287,6 +439,14 @@ struct SlcFn : torch::autograd::Function<SlcFn> {
     const auto o = load_options(ctx);
     const auto saved = ctx->get_saved_variables();
     const auto &q = saved[0], &k = saved[1], &v = saved[2], &idx = saved[3];
+    if (ctx->saved_data["kernel"].toBool()) {
+      if (!grads[0].defined()) {
+        return {torch::zeros(q.sizes(), q.options()), torch::zeros(k.sizes(), k.options()),
+                torch::zeros(v.sizes(), v.options()), Tensor(), Tensor()};
+      }
+      auto g = slc_kernel_backward(q, k, v, idx, saved[4], saved[5], grads[0], o);
+      return {g[0], g[1].to(k.scalar_type()), g[2].to(v.scalar_type()), Tensor(), Tensor()};
+    }
     const auto B = q.size(0), T = q.size(1), H = q.size(2), KV = k.size(2), hd = k.size(3);
     const auto ns = o.num_slc_blocks(T), lp = o.slc_block();
     const auto acc = q.options().dtype(acc_type(q.scalar_type()));
@@ -661,5 +821,9 @@ NsaReferenceOutput nsa_reference(NsaAttentionImpl& module, const Tensor& q, cons
 int64_t nsa_max_chunk_numel() { return g_max_chunk_numel.load(); }
 
 void nsa_reset_chunk_stats() { g_max_chunk_numel.store(0); }
+
+void nsa_set_slc_kernels_enabled(bool enabled) { g_slc_kernels.store(enabled); }
+
+bool nsa_slc_kernels_enabled() { return g_slc_kernels.load(); }
 
 }  // namespace ablate::core

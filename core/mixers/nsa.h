@@ -142,4 +142,10 @@ NsaReferenceOutput nsa_reference(NsaAttentionImpl& module, const torch::Tensor& 
 int64_t nsa_max_chunk_numel();
 void nsa_reset_chunk_stats();
 
+// Test hook: whether nsa_selected_attention may run the CUDA kernels (kernels/nsa_select.h) on CUDA tensors of
+// fp32/bf16/fp16 with head_dim 64 or 128 and G <= 16 (default true). false forces the chunked LibTorch path, for
+// comparisons and timings. The kernel path creates no per-chunk intermediates (nsa_max_chunk_numel stays put).
+void nsa_set_slc_kernels_enabled(bool enabled);
+bool nsa_slc_kernels_enabled();
+
 }  // namespace ablate::core

@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "core/mixers/nsa.h"
+#include "kernels/nsa_select.h"
 
 namespace ablate::core {
 namespace {
@@ -560,6 +561,64 @@ TEST(NsaAttentionOptions, RejectsInconsistentSettings) {
   NsaAttention m(small_options(4, 2));
   auto in = make_inputs(small_options(4, 2), 1, 20);
   EXPECT_THROW(m->forward(in.q, in.q, in.v, in.x), c10::Error);  // k with H heads
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// kernels/nsa_select_ref.cpp writes down the contract of the CUDA kernels (o, lse, and dq/dk/dv from lse and
+// delta = rowsum(dO * o)); it must agree with the LibTorch selected branch, incl. -1 slots, a query in the first
+// block, T not a multiple of l', and an all-empty row (o = 0, lse = -inf, zero gradients).
+
+TEST(NsaSelectKernelRef, MatchesLibTorchSelectedBranch) {
+  for (const int64_t G : {1, 3, 4}) {
+    const int64_t B = 2, KV = 2, H = G * KV, T = 77, empty_t = 40;
+    torch::manual_seed(77 + G);
+    auto o = small_options(H, KV);
+    const int64_t hd = o.head_dim(), n = o.num_selected(), ns = o.num_slc_blocks(T);
+    auto q = torch::randn({B, T, H, hd}).requires_grad_();
+    auto k = torch::randn({B, T, KV, hd}).requires_grad_();
+    auto v = torch::randn({B, T, KV, hd}).requires_grad_();
+    auto idx = nsa_select_blocks(torch::rand({B, KV, T, ns}), torch::arange(T), o).permute({0, 2, 1, 3}).contiguous();
+    idx.select(1, empty_t).fill_(-1);
+    ASSERT_TRUE((idx.select(1, 3) == -1).sum().item<int64_t>() == B * KV * (n - 1)) << "t=3 sees block 0 only";
+    auto out = nsa_selected_attention(q, k, v, idx, o);
+    auto w = torch::randn({B, T, H, hd});
+    (out * w).sum().backward();
+
+    kernels::NsaSelectShape sh;
+    sh.B = B, sh.T = T, sh.H = H, sh.KV = KV, sh.head_dim = hd, sh.num_selected = n, sh.block = o.slc_block();
+    sh.scale = static_cast<float>(o.scale());
+    auto qd = q.detach().contiguous(), kd = k.detach().contiguous(), vd = v.detach().contiguous();
+    auto o_ref = torch::empty_like(qd);
+    auto lse = torch::empty({B, T, H});
+    kernels::NsaSelectFwdArgs fa;
+    fa.s = sh;
+    fa.q = qd.data_ptr(), fa.k = kd.data_ptr(), fa.v = vd.data_ptr();
+    fa.block_idx = idx.data_ptr<int64_t>();
+    fa.o = o_ref.data_ptr(), fa.lse = lse.data_ptr<float>();
+    ASSERT_TRUE(kernels::nsa_select_forward_ref(fa));
+    const double e_o = (o_ref - out.detach()).abs().max().item<double>();
+    EXPECT_LT(e_o, 2e-5) << "G=" << G;
+    EXPECT_EQ(o_ref.select(1, empty_t).abs().max().item<double>(), 0.0);
+    EXPECT_TRUE(torch::isneginf(lse.select(1, empty_t)).all().item<bool>());
+    EXPECT_TRUE(torch::isfinite(lse.select(1, empty_t + 1)).all().item<bool>());
+
+    auto delta = (w * o_ref).sum(-1).contiguous();
+    auto dq = torch::empty_like(qd), dk = torch::zeros_like(kd), dv = torch::zeros_like(vd);
+    kernels::NsaSelectBwdArgs ba;
+    ba.s = sh;
+    ba.q = qd.data_ptr(), ba.k = kd.data_ptr(), ba.v = vd.data_ptr();
+    ba.block_idx = idx.data_ptr<int64_t>();
+    ba.dout = w.data_ptr(), ba.lse = lse.data_ptr<float>(), ba.delta = delta.data_ptr<float>();
+    ba.dq = dq.data_ptr(), ba.dk = dk.data_ptr<float>(), ba.dv = dv.data_ptr<float>();
+    ASSERT_TRUE(kernels::nsa_select_backward_ref(ba));
+    const double e_dq = rel_err(dq, q.grad()), e_dk = rel_err(dk, k.grad()), e_dv = rel_err(dv, v.grad());
+    std::printf("[nsa select ref] G=%ld  max|o| err %.2e  rel dq %.2e dk %.2e dv %.2e\n", static_cast<long>(G), e_o,
+                e_dq, e_dk, e_dv);
+    EXPECT_LT(e_dq, 2e-5);
+    EXPECT_LT(e_dk, 2e-5);
+    EXPECT_LT(e_dv, 2e-5);
+    EXPECT_EQ(dq.select(1, empty_t).abs().max().item<double>(), 0.0);
+  }
 }
 
 }  // namespace
