@@ -62,6 +62,15 @@ std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_chunked(const torch::T
                                                                   const torch::Tensor& v, const torch::Tensor& g,
                                                                   const torch::Tensor& beta, int64_t chunk_size,
                                                                   double scale, const torch::Tensor& initial_state) {
+  return gated_delta_rule_chunked_with(ChunkScanImpl::kAuto, q, k, v, g, beta, chunk_size, scale, initial_state);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_chunked_with(ChunkScanImpl impl, const torch::Tensor& q,
+                                                                       const torch::Tensor& k, const torch::Tensor& v,
+                                                                       const torch::Tensor& g,
+                                                                       const torch::Tensor& beta, int64_t chunk_size,
+                                                                       double scale,
+                                                                       const torch::Tensor& initial_state) {
   const auto d = check_delta_inputs(q, k, v, g, beta, initial_state);
   TORCH_CHECK(chunk_size > 0, "gated_delta_rule_chunked: chunk_size must be positive, got ", chunk_size);
   const auto ct = compute_dtype(v);
@@ -100,17 +109,29 @@ std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_chunked(const torch::T
   // S_end = e^{gamma_{L-1}} S0 + sum_s exp(gamma_{L-1} - gamma_s) k_s u_s^T; the decay to the chunk end is the
   // last row of M.
   const auto k_to_end = kc * M.select(-2, L - 1).unsqueeze(-1);
-  const auto chunk_decay = torch::exp(gamma.select(-1, L - 1)).unsqueeze(-1).unsqueeze(-1);  // (b,h,c,1,1)
+  const auto chunk_decay = torch::exp(gamma.select(-1, L - 1));  // (b,h,c)
+  const auto S0 = initial_state.defined() ? initial_state.to(ct) : torch::zeros({Bn, H, K, V}, vc.options());
 
-  auto S = initial_state.defined() ? initial_state.to(ct) : torch::zeros({Bn, H, K, V}, vc.options());
-  std::vector<torch::Tensor> outs;
-  outs.reserve(nc);
-  for (int64_t c = 0; c < nc; ++c) {
-    const auto U = Ut.select(2, c) - torch::matmul(W.select(2, c), S);  // (b,h,l,V)
-    outs.push_back(torch::matmul(q_decayed.select(2, c), S) + torch::matmul(Aqk.select(2, c), U));
-    S = chunk_decay.select(2, c) * S + torch::matmul(k_to_end.select(2, c).transpose(-1, -2), U);
+  torch::Tensor o, S;
+  if (impl == ChunkScanImpl::kAutogradLoop) {
+    // The original form: one state update and one output block per chunk, all recorded by autograd.
+    const auto cd = chunk_decay.unsqueeze(-1).unsqueeze(-1);
+    S = S0;
+    std::vector<torch::Tensor> outs;
+    outs.reserve(nc);
+    for (int64_t c = 0; c < nc; ++c) {
+      const auto U = Ut.select(2, c) - torch::matmul(W.select(2, c), S);  // (b,h,l,V)
+      outs.push_back(torch::matmul(q_decayed.select(2, c), S) + torch::matmul(Aqk.select(2, c), U));
+      S = cd.select(2, c) * S + torch::matmul(k_to_end.select(2, c).transpose(-1, -2), U);
+    }
+    o = torch::stack(outs, 2);
+  } else {
+    // U_c = Ut_c - W_c S_c and S_{c+1} = decay_c S_c + k_to_end_c^T U_c in one op; outputs batched over chunks.
+    auto [S_in, U, S_final] = chunk_state_scan(Ut, W, k_to_end, chunk_decay, S0, impl);
+    o = torch::matmul(q_decayed, S_in) + torch::matmul(Aqk, U);  // (b,h,c,l,V)
+    S = S_final;
   }
-  auto o = torch::stack(outs, 2).reshape({Bn, H, Tp, V}).narrow(2, 0, d.seqlen).transpose(1, 2);
+  o = o.reshape({Bn, H, Tp, V}).narrow(2, 0, d.seqlen).transpose(1, 2);
   return {o.to(v.scalar_type()), S};
 }
 

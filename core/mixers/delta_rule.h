@@ -15,16 +15,27 @@
 
 #include <tuple>
 
+#include "core/mixers/chunk_state_scan.h"
+
 namespace ablate::core {
 
 // The chunked WY/UT-transform form (flash-linear-attention's chunk_gated_delta_rule): inside each chunk the
-// pseudo-values u solve a unit-lower-triangular system, then a sequential recurrence runs over the chunks only.
+// pseudo-values u solve a unit-lower-triangular system, then a sequential recurrence runs over the chunks only
+// (chunk_state_scan: one CUDA kernel per direction for fp32 CUDA tensors); the outputs are batched over chunks.
 // T need not be a multiple of chunk_size (zero-padded internally, cropped).
 std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_chunked(const torch::Tensor& q, const torch::Tensor& k,
                                                                   const torch::Tensor& v, const torch::Tensor& g,
                                                                   const torch::Tensor& beta, int64_t chunk_size = 64,
                                                                   double scale = -1.0,
                                                                   const torch::Tensor& initial_state = torch::Tensor());
+
+// gated_delta_rule_chunked with the chunk scan's implementation chosen (tests and benchmarks): kAuto is what
+// gated_delta_rule_chunked does; kAutogradLoop runs the original per-chunk loop (state update and outputs per chunk)
+// under autograd.
+std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_chunked_with(
+    ChunkScanImpl impl, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& g,
+    const torch::Tensor& beta, int64_t chunk_size = 64, double scale = -1.0,
+    const torch::Tensor& initial_state = torch::Tensor());
 
 // The per-step recurrence above (a loop over T); the reference for the tests.
 std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_sequential(
