@@ -375,7 +375,7 @@ SlcInverse slc_inverse(const Tensor& idx, const NsaAttentionOptions& o) {
 std::vector<Tensor> slc_kernel_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& idx,
                                         const Tensor& out, const Tensor& lse, const Tensor& go,
                                         const NsaAttentionOptions& o) {
-  auto dout = kernel_operand(go);
+  auto dout = kernel_operand(go.to(q.scalar_type()));
   auto delta = (dout.to(torch::kFloat) * out.to(torch::kFloat)).sum(-1).contiguous();  // (B, T, H)
   auto dq = torch::empty(q.sizes(), q.options());
   auto dk = torch::zeros(k.sizes(), k.options().dtype(torch::kFloat));
