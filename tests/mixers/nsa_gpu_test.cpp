@@ -268,5 +268,36 @@ TEST(NsaSelectGpu, TimingPaperScale) {
 #endif
 }
 
+// The other two branches (still LibTorch, chunked) at the paper scale, to see what is left after the selected
+// branch: B=1, T=32768, H=32, KV=8, hd=64, bf16, cmp l=32 d=16, window 512.
+TEST(NsaSelectGpu, TimingCompressedAndWindowBranchesPaperScale) {
+  SKIP_WITHOUT_GPU();
+#if ABLATE_WITH_CUDA
+  const torch::Device dev(torch::kCUDA);
+  torch::manual_seed(11);
+  const int64_t B = 1, T = 32768, H = 32, KV = 8, hd = 64;
+  auto o = slc_options(H, KV, hd, 64, 16).window(512);
+  const int64_t nc = o.num_cmp_blocks(T);
+  auto bopt = torch::TensorOptions().device(dev).dtype(torch::kBFloat16);
+  auto q = torch::randn({B, T, H, hd}, bopt).requires_grad_();
+  auto k = torch::randn({B, T, KV, hd}, bopt).requires_grad_();
+  auto v = torch::randn({B, T, KV, hd}, bopt).requires_grad_();
+  auto kc = torch::randn({B, nc, KV, hd}, bopt).requires_grad_();
+  auto vc = torch::randn({B, nc, KV, hd}, bopt).requires_grad_();
+  auto w = torch::randn({B, T, H, hd}, bopt);
+  auto clear = [&] {
+    for (auto* t : {&q, &k, &v, &kc, &vc}) t->mutable_grad() = Tensor();
+  };
+  const double cmp_f = time_ms([&] { torch::NoGradGuard ng; nsa_compressed_attention(q, kc, vc, o); }, 3, 1);
+  const double cmp_fb = time_ms([&] { clear(); nsa_compressed_attention(q, kc, vc, o).out.backward(w); }, 3, 1);
+  const double swa_f = time_ms([&] { torch::NoGradGuard ng; nsa_window_attention(q, k, v, o); }, 3, 1);
+  const double swa_fb = time_ms([&] { clear(); nsa_window_attention(q, k, v, o).backward(w); }, 3, 1);
+  std::printf("[nsa branch timing] B=1 T=32768 H=32 KV=8 hd=64 bf16: compressed (Nc=%ld, incl. selection) fwd %.1f ms, "
+              "fwd+bwd %.1f ms; window (w=512) fwd %.1f ms, fwd+bwd %.1f ms\n",
+              static_cast<long>(nc), cmp_f, cmp_fb, swa_f, swa_fb);
+  EXPECT_GT(cmp_f, 0.0);
+#endif
+}
+
 }  // namespace
 }  // namespace ablate::core
