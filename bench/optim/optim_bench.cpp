@@ -15,7 +15,7 @@
 // 12 B/param (read p, g; write p) + 2 x state bytes (read and write every moment) against the 4.3 TB/s copy
 // ceiling, and for SOAP the GEMM FLOPs (fp32) of a step. One JSON object per row with --json FILE (appended).
 //
-//   optim_bench [--device cuda|cpu] [--shapes qwen3-0.6b-linear,ablate-0.6b,ablate-4b,tiny]
+//   optim_bench [--device cuda|cpu] [--shapes qwen3-0.6b-linear,ablate-0.6b,ablate-4b,tiny,tiny-linear]
 //               [--optimizers adamw,adamw8bit,adamw4bit,soap,soap8bit,soap4bit,shampoo] [--layers N]
 //               [--iters 50] [--soap_iters 5] [--precondition_frequency 10] [--max_seconds 10]
 //               [--parity FILE ...] [--json FILE] [--dump_shapes FILE]
@@ -127,19 +127,22 @@ ShapeSet transformer_shapes(const std::string& name, const ablate::ModelDims& m,
 }
 
 ShapeSet make_shape_set(const std::string& name, int64_t max_layers) {
-  if (name == "qwen3-0.6b-linear") {
+  if (name == "qwen3-0.6b-linear" || name == "tiny-linear") {
     // Qwen3-0.6B's linear layers: d 1024, 28 layers, 16 q / 8 kv heads of 128, MLP 3072 (196 matrices, 0.44B).
-    const int64_t total = 28, L = max_layers > 0 ? std::min(max_layers, total) : total;
+    // tiny-linear: the same layout at d 32 over 2 layers, for CPU runs of the SOAP comparison.
+    const bool tiny = name == "tiny-linear";
+    const int64_t total = tiny ? 2 : 28, L = max_layers > 0 ? std::min(max_layers, total) : total;
+    const int64_t d = tiny ? 32 : 1024, q = 2 * d, mlp = 3 * d;
     ShapeSet set{name, {}, L, total};
     for (int64_t i = 0; i < L; ++i) {
       const std::string b = "layers." + std::to_string(i) + ".";
-      set.shapes.push_back({b + "q.weight", {2048, 1024}});
-      set.shapes.push_back({b + "k.weight", {1024, 1024}});
-      set.shapes.push_back({b + "v.weight", {1024, 1024}});
-      set.shapes.push_back({b + "o.weight", {1024, 2048}});
-      set.shapes.push_back({b + "gate.weight", {3072, 1024}});
-      set.shapes.push_back({b + "up.weight", {3072, 1024}});
-      set.shapes.push_back({b + "down.weight", {1024, 3072}});
+      set.shapes.push_back({b + "q.weight", {q, d}});
+      set.shapes.push_back({b + "k.weight", {d, d}});
+      set.shapes.push_back({b + "v.weight", {d, d}});
+      set.shapes.push_back({b + "o.weight", {d, q}});
+      set.shapes.push_back({b + "gate.weight", {mlp, d}});
+      set.shapes.push_back({b + "up.weight", {mlp, d}});
+      set.shapes.push_back({b + "down.weight", {d, mlp}});
     }
     return set;
   }
@@ -161,7 +164,7 @@ ShapeSet make_shape_set(const std::string& name, int64_t max_layers) {
     return transformer_shapes(name, m, max_layers);
   }
   TORCH_CHECK(false, "optim_bench: unknown shape set '", name,
-              "', expected qwen3-0.6b-linear, ablate-0.6b, ablate-4b or tiny");
+              "', expected qwen3-0.6b-linear, ablate-0.6b, ablate-4b, tiny or tiny-linear");
 }
 
 // ------------------------------------------------------------------------------------------------ timing
@@ -549,7 +552,7 @@ int usage(const char* argv0) {
                "usage: %s [--device cuda|cpu] [--shapes LIST] [--optimizers LIST] [--layers N] [--iters N>=50]\n"
                "          [--soap_iters N] [--precondition_frequency F] [--max_seconds S] [--parity FILE]... "
                "[--json FILE] [--dump_shapes FILE]\n"
-               "  shapes: qwen3-0.6b-linear, ablate-0.6b, ablate-4b, tiny (comma-separated)\n"
+               "  shapes: qwen3-0.6b-linear, ablate-0.6b, ablate-4b, tiny, tiny-linear (comma-separated)\n"
                "  optimizers: adamw, adamw8bit, adamw4bit, soap, soap8bit, soap4bit, shampoo\n",
                argv0);
   return 2;

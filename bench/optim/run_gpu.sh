@@ -7,7 +7,8 @@
 #          wheels in .deps/wheels (bench/optim/fetch-wheels.sh, run where PyPI is reachable).
 #   env:   STEPS="vectors ours ref report" (default all); ITERS (50), SOAP_ITERS (5), MAX_SECONDS (10 per case);
 #          SETS (AdamW-family shape sets), SOAP_SETS, SOAP_EXTRA_LAYERS (4: layers for soap8bit/soap4bit/shampoo);
-#          REFS_SETS (which sets each reference runs on; see ref_optim.py --refs_sets).
+#          REFS_SETS (which sets each reference runs on; see ref_optim.py --refs_sets); DEVICE (cuda; cpu with
+#          SETS=tiny SOAP_SETS=tiny-linear BIN=build/bin PYTHON=.venv/bin/python is a dry run of this script on a machine without a GPU).
 # $OUT (or ./gpu-out) gets at most 7 files: summary.txt (the K5-K8 table and every row, Markdown), results.json,
 # ours.txt, ref.txt, and the regenerated vectors torchao_adamw8bit.bin, torchao_adamw4bit.bin,
 # torchao_vectors.json (commit those three to tests/optim/data/).
@@ -15,12 +16,15 @@ set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
 steps=${STEPS:-vectors ours ref report}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+dev=${DEVICE:-cuda}
+py=${PYTHON:-python3}
 bindir=${BIN:-build-gpu/bin}
 bench=$bindir/optim_bench
 work=$(mktemp -d /tmp/optim-bench.XXXXXX)
 sets=${SETS:-qwen3-0.6b-linear,ablate-0.6b,ablate-4b}
 soap_sets=${SOAP_SETS:-qwen3-0.6b-linear}
 iters=${ITERS:-50}; soap_iters=${SOAP_ITERS:-5}; max_s=${MAX_SECONDS:-10}
+all_sets=$(echo "$sets,$soap_sets" | tr ',' '\n' | awk 'NF && !seen[$0]++' | paste -sd, -)
 refs_sets=${REFS_SETS:-torchao_adamw8bit=qwen3-0.6b-linear+ablate-0.6b,torchao_adamw4bit=qwen3-0.6b-linear+ablate-0.6b,eo_soap_default=$soap_sets,eo_soap_matched=$soap_sets}
 sum=$out/summary.txt
 log() { echo "== $*" | tee -a "$sum"; }
@@ -35,13 +39,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 site=/tmp/optim-ref-site
 t0=$(date +%s)
 if ls .deps/wheels/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --upgrade --target "$site" \
+  "$py" -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --upgrade \
+    --ignore-requires-python --target "$site" \
     .deps/wheels/*.whl > "$work/pip.log" 2>&1 || { log "pip install of .deps/wheels FAILED"; tail -5 "$work/pip.log" | tee -a "$sum"; }
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 else
   log "no .deps/wheels/*.whl (run bench/optim/fetch-wheels.sh here first): torchao, bitsandbytes, Emerging-Optimizers will be skipped"
 fi
-python3 - <<'PY' 2>&1 | grep -v '^W[0-9]' | tee -a "$sum"
+"$py" - <<'PY' 2>&1 | grep -v '^W[0-9]' | tee -a "$sum"
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
 for m in ("torchao", "bitsandbytes", "emerging_optimizers", "triton"):
@@ -57,10 +62,11 @@ if [[ " $steps " == *" vectors "* ]]; then
   t0=$(date +%s)
   # Acceptance 2: the torchao AdamW8bit/4bit vectors made on the GPU; the gtest compares our CPU path with them,
   # optim_bench --parity (below) our CUDA kernels.
-  python3 tests/optim/make_torchao_vectors.py --device cuda --out "$out" > "$work/vectors.log" 2>&1
-  log "make_torchao_vectors.py --device cuda rc=$?: $(grep -c wrote "$work/vectors.log") files"
+  "$py" tests/optim/make_torchao_vectors.py --device "$dev" --out "$out" > "$work/vectors.log" 2>&1
+  log "make_torchao_vectors.py --device $dev rc=$?: $(grep -c wrote "$work/vectors.log") files"
   grep -v '^W[0-9]' "$work/vectors.log" | tail -5
-  if [[ -f $out/torchao_adamw8bit.bin && -f $out/torchao_adamw4bit.bin ]]; then
+  if [[ $dev == cuda && -f $out/torchao_adamw8bit.bin && -f $out/torchao_adamw4bit.bin ]]; then
+    # Into this (the GPU machine's) copy of the tree, where the gtest reads them.
     cp "$out"/torchao_adamw8bit.bin "$out"/torchao_adamw4bit.bin tests/optim/data/
     [[ -f $out/torchao_vectors.json ]] && cp "$out"/torchao_vectors.json tests/optim/data/
     if [[ -x $bindir/optim_adamw_test ]]; then
@@ -70,7 +76,7 @@ if [[ " $steps " == *" vectors "* ]]; then
     fi
   fi
   # The same test at Qwen3-0.6B tensor sizes and lr 1e-3 (torchao on CUDA), replayed by optim_bench below.
-  python3 bench/optim/ref_optim.py --device cuda --refs '' --parity_out "$work" > "$work/parity.log" 2>&1
+  "$py" bench/optim/ref_optim.py --device "$dev" --refs '' --parity_out "$work" > "$work/parity.log" 2>&1
   log "ref_optim.py --parity_out rc=$?: $(grep -c wrote "$work/parity.log") files"
   phase "vectors"
 fi
@@ -81,14 +87,14 @@ if [[ " $steps " == *" ours "* && -x $bench ]]; then
   for f in "$out"/torchao_adamw8bit.bin "$out"/torchao_adamw4bit.bin "$work"/torchao_parity_8bit.bin "$work"/torchao_parity_4bit.bin; do
     [[ -f $f ]] && parity+=(--parity "$f")
   done
-  "$bench" --dump_shapes "$work/shapes.jsonl" --shapes "$sets,$soap_sets" > /dev/null
+  "$bench" --dump_shapes "$work/shapes.jsonl" --shapes "$all_sets" > /dev/null
   {
-    "$bench" --device cuda --shapes "$sets" --optimizers adamw,adamw8bit,adamw4bit --iters "$iters" \
+    "$bench" --device "$dev" --shapes "$sets" --optimizers adamw,adamw8bit,adamw4bit --iters "$iters" \
       --max_seconds "$max_s" "${parity[@]}" --json "$work/ours.jsonl"
     echo "rc=$?"
-    "$bench" --device cuda --shapes "$soap_sets" --optimizers soap --soap_iters "$soap_iters" --json "$work/ours.jsonl"
+    "$bench" --device "$dev" --shapes "$soap_sets" --optimizers soap --soap_iters "$soap_iters" --json "$work/ours.jsonl"
     echo "rc=$?"
-    "$bench" --device cuda --shapes "$soap_sets" --layers "${SOAP_EXTRA_LAYERS:-4}" --optimizers soap8bit,soap4bit,shampoo \
+    "$bench" --device "$dev" --shapes "$soap_sets" --layers "${SOAP_EXTRA_LAYERS:-4}" --optimizers soap8bit,soap4bit,shampoo \
       --soap_iters "$soap_iters" --json "$work/ours.jsonl"
     echo "rc=$?"
   } > "$out/ours.txt" 2>&1
@@ -99,8 +105,8 @@ fi
 
 if [[ " $steps " == *" ref "* ]]; then
   t0=$(date +%s)
-  [[ -f $work/shapes.jsonl ]] || "$bench" --dump_shapes "$work/shapes.jsonl" --shapes "$sets,$soap_sets" > /dev/null
-  python3 bench/optim/ref_optim.py --device cuda --shapes_file "$work/shapes.jsonl" --refs_sets "$refs_sets" \
+  [[ -f $work/shapes.jsonl ]] || "$bench" --dump_shapes "$work/shapes.jsonl" --shapes "$all_sets" > /dev/null
+  "$py" bench/optim/ref_optim.py --device "$dev" --shapes_file "$work/shapes.jsonl" --refs_sets "$refs_sets" \
     --iters "$iters" --soap_iters "$soap_iters" --max_seconds "$max_s" --json "$work/ref.jsonl" \
     > "$out/ref.txt" 2>&1
   log "ref_optim.py rc=$?: $(grep -c '"kind": "step"' "$work/ref.jsonl" 2>/dev/null || echo 0) rows; skipped: $(grep -c '"kind": "skip"' "$work/ref.jsonl" 2>/dev/null || echo 0)"
@@ -110,7 +116,7 @@ fi
 
 if [[ " $steps " == *" report "* ]]; then
   echo | tee -a "$sum"
-  python3 bench/optim/report.py "$work/ours.jsonl" "$work/ref.jsonl" --json "$out/results.json" \
+  "$py" bench/optim/report.py "$work/ours.jsonl" "$work/ref.jsonl" --json "$out/results.json" \
     --meta "commit=$(git rev-parse --short HEAD 2>/dev/null)" "date=$(date -u +%FT%TZ)" \
     "gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)" \
     2>&1 | tee -a "$sum"
