@@ -115,13 +115,12 @@ int parse_train_args(const std::vector<std::string>& args, TrainConfig& c, std::
   app.add_option("--num_threads", c.num_threads, "CPU threads (0 = auto: 1 for models under 5M params, else all)");
   app.add_flag("--print_config", c.print_config,
                "print the family, pattern, dims and exact per-mixer and total parameter counts, then exit");
-  // Seed flags accepted so its command lines run; they select nothing here.
   app.add_option("--kernel_type", c.kernel_type,
-                 "baseline|triton|liger: accepted and ignored (one LibTorch implementation of every kernel)")
-      ->group("Compatibility");
+                 "liger|triton (default liger): the fused RMSNorm(+residual), RoPE, SwiGLU kernels (core/ops); "
+                 "baseline: LibTorch composites (the seed's names; triton is an alias of liger here)");
   app.add_option("--ce_kernel_type", c.ce_kernel_type,
-                 "baseline|liger: accepted and ignored (the loss is always the chunked linear + cross-entropy)")
-      ->group("Compatibility");
+                 "liger: the fused linear + cross-entropy kernel; baseline: the chunked LibTorch composite "
+                 "(default: follows --kernel_type)");
   std::string dataset_name, dataset_subset;
   app.add_option("--dataset_name", dataset_name, "accepted and ignored: no network; data comes from --data_dir")
       ->group("Compatibility");
@@ -145,9 +144,6 @@ int parse_train_args(const std::vector<std::string>& args, TrainConfig& c, std::
     err << "ablate-train: " << e.what() << "\n";
     return kExitInvalidConfig;
   }
-  if (app.count("--kernel_type") || app.count("--ce_kernel_type"))
-    err << "ablate-train: note: --kernel_type/--ce_kernel_type are ignored (one LibTorch implementation per op; the "
-           "loss is always the chunked linear + cross-entropy)\n";
   if (!dataset_name.empty() || !dataset_subset.empty())
     err << "ablate-train: note: --dataset_name/--dataset_subset are ignored (no network); reading "
         << (c.data_dir.empty() ? std::string(kDefaultDataDir) : c.data_dir) << "\n";

@@ -237,6 +237,8 @@ ModelDims resolve_model(const TrainConfig& cfg, int64_t vocab_size) {
   m.nsa_window_size = cfg.nsa_window_size;
   m.nsa_cmp_block_size = cfg.nsa_cmp_block_size;
   m.nsa_cmp_stride = cfg.nsa_cmp_stride;
+  m.fused_kernels = cfg.kernel_type != "baseline";
+  m.fused_loss = cfg.ce_kernel_type.empty() ? m.fused_kernels : cfg.ce_kernel_type != "baseline";
   const int64_t fixed_layers =
       m.family == "hybrid" && cfg.block_repeats > 0 ? cfg.block_repeats * static_cast<int64_t>(m.pattern.size()) : 0;
   size_model(m, cfg.model_size, fixed_layers);

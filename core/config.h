@@ -43,6 +43,10 @@ struct ModelDims {
   // NSA (paper defaults): selection block l', selected blocks n, window w, compression block l and stride d.
   int64_t nsa_block_size = 64, nsa_num_selected_blocks = 16, nsa_window_size = 512, nsa_cmp_block_size = 32,
           nsa_cmp_stride = 16;
+  // Not shape: which implementation runs. fused_kernels: the hand-written RMSNorm(+residual), RoPE and SwiGLU
+  // (core/ops) instead of LibTorch composites (--kernel_type liger|triton vs baseline); fused_loss: the fused
+  // linear + cross-entropy kernel instead of the chunked composite (--ce_kernel_type liger vs baseline).
+  bool fused_kernels = true, fused_loss = true;
 
   char layer_type(int64_t i) const { return pattern[static_cast<size_t>(i) % pattern.size()]; }
   int64_t repeats() const { return n_layers / static_cast<int64_t>(pattern.size()); }

@@ -4,7 +4,11 @@
 #include <cmath>
 
 #include "core/checkpointing.h"
+#include "core/ops/cross_entropy.h"
 #include "core/ops/rmsnorm.h"
+#include "core/ops/rmsnorm_residual.h"
+#include "core/ops/rope.h"
+#include "core/ops/swiglu.h"
 
 namespace ablate {
 
@@ -106,7 +110,7 @@ torch::nn::Linear linear(int64_t in, int64_t out) {
 }  // namespace
 
 AttentionImpl::AttentionImpl(const ModelDims& m)
-    : n_heads(m.n_heads), n_kv_heads(m.n_kv_heads), head_dim(m.head_dim) {
+    : n_heads(m.n_heads), n_kv_heads(m.n_kv_heads), head_dim(m.head_dim), fused(m.fused_kernels) {
   q = register_module("q", linear(m.d, n_heads * head_dim));
   k = register_module("k", linear(m.d, n_kv_heads * head_dim));
   v = register_module("v", linear(m.d, n_kv_heads * head_dim));
@@ -127,8 +131,13 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   auto qh = q(x).view({B, T, n_heads, head_dim}).transpose(1, 2);
   auto kh = k(x).view({B, T, n_kv_heads, head_dim}).transpose(1, 2);
   auto vh = v(x).view({B, T, n_kv_heads, head_dim});
-  qh = apply_rope(qh, cos, sin);
-  kh = apply_rope(kh, cos, sin);
+  if (fused) {
+    // One launch for q and k; the results are [B, H, T, hd] views of [B, T, H, hd] memory, like the inputs.
+    std::tie(qh, kh) = ops::rope_qk(qh, kh, cos, sin);
+  } else {
+    qh = apply_rope(qh, cos, sin);
+    kh = apply_rope(kh, cos, sin);
+  }
   if (nsa) {
     // NSA takes (B, T, heads, hd) with q/k already RoPE'd, and the layer input for its branch gates.
     auto out = nsa->forward(qh.transpose(1, 2), kh.transpose(1, 2), vh, x);
@@ -149,15 +158,17 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   return o(out.transpose(1, 2).reshape({B, T, n_heads * head_dim}));
 }
 
-MLPImpl::MLPImpl(const ModelDims& m) {
+MLPImpl::MLPImpl(const ModelDims& m) : fused(m.fused_kernels) {
   gate = register_module("gate", linear(m.d, m.intermediate));
   up = register_module("up", linear(m.d, m.intermediate));
   down = register_module("down", linear(m.intermediate, m.d));
 }
 
-torch::Tensor MLPImpl::forward(const torch::Tensor& x) { return down(F::silu(gate(x)) * up(x)); }
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
+  return down(fused ? ops::swiglu(gate(x), up(x)) : F::silu(gate(x)) * up(x));
+}
 
-BlockImpl::BlockImpl(const ModelDims& m, char t) : type(t) {
+BlockImpl::BlockImpl(const ModelDims& m, char t) : type(t), fused(m.fused_kernels) {
   norm1 = register_parameter("norm1", torch::ones({m.d}));
   norm2 = register_parameter("norm2", torch::ones({m.d}));
   switch (t) {
@@ -184,10 +195,16 @@ BlockImpl::BlockImpl(const ModelDims& m, char t) : type(t) {
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  const auto xn = ops::rmsnorm(x, norm1, kNormEps);
+  const auto xn = fused ? ops::rmsnorm(x, norm1, kNormEps) : ops::rmsnorm_composite(x, norm1, kNormEps);
   const auto mixed = type == 'A' ? attn(xn, cos, sin) : type == 'M' ? mamba(xn) : deltanet(xn);
-  auto h = x + mixed;
-  return h + mlp(ops::rmsnorm(h, norm2, kNormEps));
+  if (!fused) {
+    auto h = x + mixed;
+    return h + mlp(ops::rmsnorm_composite(h, norm2, kNormEps));
+  }
+  // Residual add + RMSNorm in one pass. Under autocast the mixer's output is bf16 while the residual stream stays
+  // in the embedding's dtype (fp32): promote it first, which is exactly what x + mixed would do.
+  auto [h, hn] = ops::rmsnorm_residual(mixed.to(x.scalar_type()), x, norm2, kNormEps);
+  return h + mlp(hn);
 }
 
 LanguageModelImpl::LanguageModelImpl(const ModelDims& m, double theta) : dims(m), rope_theta(theta) {
@@ -248,13 +265,14 @@ torch::Tensor LanguageModelImpl::hidden_states(const torch::Tensor& ids) {
       x = blk->forward(x, cos, sin);
     }
   }
-  return ops::rmsnorm(x, final_norm, kNormEps);
+  return dims.fused_kernels ? ops::rmsnorm(x, final_norm, kNormEps) : ops::rmsnorm_composite(x, final_norm, kNormEps);
 }
 
 torch::Tensor LanguageModelImpl::logits(const torch::Tensor& ids) { return head(hidden_states(ids)); }
 
 torch::Tensor LanguageModelImpl::loss(const torch::Tensor& ids, const torch::Tensor& targets) {
   auto h = hidden_states(ids);
+  if (dims.fused_loss) return ops::linear_cross_entropy(h.reshape({-1, dims.d}), head->weight, targets.reshape({-1}));
   return chunked_linear_cross_entropy(h.reshape({-1, dims.d}), head->weight, targets.reshape({-1}));
 }
 

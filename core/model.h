@@ -1,7 +1,9 @@
 // Decoder-only language models of every family of the study, built from a block pattern (core/config.h ModelDims):
 // A = attention (dense causal SDPA with GQA, or Native Sparse Attention), M = Mamba2 (SSD), D = Gated DeltaNet.
 // Each block: pre-norm RMSNorm -> mixer -> residual -> RMSNorm -> SwiGLU -> residual. RoPE (NeoX rotate_half) in
-// the attention blocks, no biases outside the mixers, final norm, untied head, chunked linear + CE loss.
+// the attention blocks, no biases outside the mixers, final norm, untied head, linear + CE loss that never holds
+// the full logits. ModelDims::fused_kernels / fused_loss pick the hand-written kernels of core/ops (default) or
+// the LibTorch composites.
 #pragma once
 #include <torch/torch.h>
 
@@ -28,6 +30,7 @@ struct AttentionImpl : torch::nn::Module {
   explicit AttentionImpl(const ModelDims& m);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
   int64_t n_heads, n_kv_heads, head_dim;
+  bool fused;  // RoPE kernel (core/ops/rope.h) instead of apply_rope
   torch::nn::Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr};
   core::NsaAttention nsa{nullptr};  // set when attn_type == "nsa": replaces SDPA on the projected q, k, v
 };
@@ -36,6 +39,7 @@ TORCH_MODULE(Attention);
 struct MLPImpl : torch::nn::Module {
   explicit MLPImpl(const ModelDims& m);
   torch::Tensor forward(const torch::Tensor& x);
+  bool fused;  // SwiGLU kernel instead of silu(gate) * up
   torch::nn::Linear gate{nullptr}, up{nullptr}, down{nullptr};
 };
 TORCH_MODULE(MLP);
@@ -45,6 +49,7 @@ struct BlockImpl : torch::nn::Module {
   BlockImpl(const ModelDims& m, char type);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
   char type;
+  bool fused;                  // RMSNorm and residual + RMSNorm kernels instead of the composites
   torch::Tensor norm1, norm2;  // RMSNorm weights
   Attention attn{nullptr};
   core::Mamba2Mixer mamba{nullptr};
