@@ -152,6 +152,13 @@ def install_transformers_stub():
 
     logging.setLoggerClass(_Log)
     tf = types.ModuleType("transformers")
+
+    def _missing(name):  # `from transformers import AutoConfig` (fla.models): "not installed", which fla tolerates
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ModuleNotFoundError(f"transformers stub has no {name}", name="transformers")
+
+    tf.__getattr__ = _missing
     utils = types.ModuleType("transformers.utils")
     log = types.ModuleType("transformers.utils.logging")
     log.get_logger = logging.getLogger

@@ -56,6 +56,9 @@ def main():
             mfu = (fpt or 0) * r["tokens_per_sec"] / 989e12
             r["mfu_docs_formula"] = mfu
             note = ""
+            if name != "ours" and r.get("params") is not None:
+                po = (r.get("dims") or {}).get("params_ours")
+                note = f"params {r['params']:,} ({'= ours' if r['params'] == po else f'ours {po}'})"
             if name == "ours" and fpt_ref and r.get("flops_per_token"):
                 note = f"ablate-train FLOPs/token {r['flops_per_token'] / 1e9:.2f} G vs twin {fpt_ref / 1e9:.2f} G"
             print(f"{case:12s} {name:8s} {r['tokens_per_sec']:9.0f} {r.get('tokens_per_sec_p20', 0):9.0f} "
