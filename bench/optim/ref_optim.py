@@ -25,7 +25,8 @@ no-refresh / refresh steps (one warm-up of each, --soap_iters timed of each); th
 every step, so it only has refresh steps. Writes one JSON line per row to --json (appended).
 
 Parity (K6): --parity_out DIR writes torchao_parity_{8,4}bit.bin (the format of
-tests/optim/make_torchao_vectors.py, plus an "hparams" record [bits, lr, beta1, beta2, eps, weight_decay]):
+tests/optim/make_torchao_vectors.py, plus an "hparams" record [bits, lr, beta1, beta2, eps, weight_decay] and
+the codes of every quantized moment after each step, "exp_avg.codes.K.I" / "exp_avg_sq.codes.K.I"):
 Qwen3-0.6B-sized tensors (quantized), a small matrix and vectors (left fp32 by torchao), two torchao steps on
 --device. optim_bench --parity FILE replays them with our optimizers and prints the max abs difference.
 
@@ -429,6 +430,10 @@ def write_parity(out_dir, device, lr=1e-3):
                 opt.step()
                 for i, p in enumerate(params):
                     write_record(f, f"param.{k}.{i}", p)
+                    for key in ("exp_avg", "exp_avg_sq"):  # quantized moments: the codes, to count flips
+                        q = opt.state[p][key]
+                        if type(q).__name__.startswith("OptimState"):
+                            write_record(f, f"{key}.codes.{k}.{i}", q.codes)
         print(f"wrote {path} (torchao {bits}-bit on {device}, lr {lr})", flush=True)
         paths.append(path)
     return paths

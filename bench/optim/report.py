@@ -58,7 +58,7 @@ class Table:
                "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             v = r["value"]
-            vs = "—" if v is None else (f"{v:.3g}x" if r["kind"] in ("ratio", "speedup") else
+            vs = "—" if v is None else (f"{v:.2f}x" if r["kind"] in ("ratio", "speedup") else
                                        f"{v:.1f} %" if r["kind"] == "pct" else f"{v:.2e}")
             if r["kind"] == "speedup" and v is not None:
                 vs += " faster"
@@ -125,7 +125,9 @@ def main():
             f = r["file"].rsplit("/", 1)[-1]
             t.add("K6" if r["optimizer"] == "adamw8bit" else "K7",
                   f"parity {r['optimizer']} vs torchao after step {r['step']} ({f}, {r['numel']} elements, "
-                  f"lr {r['lr']:g}, ours on {r['device']}; {r['n_above_1e-5']} above 1e-5)", "", "", None, "",
+                  f"lr {r['lr']:g}, ours on {r['device']}; {r['n_above_1e-5']} above 1e-5"
+                  + (f"; {r['codes_differ']} of {r['codes']} moment code bytes differ" if r.get("codes") else "") + ")",
+                  "", "", None, "",
                   r["max_abs_diff"], "<= 1e-5 after 2 steps", r["max_abs_diff"] <= 1e-5 if r["step"] == 2 else None,
                   kind="abs")
 
