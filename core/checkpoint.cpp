@@ -129,8 +129,11 @@ void verify_checkpoint(const std::string& dir_str) {
   if (!m.contains("manifest_sha256") || !m["manifest_sha256"].is_string() ||
       m["manifest_sha256"].get<std::string>() != manifest_digest(m))
     throw ConfigError("checkpoint file " + mpath.string() + " is corrupted: its digest does not match its content");
+  // A sharded run (--parallel zero) writes optimizer-<r>-of-<N>.pt, one per rank, instead of optimizer.pt.
+  bool sharded = false;
+  for (const auto& [name, info] : m["files"].items()) sharded = sharded || name.rfind("optimizer-", 0) == 0;
   for (const auto& f : checkpoint_files())
-    if (!m["files"].contains(f))
+    if (!m["files"].contains(f) && !(sharded && f == "optimizer.pt"))
       throw ConfigError("checkpoint file " + (dir / f).string() + " is not listed in " + mpath.string());
   for (const auto& [name, info] : m["files"].items()) {
     const fs::path p = dir / name;

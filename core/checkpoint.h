@@ -1,7 +1,9 @@
 // Checkpoint directories on disk: durable writes, the sha256 manifest, verification and retention.
 // No LibTorch here (core/train.cpp serializes the tensors).
 //
-// Layout of <run_dir>/checkpoint-<step>/: model.pt, optimizer.pt, rng.pt, state.json and manifest.json.
+// Layout of <run_dir>/checkpoint-<step>/: model.pt, optimizer.pt, rng.pt, state.json and manifest.json; a sharded
+// run (--parallel zero, docs/distributed.md) has optimizer-<r>-of-<N>.pt (rank r's parameters) instead of
+// optimizer.pt, and state.json's optimizer_shards says which parameters each optimizer file holds.
 // A checkpoint is assembled in <run_dir>/checkpoint-<step>.tmp-<pid>/: every file is written and fsynced, then
 // manifest.json (size + sha256 of each file, and a digest of the manifest itself) is written last through a
 // temporary file + fsync + rename, the directory is fsynced, renamed to its final name and the run dir fsynced.

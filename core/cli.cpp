@@ -1,9 +1,11 @@
 // Command-line parsing for ablate-train (CLI11). Accepts `--flag value` and `--flag=value`, plus the seed's
 // single-dash aliases -lr, -wd, -clip, -attn.
 #include <CLI/CLI.hpp>
+#include <cstdlib>
 #include <iostream>
 
 #include "core/cli.h"
+#include "core/dist/launcher.h"
 #include "core/prepare_data.h"
 #include "core/train.h"
 
@@ -113,6 +115,28 @@ int parse_train_args(const std::vector<std::string>& args, TrainConfig& c, std::
   app.add_option("--device", c.device, "auto|cpu|cuda");
   app.add_option("--events_fd", c.events_fd, "file descriptor for JSON-lines events");
   app.add_option("--num_threads", c.num_threads, "CPU threads (0 = auto: 1 for models under 5M params, else all)");
+  // Multi-process training (docs/distributed.md).
+  app.add_option("--nproc", c.nproc,
+                 "processes (ranks) to start on this machine: each trains on batch_size sequences of a global batch of "
+                 "nproc x batch_size (the same sequences one process with that batch size would take); ranks get "
+                 "RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT like torchrun, only rank 0 logs, writes events "
+                 "and checkpoints, and the run fails if any rank fails. Started by a launcher that already set "
+                 "WORLD_SIZE, ablate-train runs as that rank instead")
+      ->group("Distributed");
+  app.add_option("--parallel", c.parallel,
+                 "ddp: every rank keeps the whole optimizer, gradients are averaged by bucketed all-reduce overlapped "
+                 "with backward | zero: each parameter (and its optimizer state, quantized or not) belongs to one "
+                 "rank: gradients are reduce-scattered to their owners, owners step, parameters are all-gathered "
+                 "(ZeRO-2; optimizer memory per rank ~1/N)")
+      ->group("Distributed");
+  app.add_option("--dist_backend", c.dist_backend, "auto (nccl on CUDA, cpu otherwise) | cpu (TCP ring) | nccl")
+      ->group("Distributed");
+  app.add_option("--dist_timeout", c.dist_timeout,
+                 "seconds a collective may make no progress before the communicator is aborted and the run exits "
+                 "with code 5 (failure class hang)")
+      ->group("Distributed");
+  app.add_option("--ddp_bucket_mb", c.ddp_bucket_mb, "gradient bucket size of --parallel ddp, MiB")
+      ->group("Distributed");
   app.add_flag("--print_config", c.print_config,
                "print the family, pattern, dims and exact per-mixer and total parameter counts, then exit");
   app.add_option("--kernel_type", c.kernel_type,
@@ -152,8 +176,19 @@ int parse_train_args(const std::vector<std::string>& args, TrainConfig& c, std::
 
 int train_cli(int argc, char** argv) {
   TrainConfig c;
-  const int rc = parse_train_args(std::vector<std::string>(argv + 1, argv + argc), c, std::cout, std::cerr);
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  const int rc = parse_train_args(args, c, std::cout, std::cerr);
   if (rc >= 0) return rc;
+  const char* ws = std::getenv("WORLD_SIZE");
+  if (c.nproc > 1 && !(ws && *ws)) {
+    try {
+      c.validate();
+    } catch (const ConfigError& e) {
+      std::cerr << "ablate-train: " << e.what() << "\n";
+      return kExitInvalidConfig;
+    }
+    return dist::launch_local(static_cast<int>(c.nproc), dist::strip_flag(args, "--nproc"));
+  }
   return run_training(c);
 }
 

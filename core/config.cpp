@@ -370,6 +370,13 @@ void TrainConfig::validate() const {
   positive("max_precond_dim", max_precond_dim);
   if (keep_checkpoints < 0) throw ConfigError("--keep_checkpoints must be >= 0 (0 keeps all)");
   if (!std::isfinite(peak_tflops)) throw ConfigError("--peak_tflops must be finite");
+  positive("nproc", nproc);
+  if (parallel != "ddp" && parallel != "zero")
+    throw ConfigError("--parallel: unknown value '" + parallel + "' (valid: ddp, zero)");
+  if (dist_backend != "auto" && dist_backend != "cpu" && dist_backend != "nccl")
+    throw ConfigError("--dist_backend: unknown value '" + dist_backend + "' (valid: auto, cpu, nccl)");
+  if (!(dist_timeout > 0) || !std::isfinite(dist_timeout)) throw ConfigError("--dist_timeout must be > 0 seconds");
+  if (!(ddp_bucket_mb > 0) || !std::isfinite(ddp_bucket_mb)) throw ConfigError("--ddp_bucket_mb must be > 0");
 }
 
 void TrainConfig::validate_model() const {

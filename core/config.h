@@ -144,6 +144,13 @@ struct TrainConfig {
   int events_fd = -1;
   bool print_config = false;
   int64_t num_threads = 0;  // 0: auto (1 for models under 5M params, else all hardware threads)
+  // Multi-process training (core/dist, docs/distributed.md). The rank layout comes from the environment (RANK,
+  // WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); --nproc N > 1 without WORLD_SIZE starts N local ranks.
+  int64_t nproc = 1;
+  std::string parallel = "ddp";       // ddp (replicated optimizer) | zero (sharded optimizer state, ZeRO-2)
+  std::string dist_backend = "auto";  // auto (nccl on CUDA, else cpu) | cpu | nccl
+  double dist_timeout = 600;          // seconds a collective may make no progress before the run fails as a hang
+  double ddp_bucket_mb = 25;          // gradient bucket size of ddp
 
   // Checks ranges and names; throws ConfigError / NotImplementedError.
   void validate() const;

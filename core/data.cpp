@@ -265,20 +265,29 @@ uint64_t splitmix64(uint64_t x) {
 Batch DataLoader::train_batch(int64_t cursor) const {
   const uint64_t range = static_cast<uint64_t>(train_.size() - context_length_);  // valid starts: [0, range)
   uint64_t state = splitmix64(seed_ ^ splitmix64(static_cast<uint64_t>(cursor)));
-  std::vector<int64_t> starts(static_cast<size_t>(batch_size_));
+  std::vector<int64_t> starts(static_cast<size_t>(batch_size_ * world_));  // the global batch
   for (auto& s : starts) {
     state = splitmix64(state);
     s = static_cast<int64_t>(state % range);  // modulo bias is negligible at these sizes
   }
-  return gather(train_, starts);
+  return gather(train_, std::vector<int64_t>(starts.begin() + rank_ * batch_size_,
+                                             starts.begin() + (rank_ + 1) * batch_size_));
+}
+
+void DataLoader::set_shard(int64_t rank, int64_t world) {
+  if (world < 1 || rank < 0 || rank >= world)
+    throw std::invalid_argument("DataLoader::set_shard: rank " + std::to_string(rank) + " of " + std::to_string(world));
+  rank_ = rank;
+  world_ = world;
 }
 
 Batch DataLoader::eval_batch(int64_t i, int64_t num_batches) const {
-  const int64_t total = num_batches * batch_size_;
+  const int64_t global = batch_size_ * world_;
+  const int64_t total = num_batches * global;
   const int64_t last = val_.size() - context_length_ - 1;  // largest valid start
   std::vector<int64_t> starts(static_cast<size_t>(batch_size_));
   for (int64_t b = 0; b < batch_size_; ++b) {
-    const int64_t k = i * batch_size_ + b;
+    const int64_t k = i * global + rank_ * batch_size_ + b;
     starts[b] = total > 1 ? k * last / (total - 1) : 0;
   }
   return gather(val_, starts);

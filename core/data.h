@@ -46,11 +46,15 @@ class DataLoader {
   Batch train_batch(int64_t cursor) const;
   // Eval batch i of a fixed set: windows evenly spaced over val.bin (same for every call and every run).
   Batch eval_batch(int64_t i, int64_t num_batches) const;
+  // Data-parallel rank `rank` of `world`: batches are drawn for the global batch world x batch_size (exactly those
+  // one process with that batch size would draw) and this loader returns rows [rank*batch_size, (rank+1)*batch_size).
+  void set_shard(int64_t rank, int64_t world);
 
  private:
   Batch gather(const TokenFile& f, const std::vector<int64_t>& starts) const;
   int64_t batch_size_, context_length_;
   uint64_t seed_;
+  int64_t rank_ = 0, world_ = 1;
   int64_t vocab_size_ = 0;
   TokenFile train_, val_;
 };

@@ -19,6 +19,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <sstream>
 
@@ -26,10 +27,13 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #endif
 
 #include "core/checkpoint.h"
 #include "core/data.h"
+#include "core/dist/communicator.h"
+#include "core/dist/data_parallel.h"
 #include "core/flops.h"
 #include "core/optim/optimizer.h"
 #include "core/precision.h"
@@ -231,37 +235,142 @@ json scaler_json(const LossScaler& s) {
           {"skipped_steps", s.skipped_steps()}};
 }
 
+// How this process takes part in a multi-process run (world 1: a plain run, comm == nullptr).
+struct DistContext {
+  dist::Communicator* comm = nullptr;
+  int rank = 0, world = 1;
+  bool sharded = false;    // --parallel zero: each rank holds the optimizer state of its own parameters
+  int64_t pid0 = 0;        // rank 0's pid: names the temporary checkpoint directory every rank writes into
+  json optimizer_shards;   // [{"file", "params": [names in that optimizer's order]}] written to state.json
+  bool rank0() const { return rank == 0; }
+};
+
 // Writes checkpoint-<step> (see core/checkpoint.h). Refuses (Diverged) to write non-finite weights or state.
+// Distributed: rank 0 writes model.pt, rng.pt, state.json and the manifest; the optimizer state is rank 0's
+// optimizer.pt (ddp: every rank holds the same) or, sharded, one optimizer-<r>-of-<N>.pt per rank written by that
+// rank into the same temporary directory (one machine or a shared file system). Every decision that makes a rank
+// throw is taken identically on all ranks, so they fail together.
 std::string save_checkpoint(const fs::path& run_dir, int64_t step, Transformer& model, core::optim::Optimizer& opt,
-                            const json& state) {
+                            json state, const DistContext& dc) {
   torch::NoGradGuard ng;
-  for (const auto& p : model->named_parameters())
+  for (const auto& p : model->named_parameters())  // the same on every rank
     if (!torch::isfinite(p.value()).all().item<bool>())
       throw Diverged("parameter " + p.key() + " is not finite at step " + std::to_string(step) +
                      "; no checkpoint written");
-  torch::serialize::OutputArchive model_ar;
-  model->save(model_ar);
-  const std::string model_bytes = archive_bytes(model_ar);
   torch::serialize::OutputArchive opt_ar;
   opt.save(opt_ar);
   const std::string opt_bytes = archive_bytes(opt_ar);
-  if (const auto bad = first_nonfinite(opt_bytes); !bad.empty())
+  std::string bad = first_nonfinite(opt_bytes);
+  if (dc.sharded && dc.comm->all_reduce_scalar(bad.empty() ? 0.0 : 1.0, dist::ReduceOp::kSum) > 0 && bad.empty())
+    bad = "(on another rank)";
+  if (!bad.empty())
     throw Diverged("optimizer state '" + bad + "' is not finite at step " + std::to_string(step) +
                    "; no checkpoint written");
-  auto rng_ar = rng_archive();
-  const std::string rng_bytes = archive_bytes(rng_ar);
+  if (!dc.rank0() && !dc.sharded) return "";
 
-  fs::create_directories(run_dir);
   const fs::path final_dir = run_dir / ("checkpoint-" + std::to_string(step));
-  const fs::path tmp_dir = run_dir / ("checkpoint-" + std::to_string(step) + ".tmp-" + std::to_string(::getpid()));
-  remove_tree(tmp_dir.string());
-  fs::create_directories(tmp_dir);
-  write_file_durable((tmp_dir / "model.pt").string(), model_bytes);
-  write_file_durable((tmp_dir / "optimizer.pt").string(), opt_bytes);
-  write_file_durable((tmp_dir / "rng.pt").string(), rng_bytes);
+  const fs::path tmp_dir = run_dir / ("checkpoint-" + std::to_string(step) + ".tmp-" + std::to_string(dc.pid0));
+  if (dc.rank0()) {
+    fs::create_directories(run_dir);
+    remove_tree(tmp_dir.string());
+    fs::create_directories(tmp_dir);
+  }
+  std::vector<std::string> files = {"model.pt", "optimizer.pt", "rng.pt", "state.json"};
+  if (dc.sharded) {
+    dc.comm->barrier();  // the directory exists
+    files = {"model.pt", "rng.pt", "state.json"};
+    for (const auto& sh : dc.optimizer_shards) files.push_back(sh.at("file").get<std::string>());
+    std::string err;
+    try {
+      write_file_durable((tmp_dir / dc.optimizer_shards.at(dc.rank).at("file").get<std::string>()).string(), opt_bytes);
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+    if (dc.comm->all_reduce_scalar(err.empty() ? 0.0 : 1.0, dist::ReduceOp::kSum) > 0)
+      throw std::runtime_error("checkpoint at step " + std::to_string(step) + ": a rank could not write its optimizer "
+                               "shard" + (err.empty() ? std::string() : ": " + err));
+    if (!dc.rank0()) return "";
+  }
+  torch::serialize::OutputArchive model_ar;
+  model->save(model_ar);
+  auto rng_ar = rng_archive();
+  state["optimizer_shards"] = dc.optimizer_shards;
+  write_file_durable((tmp_dir / "model.pt").string(), archive_bytes(model_ar));
+  if (!dc.sharded) write_file_durable((tmp_dir / "optimizer.pt").string(), opt_bytes);
+  write_file_durable((tmp_dir / "rng.pt").string(), archive_bytes(rng_ar));
   write_file_durable((tmp_dir / "state.json").string(), state.dump(2) + "\n");
-  write_manifest(tmp_dir.string(), step, checkpoint_files());  // last: its presence marks a complete checkpoint
+  write_manifest(tmp_dir.string(), step, files);  // last: its presence marks a complete checkpoint
   return publish_checkpoint(tmp_dir.string(), final_dir.string());
+}
+
+// Names of the parameters an optimizer built over `named` holds, in its order (make_param_groups: decayed first).
+std::vector<std::string> optimizer_order(const core::optim::NamedParams& named, double weight_decay) {
+  std::vector<std::string> out;
+  for (const auto& g : core::optim::make_param_groups(named, weight_decay))
+    for (const auto& n : g.names) out.push_back(n);
+  return out;
+}
+
+// Loads the optimizer state of `mine` (the parameter names of `opt`, in its order) from a checkpoint's shards,
+// whatever the number of ranks that wrote it: each shard archive holds "p<k>/..." entries for its k-th parameter,
+// which are renamed to this optimizer's positions. One shard with exactly these parameters loads directly.
+void load_optimizer_state(const fs::path& ck, const json& shards, const std::vector<std::string>& mine,
+                          core::optim::Optimizer& opt, const torch::Device& device) {
+  if (shards.size() == 1 && shards[0].at("params").get<std::vector<std::string>>() == mine) {
+    torch::serialize::InputArchive ar;
+    ar.load_from((ck / shards[0].at("file").get<std::string>()).string(), device);
+    opt.load(ar);
+    return;
+  }
+  std::map<std::string, size_t> want;
+  for (size_t j = 0; j < mine.size(); ++j) want[mine[j]] = j;
+  torch::serialize::OutputArchive out;
+  out.write("optim/num_params", c10::IValue(static_cast<int64_t>(mine.size())));
+  size_t found = 0;
+  bool header = false;
+  for (const auto& sh : shards) {
+    const auto names = sh.at("params").get<std::vector<std::string>>();
+    std::map<int64_t, size_t> remap;  // shard position -> our position
+    for (size_t k = 0; k < names.size(); ++k)
+      if (auto it = want.find(names[k]); it != want.end()) remap[static_cast<int64_t>(k)] = it->second;
+    if (remap.empty() && header) continue;
+    torch::serialize::InputArchive in;
+    in.load_from((ck / sh.at("file").get<std::string>()).string(), device);
+    if (!header) {
+      for (const char* key : {"optim/name", "optim/lr"}) {
+        c10::IValue v;
+        if (!in.try_read(key, v)) throw ConfigError("checkpoint " + ck.string() + ": optimizer shard without " + key);
+        out.write(key, v);
+      }
+      header = true;
+    }
+    for (const auto& key : in.keys()) {
+      if (key.size() < 3 || key[0] != 'p') continue;
+      const auto slash = key.find('/');
+      if (slash == std::string::npos) continue;
+      const int64_t k = std::stoll(key.substr(1, slash - 1));
+      const auto it = remap.find(k);
+      if (it == remap.end()) continue;
+      c10::IValue v;
+      in.try_read(key, v);
+      const std::string nk = "p" + std::to_string(it->second) + key.substr(slash);
+      if (v.isTensor()) {
+        out.write(nk, v.toTensor());
+      } else {
+        out.write(nk, v);
+      }
+    }
+    found += remap.size();
+  }
+  if (found != mine.size())
+    throw ConfigError("checkpoint " + ck.string() + ": the optimizer state of " + std::to_string(mine.size() - found) +
+                      " of this rank's parameters is in no shard");
+  std::ostringstream os;
+  out.save_to(os);
+  const std::string bytes = os.str();
+  torch::serialize::InputArchive ar;
+  ar.load_from(bytes.data(), bytes.size(), device);
+  opt.load(ar);
 }
 
 bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.begin(), v.end(), x) != v.end(); }
@@ -269,7 +378,20 @@ bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.beg
 }  // namespace
 
 int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* hooks) {
-  Events events(cfg.events_fd);
+  // Rank layout (RANK, WORLD_SIZE, ...: set by --nproc's launcher, the worker or torchrun-like tools).
+  dist::EnvLayout layout;
+  try {
+    layout = dist::env_layout();
+  } catch (const std::exception& e) {
+    std::cerr << "ablate-train: " << e.what() << "\n";
+    Events(cfg.events_fd).emit({{"event", "finished"}, {"status", "failed"}, {"failure_class", "invalid_config"},
+                                {"message", e.what()}});
+    return kExitInvalidConfig;
+  }
+  const bool rank0 = layout.rank == 0;
+  // Only rank 0 reports: events, the log on stdout, checkpoints. Every rank prints its errors on stderr.
+  Events events(rank0 ? cfg.events_fd : -1);
+  std::ostream out(rank0 ? std::cout.rdbuf() : nullptr);
   auto fail = [&](int code, const std::string& cls, const std::string& msg) {
     std::cerr << "ablate-train: " << msg << "\n";
     events.emit({{"event", "finished"}, {"status", "failed"}, {"failure_class", cls}, {"message", msg}});
@@ -280,6 +402,9 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
 
   try {
     cfg.validate();
+    if (cfg.nproc > 1 && cfg.nproc != layout.world)
+      throw ConfigError("--nproc " + std::to_string(cfg.nproc) + " but the environment says WORLD_SIZE=" +
+                        std::to_string(layout.world));
     const std::string optimizer_name = canonical_optimizer_name(cfg.optimizer_type);
     // A checkpoint is verified before anything else is read or built: a corrupt one fails fast, naming the file.
     if (!cfg.resume_from.empty()) verify_checkpoint(cfg.resume_from);
@@ -291,6 +416,7 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
     int64_t vocab = kSeedVocab;
     if (!cfg.print_config || !cfg.data_dir.empty()) {
       data = std::make_unique<DataLoader>(resolve_data_dir(cfg), cfg.batch_size, cfg.context_length, cfg.seed);
+      if (layout.world > 1) data->set_shard(layout.rank, layout.world);  // this rank's rows of the global batch
       vocab = data->vocab_size();
     }
     // Family (transformer / mamba2 / deltanet / hybrid pattern), mixer settings and size: core/config.cpp.
@@ -305,7 +431,7 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
     at::set_num_threads(static_cast<int>(threads));
 
     if (cfg.print_config) {
-      std::cout << describe_model(dims);
+      out << describe_model(dims);
       return kExitOk;
     }
 
@@ -318,10 +444,35 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
         throw ConfigError("--device cuda: this ablate-train was built without CUDA (ABLATE_WITH_CUDA=OFF)");
       // auto with a GPU present but a CPU-only build: stay on the CPU.
 #else
-      device = torch::Device(torch::kCUDA, 0);
+      device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(layout.world > 1 ? layout.local_rank : 0));
+      c10::cuda::set_device(device.index());
 #endif
     }
     const Precision prec = precision_for(cfg.dtype);
+
+    // Communicator (core/dist): a collective that makes no progress for --dist_timeout reports a hang and exits 5.
+    std::unique_ptr<dist::Communicator> comm;
+    DistContext dc;
+    dc.rank = layout.rank;
+    dc.world = layout.world;
+    dc.pid0 = ::getpid();
+    if (layout.world > 1) {
+      dist::Options o;
+      o.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.dist_timeout * 1000));
+      o.on_hang = [&events](const std::string& msg) {
+        events.emit({{"event", "finished"}, {"status", "failed"}, {"failure_class", "hang"}, {"message", msg}});
+      };
+      const std::string backend =
+          cfg.dist_backend != "auto" ? cfg.dist_backend : device.is_cuda() ? "nccl" : "cpu";
+      if ((backend == "nccl") != device.is_cuda())
+        throw ConfigError("--dist_backend " + backend + " does not work with tensors on " + device.str());
+      comm = dist::init_from_env(backend, std::move(o));
+      dc.comm = comm.get();
+      dc.sharded = cfg.parallel == "zero";
+      auto pid = torch::full({1}, static_cast<int64_t>(::getpid()), torch::TensorOptions().dtype(torch::kLong).device(device));
+      comm->broadcast(pid, 0);
+      dc.pid0 = pid.item<int64_t>();
+    }
 
     const std::string run_name = cfg.run_name.empty() ? cfg.default_run_name() : cfg.run_name;
     const fs::path run_dir = fs::path(cfg.output_dir) / run_name;
@@ -340,7 +491,25 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
     oc.precondition_frequency = cfg.precondition_frequency;
     oc.shampoo_beta = cfg.shampoo_beta;
     oc.max_precond_dim = cfg.max_precond_dim;
-    auto optimizer = core::optim::make_optimizer(optimizer_name, model->named_parameters(), oc);
+    core::optim::NamedParams trainable;
+    for (const auto& p : model->named_parameters())
+      if (p.value().requires_grad()) trainable.emplace_back(p.key(), p.value());
+    // Sharded: this rank's optimizer holds its own parameters only; the others' state lives on their owners.
+    std::unique_ptr<dist::ZeroSharding> zero;
+    if (dc.sharded) zero = std::make_unique<dist::ZeroSharding>(*comm, trainable);
+    auto optimizer = core::optim::make_optimizer(optimizer_name, zero ? zero->owned() : trainable, oc);
+    const std::vector<std::string> my_opt_names = optimizer_order(zero ? zero->owned() : trainable, oc.weight_decay);
+    if (zero) {
+      for (int r = 0; r < dc.world; ++r) {
+        core::optim::NamedParams owned_r;
+        for (size_t i = 0; i < trainable.size(); ++i)
+          if (zero->owner(i) == r) owned_r.push_back(trainable[i]);
+        dc.optimizer_shards.push_back({{"file", "optimizer-" + std::to_string(r) + "-of-" + std::to_string(dc.world) + ".pt"},
+                                       {"params", optimizer_order(owned_r, oc.weight_decay)}});
+      }
+    } else {
+      dc.optimizer_shards = json::array({{{"file", "optimizer.pt"}, {"params", my_opt_names}}});
+    }
     std::vector<torch::Tensor> params = model->parameters();
     LossScaler scaler(prec.loss_scaling);
 
@@ -375,10 +544,12 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
         }
       };
       load_file("model.pt", [&](const std::string& p) { torch::load(model, p, device); });
-      load_file("optimizer.pt", [&](const std::string& p) {
-        torch::serialize::InputArchive ar;
-        ar.load_from(p, device);
-        optimizer->load(ar);
+      // Checkpoints from before sharding have no optimizer_shards: one optimizer.pt over all parameters.
+      const json shards = st.contains("optimizer_shards")
+                              ? st["optimizer_shards"]
+                              : json::array({{{"file", "optimizer.pt"}, {"params", optimizer_order(trainable, oc.weight_decay)}}});
+      load_file("optimizer", [&](const std::string&) {
+        load_optimizer_state(ck, shards, my_opt_names, *optimizer, device);
       });
       load_file("rng.pt", [&](const std::string& p) { restore_rng(p); });
       start_step = st.at("step").get<int64_t>();
@@ -389,7 +560,16 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
         throw ConfigError("checkpoint " + cfg.resume_from + ": data cursor " + st.value("data_cursor", json()).dump() +
                           " does not match step " + std::to_string(start_step) + " x gradient_accumulation_steps " +
                           std::to_string(cfg.gradient_accumulation_steps));
-      std::cout << "resumed from " << cfg.resume_from << " at step " << start_step << "\n";
+      out << "resumed from " << cfg.resume_from << " at step " << start_step << "\n";
+    }
+
+    // Every rank starts from rank 0's weights (the seed already makes them equal; this makes sure). Data parallel
+    // gets its gradient buckets, whose hooks start all-reduces during the last micro-batch's backward.
+    std::unique_ptr<dist::GradientBuckets> ddp;
+    if (comm) {
+      dist::broadcast_tensors(*comm, params, 0);
+      if (!dc.sharded)
+        ddp = std::make_unique<dist::GradientBuckets>(*comm, params, static_cast<int64_t>(cfg.ddp_bucket_mb * (1 << 20)));
     }
 
     // FLOPs per token (core/flops.h) and the device peak for MFU.
@@ -403,15 +583,23 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
                                : device.is_cuda()   ? default_peak_tflops(dev_name)
                                                     : 0.0;
     if (peak_tflops <= 0)
-      std::cout << "ablate-train: note: train/mfu is reported as 0: no peak FLOP/s known for " << dev_name
+      out << "ablate-train: note: train/mfu is reported as 0: no peak FLOP/s known for " << dev_name
                 << " (set --peak_tflops)\n";
-    const int64_t state_bytes = optimizer->state_bytes();
+    const int64_t state_bytes = optimizer->state_bytes();  // this rank's (sharded: ~1/N of the total)
+    const int64_t total_state_bytes =
+        dc.sharded ? static_cast<int64_t>(comm->all_reduce_scalar(double(state_bytes), dist::ReduceOp::kSum)) : state_bytes;
+    const int64_t W = layout.world;  // global batch = W x batch_size sequences
 
-    std::cout << "ablate-train: " << dims.to_string() << " | params " << n_params << " | device " << dev_name
+    out << "ablate-train: " << dims.to_string() << " | params " << n_params << " | device " << dev_name
               << " | dtype " << cfg.dtype << " | optimizer " << optimizer_name << " (state " << state_bytes
-              << " B) | threads " << threads << " | tokens/step "
-              << cfg.batch_size * cfg.context_length * cfg.gradient_accumulation_steps << " | GFLOP/token "
-              << std::setprecision(4) << flops_per_token / 1e9 << "\n";
+              << " B" << (dc.sharded ? " per rank, " + std::to_string(total_state_bytes) + " B in all" : std::string())
+              << ") | threads " << threads << " | tokens/step "
+              << W * cfg.batch_size * cfg.context_length * cfg.gradient_accumulation_steps << " | GFLOP/token "
+              << std::setprecision(4) << flops_per_token / 1e9;
+    if (comm)
+      out << " | " << W << " ranks, " << cfg.parallel << " over " << comm->backend()
+          << (ddp ? ", " + std::to_string(ddp->num_buckets()) + " gradient buckets" : std::string());
+    out << "\n";
     events.emit({{"event", "started"}, {"total_steps", cfg.num_train_steps}, {"params", n_params}});
     if (result) {
       result->params = n_params;
@@ -444,13 +632,16 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
       torch::NoGradGuard ng;
       auto sum = torch::zeros({}, torch::TensorOptions().device(device));
       for (int64_t i = 0; i < cfg.eval_batches; ++i) sum += forward_loss(data->eval_batch(i, cfg.eval_batches)).detach();
-      return sum.item<double>() / double(cfg.eval_batches);  // equal token counts per batch: mean of means is exact
+      const double mean = sum.item<double>() / double(cfg.eval_batches);  // equal token counts: mean of means is exact
+      return comm ? comm->all_reduce_scalar(mean, dist::ReduceOp::kAvg) : mean;  // each rank saw its rows
     };
 
     auto state_json = [&](int64_t step, double lr) {
       return json{{"step", step},
                   {"data_cursor", step * cfg.gradient_accumulation_steps},  // next micro-batch of the stream
-                  {"tokens_seen", step * cfg.batch_size * cfg.context_length * cfg.gradient_accumulation_steps},
+                  {"tokens_seen", step * W * cfg.batch_size * cfg.context_length * cfg.gradient_accumulation_steps},
+                  {"world_size", W},
+                  {"parallel", comm ? cfg.parallel : std::string("none")},
                   {"schedule",
                    {{"next_step", step + 1},
                     {"last_lr", lr},
@@ -483,10 +674,20 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
         auto loss = forward_loss(data->train_batch((step - 1) * GA + m));
         if (m == 0 && contains(hk.nan_loss_steps, step)) loss = loss * std::numeric_limits<double>::quiet_NaN();
         const double lv = loss.item<double>();
-        // Checked before backward: a NaN/Inf loss is divergence (exit 3), whatever the precision.
-        if (!std::isfinite(lv)) throw Diverged("loss is " + std::to_string(lv) + " at step " + std::to_string(step));
+        // Checked before backward: a NaN/Inf loss is divergence (exit 3), whatever the precision. With several
+        // ranks it is checked on the averaged loss below, so that every rank stops at the same step.
+        if (!comm && !std::isfinite(lv))
+          throw Diverged("loss is " + std::to_string(lv) + " at step " + std::to_string(step));
+        if (ddp && m == GA - 1) ddp->arm();  // this backward's gradients are final: reduce buckets as they fill
         (loss * (scaler.scale() / double(GA))).backward();
         step_loss += lv / double(GA);
+      }
+      if (comm) {
+        step_loss = comm->all_reduce_scalar(step_loss, dist::ReduceOp::kAvg);  // the global batch's mean loss
+        if (!std::isfinite(step_loss))
+          throw Diverged("loss is " + std::to_string(step_loss) + " at step " + std::to_string(step));
+        if (ddp) ddp->finish();                  // gradients averaged over the ranks
+        if (zero) zero->reduce_gradients();      // averaged gradients on their owners only
       }
       if (contains(hk.grad_overflow_steps, step)) {
         torch::NoGradGuard ng;
@@ -503,13 +704,15 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
         for (auto& p : params)
           if (p.grad().defined()) p.mutable_grad().mul_(inv);
       }
-      const double gn = torch::nn::utils::clip_grad_norm_(params, max_norm);
+      // Global norm: ddp ranks hold identical averaged gradients; sharded ranks sum their squared norms.
+      const double gn = zero ? zero->clip_grad_norm(max_norm) : torch::nn::utils::clip_grad_norm_(params, max_norm);
       const bool overflow = !std::isfinite(gn);
       if (overflow && !scaler.enabled())
         throw Diverged("gradient norm is " + std::to_string(gn) + " at step " + std::to_string(step) +
                        " (finite loss; --dtype " + cfg.dtype + " has no loss scaling to absorb it)");
       if (scaler.update(overflow)) {
         optimizer->step();
+        if (zero) zero->gather_parameters();  // owners' new values to every rank
         last_finite_gn = gn;
       } else if (scaler.scale() < 1.0 / 16777216.0) {
         throw Diverged("fp16 loss scale fell below 2^-24 at step " + std::to_string(step) +
@@ -529,17 +732,17 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
       if (step % cfg.log_interval == 0 || last) {
         const double secs = std::max(1e-9, std::chrono::duration<double>(std::chrono::steady_clock::now() -
                                                                          interval_start).count() - excluded_s);
-        const double tps = double(interval_steps * GA * cfg.batch_size * cfg.context_length) / secs;
+        const double tps = double(interval_steps * GA * W * cfg.batch_size * cfg.context_length) / secs;
         const double mean_loss = interval_loss / double(interval_steps);
         const int64_t mem = peak_memory_bytes(device);
         const double mfu = peak_tflops > 0 ? flops_per_token * tps / (peak_tflops * 1e12) : 0.0;
-        std::cout << "step " << step << "/" << cfg.num_train_steps << " | loss " << std::fixed << std::setprecision(4)
+        out << "step " << step << "/" << cfg.num_train_steps << " | loss " << std::fixed << std::setprecision(4)
                   << mean_loss << " | lr " << std::scientific << std::setprecision(3) << lr << std::fixed
                   << " | tok/s " << std::setprecision(0) << tps << " | grad " << std::setprecision(3) << last_finite_gn
                   << " | mfu " << std::setprecision(4) << mfu << " | mem " << std::setprecision(1)
                   << double(mem) / (1 << 20) << " MiB | opt state " << double(state_bytes) / (1 << 20) << " MiB";
-        if (scaler.enabled()) std::cout << " | scale " << std::setprecision(0) << scaler.scale();
-        std::cout << " | skipped " << scaler.skipped_steps() << std::endl;
+        if (scaler.enabled()) out << " | scale " << std::setprecision(0) << scaler.scale();
+        out << " | skipped " << scaler.skipped_steps() << std::endl;
         json values = {{"train/loss", mean_loss},
                        {"train/lr", lr},
                        {"train/tokens_per_sec", tps},
@@ -560,7 +763,7 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
         const auto t0 = std::chrono::steady_clock::now();
         final_eval = evaluate();
         last_eval_step = step;
-        std::cout << "eval step " << step << " | loss " << std::setprecision(4) << final_eval << " | ppl "
+        out << "eval step " << step << " | loss " << std::setprecision(4) << final_eval << " | ppl "
                   << std::setprecision(2) << std::exp(final_eval) << std::endl;
         events.emit({{"event", "metrics"},
                      {"step", step},
@@ -570,12 +773,14 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
       }
       if (step % cfg.save_interval == 0 || last) {
         const auto t0 = std::chrono::steady_clock::now();
-        const auto path = save_checkpoint(run_dir, step, model, *optimizer, state_json(step, lr));
-        for (const auto& gone : prune_checkpoints(run_dir.string(), cfg.keep_checkpoints, path))
-          std::cout << "removed old checkpoint " << gone << "\n";
-        if (result) result->last_checkpoint = path;
-        std::cout << "checkpoint " << path << std::endl;
-        events.emit({{"event", "checkpoint"}, {"step", step}, {"path", path}});
+        const auto path = save_checkpoint(run_dir, step, model, *optimizer, state_json(step, lr), dc);
+        if (rank0) {
+          for (const auto& gone : prune_checkpoints(run_dir.string(), cfg.keep_checkpoints, path))
+            out << "removed old checkpoint " << gone << "\n";
+          if (result) result->last_checkpoint = path;
+          out << "checkpoint " << path << std::endl;
+          events.emit({{"event", "checkpoint"}, {"step", step}, {"path", path}});
+        }
         excluded_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
       if (hk.stop_after_step > 0 && step == hk.stop_after_step) return kExitOk;  // simulated interruption
