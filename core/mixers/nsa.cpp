@@ -10,6 +10,8 @@
 //   dS = P * (dP - rowsum(P * dP))); nothing per chunk is kept between forward and backward.
 // - On CUDA the selected branch runs the kernels of kernels/nsa_select.h instead (no gathered K/V at all):
 //   query-centric forward and dq, key-centric dk/dv over an inverse index built here with sort/bincount/cumsum.
+// - On CUDA the sliding-window branch goes through SDPA's fused kernels (chunked, band mask, autograd) when SDPA
+//   picks a fused backend for it; the compressed branch stays the LibTorch Function (it needs the probabilities).
 #include "core/mixers/nsa.h"
 
 #include <algorithm>
@@ -17,7 +19,10 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
+
+#include <ATen/SDPBackend.h>
 
 #include "core/ops/kernel_dispatch.h"
 #include "kernels/nsa_select.h"
@@ -38,6 +43,7 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 
 std::atomic<int64_t> g_max_chunk_numel{0};
 std::atomic<bool> g_slc_kernels{true};
+std::atomic<bool> g_swa_sdpa{true};
 
 void note_chunk(const Tensor& t) {
   const int64_t n = t.numel();
@@ -534,6 +540,44 @@ struct SwaFn : torch::autograd::Function<SwaFn> {
   }
 };
 
+// ---- sliding-window branch on CUDA: SDPA's fused kernels over query chunks ----
+//
+// Chunk [t0, t0 + C) attends to keys [t0 - w + 1, t0 + C) under the band mask; K/V are expanded to the H heads
+// (SDPA's memory-efficient kernel takes a mask but no GQA). C = 2w: the fused kernel computes C x (C + w) scores
+// for C x w useful ones (1.5x), and autograd keeps the expanded chunk K/V, ~3 T*H*hd elements. Used only when
+// SDPA picks a fused backend (never the math fallback, which would materialise the chunk scores and keep them).
+std::optional<Tensor> swa_sdpa(const Tensor& q, const Tensor& k, const Tensor& v, const NsaAttentionOptions& o) {
+  const auto st = q.scalar_type();
+  if (!q.is_cuda() || !g_swa_sdpa.load() || !(st == torch::kFloat || st == torch::kBFloat16 || st == torch::kHalf)) {
+    return std::nullopt;
+  }
+  const auto T = q.size(1), H = q.size(2), KV = k.size(2), G = H / KV;
+  const int64_t w = o.window();
+  const int64_t C = std::clamp<int64_t>(2 * w, 128, std::max<int64_t>(T, 1));
+  auto qh = q.transpose(1, 2), kh = k.transpose(1, 2), vh = v.transpose(1, 2);  // (B, *, T, hd) views
+  std::vector<Tensor> outs;
+  for (int64_t t0 = 0; t0 < T; t0 += C) {
+    const int64_t t1 = std::min(T, t0 + C), lo = std::max<int64_t>(0, t0 - w + 1);
+    auto K = kh.slice(2, lo, t1), V = vh.slice(2, lo, t1);
+    if (G > 1) {
+      K = K.repeat_interleave(G, 1);
+      V = V.repeat_interleave(G, 1);
+    }
+    auto qc = qh.slice(2, t0, t1);
+    auto mask = swa_mask(lo, t0, t1, o, q.device()).view({t1 - t0, t1 - lo});
+    if (t0 == 0) {
+      const auto choice = static_cast<at::SDPBackend>(at::_fused_sdp_choice(qc, K, V, mask, 0.0, false, o.scale()));
+      if (choice != at::SDPBackend::flash_attention && choice != at::SDPBackend::efficient_attention &&
+          choice != at::SDPBackend::cudnn_attention) {
+        return std::nullopt;
+      }
+    }
+    outs.push_back(at::scaled_dot_product_attention(qc, K, V, mask, 0.0, false, o.scale()));
+  }
+  if (outs.empty()) return std::nullopt;
+  return torch::cat(outs, 2).transpose(1, 2).contiguous();
+}
+
 void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const NsaAttentionOptions& o) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == o.num_heads() && q.size(3) == o.head_dim(),
               "NSA: q must be (B, T, H=", o.num_heads(), ", hd=", o.head_dim(), "), got ", q.sizes());
@@ -735,6 +779,7 @@ Tensor nsa_selected_attention(const Tensor& q, const Tensor& k, const Tensor& v,
 Tensor nsa_window_attention(const Tensor& q, const Tensor& k, const Tensor& v, const NsaAttentionOptions& o) {
   o.validate();
   check_qkv(q, k, v, o);
+  if (auto r = swa_sdpa(q, k, v, o)) return *r;
   return SwaFn::apply(q, k, v, o);
 }
 
@@ -825,5 +870,9 @@ void nsa_reset_chunk_stats() { g_max_chunk_numel.store(0); }
 void nsa_set_slc_kernels_enabled(bool enabled) { g_slc_kernels.store(enabled); }
 
 bool nsa_slc_kernels_enabled() { return g_slc_kernels.load(); }
+
+void nsa_set_swa_sdpa_enabled(bool enabled) { g_swa_sdpa.store(enabled); }
+
+bool nsa_swa_sdpa_enabled() { return g_swa_sdpa.load(); }
 
 }  // namespace ablate::core

@@ -148,4 +148,10 @@ void nsa_reset_chunk_stats();
 void nsa_set_slc_kernels_enabled(bool enabled);
 bool nsa_slc_kernels_enabled();
 
+// Test hook: whether nsa_window_attention may run through SDPA's fused CUDA kernels (flash / memory-efficient /
+// cuDNN, chunked with a band mask) on CUDA tensors (default true); it falls back to the chunked LibTorch Function
+// when SDPA would pick its math backend. false forces the LibTorch Function.
+void nsa_set_swa_sdpa_enabled(bool enabled);
+bool nsa_swa_sdpa_enabled();
+
 }  // namespace ablate::core

@@ -43,6 +43,11 @@ struct KernelSwitch {
   ~KernelSwitch() { nsa_set_slc_kernels_enabled(true); }
 };
 
+struct SdpaSwitch {
+  explicit SdpaSwitch(bool on) { nsa_set_swa_sdpa_enabled(on); }
+  ~SdpaSwitch() { nsa_set_swa_sdpa_enabled(true); }
+};
+
 NsaAttentionOptions slc_options(int64_t H, int64_t KV, int64_t hd, int64_t lp, int64_t n) {
   return NsaAttentionOptions(/*d_model=*/16, H, KV, hd)
       .cmp_block(32)
@@ -154,6 +159,53 @@ TEST(NsaSelectGpu, KernelsMatchLibTorchPath) {
   std::printf("[nsa slc gpu] %d failing comparisons\n", failures);
 }
 
+// The window branch through SDPA (CUDA) against the chunked LibTorch Function, forward and gradients; fp32
+// tight, half types no worse than twice the Function's own error against fp64.
+TEST(NsaSelectGpu, WindowSdpaMatchesLibTorchPath) {
+  SKIP_WITHOUT_GPU();
+  const torch::Device dev(torch::kCUDA);
+  struct WCase {
+    int64_t T, H, KV, hd, w;
+  };
+  int failures = 0;
+  for (const WCase c : {WCase{700, 8, 2, 64, 128}, WCase{333, 16, 1, 128, 64}, WCase{1500, 4, 4, 64, 512}}) {
+    torch::manual_seed(31 + c.T);
+    auto o = slc_options(c.H, c.KV, c.hd, 64, 4).window(c.w);
+    auto fopt = torch::TensorOptions().device(dev);
+    auto q = torch::randn({1, c.T, c.H, c.hd}, fopt), k = torch::randn({1, c.T, c.KV, c.hd}, fopt);
+    auto v = torch::randn({1, c.T, c.KV, c.hd}, fopt), w = torch::randn({1, c.T, c.H, c.hd}, fopt);
+    for (const auto dt : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
+      auto run = [&](torch::Dtype rdt, bool sdpa) {
+        SdpaSwitch sd(sdpa);
+        auto qq = q.to(dt).to(rdt).detach().requires_grad_(), kk = k.to(dt).to(rdt).detach().requires_grad_();
+        auto vv = v.to(dt).to(rdt).detach().requires_grad_();
+        auto out = nsa_window_attention(qq, kk, vv, o);
+        out.backward(w.to(dt).to(rdt));
+        return std::vector<Tensor>{out.detach().to(torch::kDouble), qq.grad().to(torch::kDouble),
+                                   kk.grad().to(torch::kDouble), vv.grad().to(torch::kDouble)};
+      };
+      auto ref = run(torch::kDouble, false), comp = run(dt, false), fast = run(dt, true);
+      const char* names[4] = {"o", "dq", "dk", "dv"};
+      std::string line;
+      for (int i = 0; i < 4; ++i) {
+        const double ec = max_err(comp[i], ref[i]), ef = max_err(fast[i], ref[i]);
+        char buf[128];
+        std::snprintf(buf, sizeof buf, "  %s sdpa %.2e (libtorch %.2e)", names[i], ef, ec);
+        line += buf;
+        const double tol = dt == torch::kFloat ? 5e-5 : 2.0 * ec + 1e-6;
+        const bool ok = std::isfinite(ef) && ef <= tol;
+        if (!ok) ++failures;
+        EXPECT_TRUE(ok) << "window T=" << c.T << " H=" << c.H << " dtype " << dt << " " << names[i] << ": " << ef
+                        << " > " << tol;
+      }
+      std::printf("[nsa swa gpu] T=%ld H=%ld KV=%ld hd=%ld w=%ld %s%s\n", static_cast<long>(c.T),
+                  static_cast<long>(c.H), static_cast<long>(c.KV), static_cast<long>(c.hd), static_cast<long>(c.w),
+                  c10::toString(dt), line.c_str());
+    }
+  }
+  std::printf("[nsa swa gpu] %d failing comparisons\n", failures);
+}
+
 // Through the module: the fast forward (cmp + slc + swa) with the kernels on equals the one with them off.
 TEST(NsaSelectGpu, ModuleForwardWithKernelsMatches) {
   SKIP_WITHOUT_GPU();
@@ -169,14 +221,16 @@ TEST(NsaSelectGpu, ModuleForwardWithKernelsMatches) {
   Tensor a, b;
   {
     KernelSwitch sw(false);
+    SdpaSwitch sd(false);
     a = m->forward(q, k, v, x);
   }
   {
     KernelSwitch sw(true);
+    SdpaSwitch sd(true);
     b = m->forward(q, k, v, x);
   }
   const double e = max_err(b.to(torch::kDouble), a.to(torch::kDouble));
-  std::printf("[nsa slc gpu] module forward fp32, kernels vs LibTorch: %.2e\n", e);
+  std::printf("[nsa slc gpu] module forward fp32, CUDA paths (slc kernels + swa SDPA) vs LibTorch: %.2e\n", e);
   EXPECT_LT(e, 2e-5);
 }
 
@@ -290,11 +344,16 @@ TEST(NsaSelectGpu, TimingCompressedAndWindowBranchesPaperScale) {
   };
   const double cmp_f = time_ms([&] { torch::NoGradGuard ng; nsa_compressed_attention(q, kc, vc, o); }, 3, 1);
   const double cmp_fb = time_ms([&] { clear(); nsa_compressed_attention(q, kc, vc, o).out.backward(w); }, 3, 1);
-  const double swa_f = time_ms([&] { torch::NoGradGuard ng; nsa_window_attention(q, k, v, o); }, 3, 1);
-  const double swa_fb = time_ms([&] { clear(); nsa_window_attention(q, k, v, o).backward(w); }, 3, 1);
+  double swa_f[2], swa_fb[2];
+  for (int sdpa = 0; sdpa < 2; ++sdpa) {
+    SdpaSwitch sd(sdpa == 1);
+    swa_f[sdpa] = time_ms([&] { torch::NoGradGuard ng; nsa_window_attention(q, k, v, o); }, 3, 1);
+    swa_fb[sdpa] = time_ms([&] { clear(); nsa_window_attention(q, k, v, o).backward(w); }, 3, 1);
+  }
   std::printf("[nsa branch timing] B=1 T=32768 H=32 KV=8 hd=64 bf16: compressed (Nc=%ld, incl. selection) fwd %.1f ms, "
-              "fwd+bwd %.1f ms; window (w=512) fwd %.1f ms, fwd+bwd %.1f ms\n",
-              static_cast<long>(nc), cmp_f, cmp_fb, swa_f, swa_fb);
+              "fwd+bwd %.1f ms; window (w=512) LibTorch Function fwd %.1f ms, fwd+bwd %.1f ms; window via SDPA fwd "
+              "%.1f ms, fwd+bwd %.1f ms\n",
+              static_cast<long>(nc), cmp_f, cmp_fb, swa_f[0], swa_fb[0], swa_f[1], swa_fb[1]);
   EXPECT_GT(cmp_f, 0.0);
 #endif
 }
