@@ -5,7 +5,8 @@
 # pass/MISS. Also regenerates the torchao test vectors of tests/optim on CUDA and checks ours against them.
 #   needs: build-gpu/bin/optim_bench (scripts/gpu-check.sh's cmake line; BIN=dir overrides), and the reference
 #          wheels in .deps/wheels (bench/optim/fetch-wheels.sh, run where PyPI is reachable).
-#   env:   STEPS="vectors ours ref report" (default all); ITERS (50), SOAP_ITERS (5), MAX_SECONDS (10 per case);
+#   env:   STEPS="vectors ours ref report" (default; add "build" first to configure build-gpu with
+#          scripts/gpu-check.sh's cmake line and build only optim_bench and optim_adamw_test); ITERS (50), SOAP_ITERS (5), MAX_SECONDS (10 per case);
 #          SETS (AdamW-family shape sets), SOAP_SETS, SOAP_EXTRA_LAYERS (4: layers for soap8bit/soap4bit/shampoo);
 #          REFS_SETS (which sets each reference runs on; see ref_optim.py --refs_sets); DEVICE (cuda; cpu with
 #          SETS=tiny SOAP_SETS=tiny-linear BIN=build/bin PYTHON=.venv/bin/python is a dry run of this script on a machine without a GPU).
@@ -33,7 +34,20 @@ phase() { log "$1 done in $(( $(date +%s) - t0 ))s (total $(( $(date +%s) - t_st
 
 log "bench/optim/run_gpu.sh at $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$sum"
-[[ -x $bench ]] || { log "no $bench: build it first (scripts/gpu-check.sh's cmake line, target optim_bench)"; }
+
+if [[ " $steps " == *" build "* ]]; then
+  t0=$(date +%s)
+  mkdir -p /tmp/deps && for f in .deps/*.deb; do [[ -f $f ]] && dpkg -x "$f" /tmp/deps; done
+  torch_prefix=$("$py" -c 'import torch;print(torch.utils.cmake_prefix_path)')
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DABLATE_WITH_CUDA=ON -DABLATE_BUILD_CONTROL_PLANE=OFF \
+    -DABLATE_CUDA_ARCHITECTURES=90 -DCMAKE_PREFIX_PATH="$torch_prefix;/tmp/deps/usr" > "$work/configure.log" 2>&1 \
+    || { log "configure FAILED"; tail -30 "$work/configure.log"; }
+  cmake --build build-gpu -j 16 --target optim_bench optim_adamw_test > "$work/build.log" 2>&1 \
+    || { log "build FAILED"; grep -m20 -B2 -A10 'error' "$work/build.log"; }
+  phase "build"
+  bench=build-gpu/bin/optim_bench; bindir=build-gpu/bin
+fi
+[[ -x $bench ]] || log "no $bench: build it first (scripts/gpu-check.sh's cmake line, target optim_bench)"
 
 # The reference packages, offline, into a private site directory.
 site=/tmp/optim-ref-site
