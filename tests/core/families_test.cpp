@@ -286,6 +286,54 @@ TEST(Families, WholeModelIsCausal) {
   }
 }
 
+// ---------------------------------------------------------------- fused kernels vs LibTorch composites
+
+// The default model runs the hand-written kernels of core/ops (RoPE, SwiGLU, residual + RMSNorm, linear + CE);
+// --kernel_type baseline runs the composites. Same weights, same batch: the loss and every gradient must agree to
+// fp32 accumulation-order error (the kernels reduce in a different order, nothing else differs).
+TEST(Families, FusedKernelsMatchComposites) {
+  at::set_num_threads(1);
+  for (const auto& f : kFamilies) {
+    auto c = family_config(f, "tiny");
+    small_nsa(c);
+    c.kernel_type = "baseline";
+    const auto base_dims = resolve_model(c, 257);
+    c.kernel_type = "liger";
+    const auto fused_dims = resolve_model(c, 257);
+    ASSERT_FALSE(base_dims.fused_kernels || base_dims.fused_loss) << f.label;
+    ASSERT_TRUE(fused_dims.fused_kernels && fused_dims.fused_loss) << f.label;
+    torch::manual_seed(11);
+    LanguageModel fused(fused_dims, 500000.0);
+    torch::manual_seed(11);
+    LanguageModel base(base_dims, 500000.0);
+    auto ids = torch::randint(0, 257, {2, 40}, torch::kInt64);
+    auto targets = torch::randint(0, 257, {2, 40}, torch::kInt64);
+    auto lf = fused->loss(ids, targets), lb = base->loss(ids, targets);
+    EXPECT_NEAR(lf.item<double>(), lb.item<double>(), 1e-5 * std::abs(lb.item<double>())) << f.label;
+    lf.backward();
+    lb.backward();
+    auto pf = fused->named_parameters(), pb = base->named_parameters();
+    ASSERT_EQ(pf.size(), pb.size());
+    double global = 0.0;
+    for (const auto& kv : pb) global = std::max(global, kv.value().grad().abs().max().item<double>());
+    double worst = 0.0;
+    std::string worst_name;
+    for (const auto& kv : pb) {
+      const auto& gb = kv.value().grad();
+      const auto& gf = pf[kv.key()].grad();
+      ASSERT_TRUE(gb.defined() && gf.defined()) << f.label << " " << kv.key();
+      // Relative to the tensor's gradient scale: fp32 sums of O(100) terms differ by ~1e-6 of their magnitude.
+      // The floor (1e-3 of the largest gradient anywhere) is for tensors whose exact gradient is zero and whose
+      // computed one is rounding noise, e.g. NSA's key-compression bias: it shifts every compressed key of a
+      // query's softmax by the same q.b, which the softmax ignores.
+      const double err =
+          (gf - gb).abs().max().item<double>() / std::max(gb.abs().max().item<double>(), 1e-3 * global);
+      if (err > worst) worst = err, worst_name = kv.key();
+    }
+    EXPECT_LT(worst, 1e-4) << f.label << ": worst relative gradient difference in " << worst_name;
+  }
+}
+
 // ---------------------------------------------------------------- activation checkpointing
 
 TEST(Checkpointing, SameLossAndGradientsLessSavedMemory) {
