@@ -50,7 +50,7 @@ if has data; then
 fi
 
 if has test; then
-  (cd build-gpu && timeout 900 ctest --output-on-failure -j 2 --timeout 600 -L "${CTEST_LABEL:-gpu}" ${CTEST_ARGS:-}) \
+  (cd build-gpu && timeout "${CTEST_CAP:-300}" ctest --output-on-failure -j 2 --timeout 600 -L "${CTEST_LABEL:-gpu}" ${CTEST_ARGS:-}) \
     > "$work/ctest.log" 2>&1
   log "ctest rc=$?: $(grep -E 'tests passed|tests failed' "$work/ctest.log")"
   grep -E '\*\*\*Failed|\(Failed\)|Not Run|Timeout' "$work/ctest.log" | head -30 | tee -a "$out/summary.txt"
