@@ -50,12 +50,14 @@ fi
 [[ -x $bench ]] || log "no $bench: build it first (scripts/gpu-check.sh's cmake line, target optim_bench)"
 
 # The reference packages, offline, into a private site directory.
-site=/tmp/optim-ref-site
+site=/tmp/optim-ref-site; rm -rf "$site"
 t0=$(date +%s)
-if ls .deps/wheels/*.whl > /dev/null 2>&1; then
+# Only this benchmark's wheels (.deps/wheels is shared with other benchmarks' references).
+wheels=$(ls .deps/wheels/torchao-*.whl .deps/wheels/bitsandbytes-*.whl .deps/wheels/emerging_optimizers-*.whl \
+  .deps/wheels/absl_py-*.whl 2>/dev/null)
+if [[ -n $wheels ]]; then
   "$py" -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --upgrade \
-    --ignore-requires-python --target "$site" \
-    .deps/wheels/*.whl > "$work/pip.log" 2>&1 || { log "pip install of .deps/wheels FAILED"; tail -5 "$work/pip.log" | tee -a "$sum"; }
+    --ignore-requires-python --target "$site" $wheels > "$work/pip.log" 2>&1 || { log "pip install of .deps/wheels FAILED"; tail -5 "$work/pip.log" | tee -a "$sum"; }
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 else
   log "no .deps/wheels/*.whl (run bench/optim/fetch-wheels.sh here first): torchao, bitsandbytes, Emerging-Optimizers will be skipped"
