@@ -145,6 +145,7 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
     if (terminating) return;
     terminating = true;
     terminate_all(SIGTERM);
+    terminate_all(SIGCONT);  // a stopped rank (SIGSTOP, a debugger) must wake up to act on it
     kill_at = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   };
   for (;;) {

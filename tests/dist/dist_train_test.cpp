@@ -4,8 +4,13 @@
 // checkpoint resumes on 2 sharded ranks, continuing the same losses. Runs the real ablate-train binary (launcher,
 // rendezvous, TCP ring) on the fortunes corpus with the tiny model.
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <chrono>
+#include <thread>
 
 #include <cmath>
 #include <cstdlib>
@@ -62,7 +67,8 @@ struct TrainRun {
 };
 
 // Runs ablate-train with the common tiny setup, `args` (flag/value pairs) added or overriding it; events on fd 3.
-TrainRun train(const std::string& name, const std::vector<std::string>& args) {
+TrainRun train(const std::string& name, const std::vector<std::string>& args,
+               std::vector<std::string>* argv_only = nullptr) {
   static const fs::path root = temp_dir("runs");
   const fs::path dir = root / name;
   fs::create_directories(dir);
@@ -85,6 +91,10 @@ TrainRun train(const std::string& name, const std::vector<std::string>& args) {
   }
   std::vector<std::string> all = {ABLATE_TRAIN_BIN};
   for (const auto& [f, v] : flags) all.insert(all.end(), {f, v});
+  if (argv_only) {
+    *argv_only = all;
+    return {};
+  }
   std::string cmd;
   for (const auto& a : all) cmd += "'" + a + "' ";
   cmd += "3>'" + (dir / "events.jsonl").string() + "' >'" + (dir / "log.txt").string() + "' 2>&1";
@@ -237,6 +247,73 @@ TEST(DistLaunch, FailingRanksFailTheRun) {
   const TrainRun r = train("bad", {"--nproc", "2", "--batch_size", "4", "--data_dir", "/nonexistent/ablate-data"});
   EXPECT_EQ(r.code, 2) << r.log;  // invalid config on every rank: the launcher returns rank 0's code
   EXPECT_NE(r.log.find("[rank 1] ablate-train:"), std::string::npos) << r.log;
+}
+
+// Hang detection end to end: rank 1 is stopped (SIGSTOP) mid-run; rank 0's next collective makes no progress,
+// its watchdog aborts after --dist_timeout, rank 0 writes the `hang` finished event and exits 5, and the launcher
+// returns 5 (what the worker maps to the hang failure class).
+TEST(DistLaunch, StalledRankEndsTheRunAsAHang) {
+  if (fortunes_data().empty()) GTEST_SKIP() << kFortunes << " is missing";
+  std::vector<std::string> argv;
+  train("hang", {"--nproc", "2", "--batch_size", "4", "--num_train_steps", "100000", "--save_interval", "100000",
+                 "--dist_timeout", "2"},
+        &argv);
+  const fs::path dir = temp_dir("hang");
+  const std::string events = (dir / "events.jsonl").string();
+  const pid_t launcher = ::fork();
+  if (launcher == 0) {
+    const int efd = ::open(events.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int lfd = ::open((dir / "log.txt").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(efd, 3);
+    ::dup2(lfd, 1);
+    ::dup2(lfd, 2);
+    std::vector<char*> a;
+    for (auto& s : argv) a.push_back(s.data());
+    a.push_back(nullptr);
+    ::execv(a[0], a.data());
+    ::_exit(127);
+  }
+  auto read_file = [](const std::string& p) {
+    std::ifstream f(p);
+    if (!f) return std::string();
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  };
+  // Wait for a few steps, then stop rank 1 (the launcher's child with RANK=1).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (read_file(events).find("\"step\":3,") == std::string::npos && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  pid_t rank1 = -1;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string pid_name = e.path().filename().string();
+    if (pid_name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string stat = read_file((e.path() / "stat").string());
+    const auto close_paren = stat.rfind(')');
+    if (close_paren == std::string::npos) continue;
+    std::istringstream is(stat.substr(close_paren + 2));
+    char state;
+    pid_t ppid = 0;
+    is >> state >> ppid;
+    if (ppid != launcher) continue;
+    std::string env = read_file((e.path() / "environ").string());
+    if (env.find(std::string("RANK=1") + '\0') != std::string::npos && env.find("LOCAL_RANK=1") != std::string::npos)
+      rank1 = std::stoi(e.path().filename().string());
+  }
+  ASSERT_GT(rank1, 0) << "rank 1 not found; log:\n" << read_file((dir / "log.txt").string());
+  ::kill(rank1, SIGSTOP);
+  int st = 0;
+  pid_t w = 0;
+  while ((w = ::waitpid(launcher, &st, WNOHANG)) == 0 && std::chrono::steady_clock::now() < deadline + std::chrono::seconds(30))
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  if (w == 0) {
+    ::kill(launcher, SIGKILL);
+    ::kill(rank1, SIGKILL);
+    FAIL() << "the run did not end after rank 1 stopped";
+  }
+  ASSERT_TRUE(WIFEXITED(st));
+  EXPECT_EQ(WEXITSTATUS(st), 5) << read_file((dir / "log.txt").string());
+  const std::string ev = read_file(events);
+  EXPECT_NE(ev.find("\"failure_class\":\"hang\""), std::string::npos) << ev;
+  EXPECT_NE(read_file((dir / "log.txt").string()).find("made no progress"), std::string::npos);
 }
 
 TEST(DistLaunch, HelpDocumentsTheFlags) {
