@@ -4,10 +4,10 @@
 #   scripts/gpu-families.sh [run ...]     (default: the 0.6B runs of issue 3)
 # Runs: dense-32k mamba2-32k deltanet-32k nsa-32k mdma-nsa-32k mamba2-128k nsa-128k deltanet-128k
 #       dense-4b-32k mamba2-4b-32k deltanet-4b-32k nsa-4b-32k mdma-nsa-4b-32k
-# Each run is capped at $RUN_LIMIT seconds ($STEPS steps, default 20) so the whole script fits one device call.
+# Each run is capped at $RUN_LIMIT seconds ($TRAIN_STEPS steps, default 20) so the whole script fits one device call.
 # The 128K runs read data/fortunes-long (prepare-data --val_fraction 0.1) so one 128K window fits the eval split.
 set -uo pipefail
-out=${OUT:-gpu-out}; bin=${BIN:-build-gpu/bin}; limit=${RUN_LIMIT:-55}; steps=${STEPS:-20}
+out=${OUT:-gpu-out}; bin=${BIN:-build-gpu/bin}; limit=${RUN_LIMIT:-55}; steps=${TRAIN_STEPS:-20}
 mkdir -p "$out"
 common="--batch_size 1 --num_train_steps $steps --warmup_steps 2 --learning_rate 3e-4 --log_interval 1
   --eval_interval 100000 --eval_batches 1 --save_interval 100000 --dtype bfloat16 --gradient_checkpointing

@@ -56,6 +56,14 @@ if has test; then
   grep -E '\*\*\*Failed|\(Failed\)|Not Run|Timeout' "$work/ctest.log" | head -30 | tee -a "$out/summary.txt"
 fi
 
+# The kernel tests' timing cases print their numbers (ctest hides the output of passing tests).
+if has timing; then
+  timeout 120 $bin/mixers_nsa_gpu_test --gtest_filter='*Timing*' > "$work/timing_nsa.log" 2>&1
+  log "nsa timing rc=$?"; grep -iE ' ms|x faster|speedup|tok' "$work/timing_nsa.log" | head -30 | tee -a "$out/summary.txt"
+  timeout 150 $bin/kernels_chunk_state_scan_gpu_test --gtest_filter='*TimingDeltaRule32K*' > "$work/timing_gdn.log" 2>&1
+  log "gdn timing rc=$?"; grep -iE ' ms|x faster|speedup' "$work/timing_gdn.log" | head -30 | tee -a "$out/summary.txt"
+fi
+
 # Benchmark scripts of bench/*/run_gpu.sh: each gets its own OUT and a time cap.
 run_bench() {
   local name=$1 script=$2 cap=$3
