@@ -686,7 +686,14 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
         step_loss = comm->all_reduce_scalar(step_loss, dist::ReduceOp::kAvg);  // the global batch's mean loss
         if (!std::isfinite(step_loss))
           throw Diverged("loss is " + std::to_string(step_loss) + " at step " + std::to_string(step));
-        if (ddp) ddp->finish();                  // gradients averaged over the ranks
+        if (ddp) {
+          ddp->finish();  // gradients averaged over the ranks
+          if (step == start_step + 1)
+            out << "ddp: " << ddp->launched_in_backward() << " of " << ddp->num_buckets()
+                << " gradient buckets were all-reduced during backward"
+                << (ddp->reduced_twice() ? " (then all again: a gradient was accumulated twice in one backward)" : "")
+                << std::endl;
+        }
         if (zero) zero->reduce_gradients();      // averaged gradients on their owners only
       }
       if (contains(hk.grad_overflow_steps, step)) {

@@ -52,6 +52,8 @@ class GradientBuckets {
   int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
   // Buckets started from a backward hook (not by finish()) in the last step: > 0 means communication overlapped.
   int64_t launched_in_backward() const { return launched_in_backward_; }
+  // True when the last step had a gradient accumulated twice in one backward, so every bucket was reduced again.
+  bool reduced_twice() const { return refire_; }
 
  private:
   struct Bucket {

@@ -169,6 +169,17 @@ TEST_P(DistTrain, TwoRanksMatchOneProcessAndCheckpointsReshard) {
       train(opt + "-ddp", with({"--nproc", "2", "--batch_size", "4", "--parallel", "ddp", "--ddp_bucket_mb", "0.02"}));
   expect_ok(ddp);
   EXPECT_NE(ddp.log.find("2 ranks, ddp over cpu"), std::string::npos) << ddp.log;
+  {  // overlap: every bucket was started from the backward hooks, none after backward, none twice
+    const auto at = ddp.log.find("ddp: ");
+    ASSERT_NE(at, std::string::npos) << ddp.log;
+    std::istringstream is(ddp.log.substr(at + 5));
+    int64_t during = -1, total = -2;
+    std::string of;
+    is >> during >> of >> total;
+    EXPECT_GT(total, 2);
+    EXPECT_EQ(during, total) << ddp.log.substr(at, 200);
+    EXPECT_EQ(ddp.log.find("then all again"), std::string::npos);
+  }
   const TrainRun zero = train(opt + "-zero", with({"--nproc", "2", "--batch_size", "4", "--parallel", "zero"}));
   expect_ok(zero);
   if (!soap) {
