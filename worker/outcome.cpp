@@ -57,6 +57,7 @@ JobResult MapOutcome(const ExitStatus& status, const std::optional<FinishedEvent
     case 2: r.failure_class = v1::FAILURE_CLASS_INVALID_CONFIG; break;
     case 3: r.failure_class = v1::FAILURE_CLASS_DIVERGED; break;
     case 4: r.failure_class = v1::FAILURE_CLASS_OOM; break;
+    case 5: r.failure_class = v1::FAILURE_CLASS_HANG; break;  // a collective made no progress (docs/distributed.md)
     default: {
       r.failure_class = v1::FAILURE_CLASS_CRASH;
       // A generic exit code with a finished event that names a class (e.g. an OOM caught late): trust the class.

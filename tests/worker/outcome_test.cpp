@@ -41,6 +41,8 @@ TEST(MapOutcome, ExitCodeWinsButEventGivesMessage) {
   EXPECT_EQ(r.message, "loss is NaN at step 7");
   // Exit 4 stays OOM even if the event says crash.
   EXPECT_EQ(MapOutcome(Code(4), FinishedEvent{false, "crash", "x"}).failure_class, v1::FAILURE_CLASS_OOM);
+  // Exit 5 is a hung collective, also when only a non-reporting rank saw it (no finished event).
+  EXPECT_EQ(MapOutcome(Code(5), std::nullopt).failure_class, v1::FAILURE_CLASS_HANG);
 }
 
 TEST(MapOutcome, GenericExitRefinedByNamedClass) {
