@@ -568,8 +568,12 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
     std::unique_ptr<dist::GradientBuckets> ddp;
     if (comm) {
       dist::broadcast_tensors(*comm, params, 0);
-      if (!dc.sharded)
-        ddp = std::make_unique<dist::GradientBuckets>(*comm, params, static_cast<int64_t>(cfg.ddp_bucket_mb * (1 << 20)));
+      if (!dc.sharded) {
+        std::vector<torch::Tensor> with_grad;
+        for (const auto& [name, p] : trainable) with_grad.push_back(p);
+        ddp = std::make_unique<dist::GradientBuckets>(*comm, with_grad,
+                                                      static_cast<int64_t>(cfg.ddp_bucket_mb * (1 << 20)));
+      }
     }
 
     // FLOPs per token (core/flops.h) and the device peak for MFU.
