@@ -393,6 +393,7 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
   Events events(rank0 ? cfg.events_fd : -1);
   std::ostream out(rank0 ? std::cout.rdbuf() : nullptr);
   auto fail = [&](int code, const std::string& cls, const std::string& msg) {
+    dist::wait_if_hang_exit();  // a collective's watchdog is ending the process as a hang: not a crash
     std::cerr << "ablate-train: " << msg << "\n";
     events.emit({{"event", "finished"}, {"status", "failed"}, {"failure_class", cls}, {"message", msg}});
     return code;

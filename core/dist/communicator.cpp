@@ -4,6 +4,7 @@
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdlib>
 #include <iostream>
@@ -12,6 +13,16 @@
 #include <thread>
 
 namespace ablate::dist {
+
+namespace {
+std::atomic<bool> g_hang_exit{false};
+}  // namespace
+
+bool hang_exit_in_progress() { return g_hang_exit.load(); }
+
+void wait_if_hang_exit() {
+  while (g_hang_exit.load()) std::this_thread::sleep_for(std::chrono::seconds(1));
+}
 
 struct Communicator::Watchdog {
   std::mutex mu;
@@ -63,9 +74,10 @@ void Communicator::start_watchdog() {
           " s (--dist_timeout): a peer is stuck or gone; aborting";
       wd_->stop = true;
       lock.unlock();
-      abort();
+      g_hang_exit = true;  // from here on, error paths woken by the abort wait for the exit below
       if (opts_.on_hang) opts_.on_hang(msg);
       std::cerr << "ablate-train: " << msg << std::endl;
+      abort();
       std::_Exit(kExitHang);
     }
   });

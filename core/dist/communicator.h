@@ -48,9 +48,16 @@ class Work {
 };
 using WorkPtr = std::shared_ptr<Work>;
 
-// Called once, from the watchdog thread, when a collective makes no progress for the timeout. Must not return
-// control to training (the default handler prints `message` and calls std::_Exit(kExitHang)).
+// Called once, from the watchdog thread, when a collective makes no progress for the timeout, before the
+// communicator is aborted; afterwards the watchdog prints `message` and calls std::_Exit(kExitHang).
 using HangHandler = std::function<void(const std::string& message)>;
+
+// True once a watchdog has decided to end the process as a hang. Aborting the communicator wakes the threads
+// blocked in collectives with errors; an error path that sees this flag must wait (the process is about to exit
+// with kExitHang) rather than report a crash.
+bool hang_exit_in_progress();
+// Blocks the calling thread for good when hang_exit_in_progress(); returns at once otherwise.
+void wait_if_hang_exit();
 
 struct Options {
   std::chrono::milliseconds timeout{std::chrono::seconds(600)};  // --dist_timeout

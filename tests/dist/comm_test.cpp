@@ -212,8 +212,12 @@ int child_main(const std::string& mode) {
     }
     auto x = torch::ones({4}, torch::TensorOptions().device(g_dev));
     c->all_reduce(x, ReduceOp::kSum);
-    (void)x.sum().item<float>();  // NCCL: the host waits here until the watchdog ends the process
-    return 1;  // not reached
+    try {
+      (void)x.sum().item<float>();  // NCCL: the host waits here until the watchdog ends the process
+    } catch (...) {
+    }
+    wait_if_hang_exit();
+    return 1;  // not reached: the watchdog exits with kExitHang
   }
   return 2;
 }
@@ -316,6 +320,7 @@ int main(int argc, char** argv) {
     try {
       return child_main(mode);
     } catch (const std::exception& e) {
+      wait_if_hang_exit();
       std::cerr << "child (" << mode << ") failed: " << e.what() << std::endl;
       return 3;
     }
