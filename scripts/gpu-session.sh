@@ -6,6 +6,9 @@
 # needs: .deps/*.deb (CLI11, nlohmann-json, GoogleTest, fortunes: `apt-get download` them on a Debian machine),
 #        optionally .deps/wheels/*.whl (reference packages for the benchmarks: bench/*/fetch scripts).
 # Writes $OUT/summary.txt and $OUT/logs.tgz (every step's log and JSON): the device tool returns at most 8 files.
+# A second call within the machine's 30 s warm window, without carrying .gpu-src again, finds .gpu-src/build-gpu,
+# .gpu-src/data and .gpu-src/.deps still there but not the tracked files: run the scripts from the repository
+# copy then, e.g. `cd .gpu-src && ../scripts/gpu-families.sh nsa-32k` (BIN defaults to build-gpu/bin).
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
 work=/tmp/gpu-session; rm -rf "$work"; mkdir -p "$work"
@@ -69,7 +72,8 @@ run_bench() {
   local name=$1 script=$2 cap=$3
   [ -x "$script" ] || { log "$name: $script missing"; return; }
   mkdir -p "$work/$name"
-  OUT="$work/$name" BIN="$bin" timeout "$cap" "$script" "$bin" > "$work/$name/stdout.log" 2>&1
+  # env -u STEPS: the bench scripts read their own STEPS (this script's step list would select nothing there).
+  env -u STEPS OUT="$work/$name" BIN="$bin" timeout "$cap" "$script" "$bin" > "$work/$name/stdout.log" 2>&1
   log "$name rc=$?"; tail -40 "$work/$name/stdout.log" | tee -a "$out/summary.txt"
 }
 has optim && run_bench optim bench/optim/run_gpu.sh "${OPTIM_CAP:-300}"
