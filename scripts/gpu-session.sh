@@ -6,9 +6,9 @@
 # needs: .deps/*.deb (CLI11, nlohmann-json, GoogleTest, fortunes: `apt-get download` them on a Debian machine),
 #        optionally .deps/wheels/*.whl (reference packages for the benchmarks: bench/*/fetch scripts).
 # Writes $OUT/summary.txt and $OUT/logs.tgz (every step's log and JSON): the device tool returns at most 8 files.
-# A second call within the machine's 30 s warm window, without carrying .gpu-src again, finds .gpu-src/build-gpu,
-# .gpu-src/data and .gpu-src/.deps still there but not the tracked files: run the scripts from the repository
-# copy then, e.g. `cd .gpu-src && ../scripts/gpu-families.sh nsa-32k` (BIN defaults to build-gpu/bin).
+# Seen once (2026-11-29): a call within the machine's 30 s warm window that did not carry .gpu-src again found
+# .gpu-src/build-gpu and .gpu-src/data still there, but not .gpu-src's sources (run the repository copy's scripts:
+# `cd .gpu-src && ../scripts/gpu-families.sh nsa-32k`); the call after that found no .gpu-src at all.
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
 work=/tmp/gpu-session; rm -rf "$work"; mkdir -p "$work"
