@@ -59,6 +59,50 @@ void AdamW::step_param(int64_t i, const torch::Tensor& grad, double wd) {
   write_param(p, w);
 }
 
+void AdamW::step_params(const std::vector<int64_t>& idx, const std::vector<torch::Tensor>& grads) {
+#if ABLATE_WITH_CUDA
+  // Group the CUDA fp32 parameters by (device, weight decay, step); each group is one _fused_adamw_ call, which
+  // walks all its tensors in a few launches (torch.optim.AdamW(fused=True)'s kernel). The step tensor is shared
+  // by the group: the kernel only reads it (the caller has already advanced the count).
+  struct Group {
+    std::vector<torch::Tensor> p, g, m, v;
+    torch::Device device{torch::kCPU};
+    double wd = 0.0;
+    int64_t step = 0;
+  };
+  std::vector<Group> groups;
+  std::vector<size_t> rest;
+  for (size_t k = 0; k < idx.size(); ++k) {
+    const int64_t i = idx[k];
+    const torch::Tensor& p = params_[i];
+    if (!(p.is_cuda() && p.scalar_type() == torch::kFloat && p.is_contiguous() && grads[k].is_contiguous())) {
+      rest.push_back(k);
+      continue;
+    }
+    Group* grp = nullptr;
+    for (auto& gr : groups)
+      if (gr.device == p.device() && gr.wd == weight_decay_[i] && gr.step == steps_[i]) grp = &gr;
+    if (!grp) {
+      groups.push_back(Group{{}, {}, {}, {}, p.device(), weight_decay_[i], steps_[i]});
+      grp = &groups.back();
+    }
+    grp->p.push_back(p);
+    grp->g.push_back(grads[k]);
+    grp->m.push_back(state_[i].exp_avg);
+    grp->v.push_back(state_[i].exp_avg_sq);
+  }
+  for (auto& gr : groups) {
+    const auto step_t = torch::full({}, static_cast<double>(gr.step), fp32_like(gr.p.front()));
+    const std::vector<torch::Tensor> steps(gr.p.size(), step_t);
+    at::_fused_adamw_(gr.p, gr.g, gr.m, gr.v, {}, steps, lr_, config_.beta1, config_.beta2, gr.wd, config_.eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+  }
+  for (size_t k : rest) step_param(idx[k], grads[k], weight_decay_[idx[k]]);
+#else
+  Optimizer::step_params(idx, grads);
+#endif
+}
+
 void AdamW::visit_state(int64_t i, const TensorVisitor& fn) {
   fn("exp_avg", state_[i].exp_avg);
   fn("exp_avg_sq", state_[i].exp_avg_sq);

@@ -22,6 +22,9 @@ class AdamW : public Optimizer {
 
  protected:
   void step_param(int64_t i, const torch::Tensor& grad, double weight_decay) override;
+  // On CUDA, fp32 parameters go through LibTorch's multi-tensor fused AdamW kernel, one launch per (weight
+  // decay, step) group; everything else through step_param.
+  void step_params(const std::vector<int64_t>& idx, const std::vector<torch::Tensor>& grads) override;
   void visit_state(int64_t i, const TensorVisitor& fn) override;
 
  private:

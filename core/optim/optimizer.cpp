@@ -69,14 +69,22 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, double lr) : groups_(std::m
 
 void Optimizer::step() {
   torch::NoGradGuard no_grad;
+  std::vector<int64_t> idx;
+  std::vector<torch::Tensor> grads;
   for (size_t i = 0; i < params_.size(); ++i) {
     const torch::Tensor& g = params_[i].grad();
     if (!g.defined()) continue;
     TORCH_CHECK(g.sizes() == params_[i].sizes(), name(), ": grad of ", names_[i], " has shape ", g.sizes(),
                 ", expected ", params_[i].sizes());
     ++steps_[i];
-    step_param(static_cast<int64_t>(i), g.to(torch::kFloat), weight_decay_[i]);
+    idx.push_back(static_cast<int64_t>(i));
+    grads.push_back(g.to(torch::kFloat));
   }
+  step_params(idx, grads);
+}
+
+void Optimizer::step_params(const std::vector<int64_t>& idx, const std::vector<torch::Tensor>& grads_fp32) {
+  for (size_t k = 0; k < idx.size(); ++k) step_param(idx[k], grads_fp32[k], weight_decay_[idx[k]]);
 }
 
 void Optimizer::zero_grad(bool set_to_none) {

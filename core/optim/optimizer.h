@@ -92,6 +92,9 @@ class Optimizer {
  protected:
   // Updates parameter i (flat index over the groups) with its fp32 gradient; steps_[i] is already advanced.
   virtual void step_param(int64_t i, const torch::Tensor& grad_fp32, double weight_decay) = 0;
+  // Updates all parameters of one step (their steps_ already advanced), idx[k] with grads[k]. The default calls
+  // step_param in order; optimizers with a multi-tensor kernel override it to update many tensors per launch.
+  virtual void step_params(const std::vector<int64_t>& idx, const std::vector<torch::Tensor>& grads_fp32);
   // Visits every state tensor of parameter i under a stable key; save/load are built on it.
   using TensorVisitor = std::function<void(const std::string& key, torch::Tensor& t)>;
   virtual void visit_state(int64_t i, const TensorVisitor& fn) = 0;
