@@ -58,6 +58,10 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--max_jobs", opts.max_jobs, "Exit after this many jobs (0: run forever)")->capture_default_str();
   app.add_flag("--once", opts.once, "Ask for one job once, run it if there is one, then exit");
+  app.add_option("--rendezvous_host", opts.rendezvous_host,
+                 "Host other workers reach this node at, for rank 0 of gang-scheduled jobs (MASTER_ADDR; an IPv4 "
+                 "address also becomes ABLATE_DIST_HOST); empty: the hostname")
+      ->capture_default_str();
   app.add_option("--kill_grace_ms", kill_grace_ms, "SIGTERM -> SIGKILL grace when stopping a child")
       ->capture_default_str();
   int drain_ms = 60000, progress_ms = 0, startup_ms = 30000, outage_ms = 600000, fail_backoff_ms = 60000;
@@ -88,6 +92,11 @@ int main(int argc, char** argv) {
   opts.store_outage_tolerance = std::chrono::milliseconds(outage_ms);
   opts.failure_backoff_max = std::chrono::milliseconds(std::max(fail_backoff_ms, 500));
   opts.poll_interval = std::chrono::milliseconds(poll_ms);
+  if (opts.rendezvous_host.empty()) {
+    char host[256] = {};
+    ::gethostname(host, sizeof host - 1);
+    opts.rendezvous_host = host;
+  }
   opts.kill_grace = std::chrono::milliseconds(kill_grace_ms);
   // The child gets absolute paths: its own cwd is ours, but logs and reports are clearer this way.
   opts.data_root = std::filesystem::absolute(opts.data_root).lexically_normal().string();

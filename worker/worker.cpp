@@ -1,6 +1,9 @@
 #include "worker/worker.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -80,6 +83,23 @@ struct JobRun {
 }  // namespace
 
 bool LeaseHasJob(const v1::LeaseJobResponse& r) { return r.job_available() && r.has_job() && r.has_lease(); }
+
+int PickFreePort() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return 0;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_ANY);
+  addr.sin_port = 0;
+  socklen_t len = sizeof addr;
+  int port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    port = ntohs(addr.sin_port);
+  }
+  ::close(fd);
+  return port;
+}
 
 v1::Resources DetectResources(const std::string& gpus_override) {
   v1::Resources r;
@@ -181,6 +201,9 @@ int Worker::Run() {
     v1::LeaseJobRequest req;
     req.set_worker_id(opts_.worker_id);
     *req.mutable_free() = resources_;  // one job at a time: all of it is free when we ask
+    if (!opts_.rendezvous_host.empty()) {
+      if (int port = PickFreePort(); port > 0) req.set_rendezvous_addr(opts_.rendezvous_host + ":" + std::to_string(port));
+    }
     v1::LeaseJobResponse resp;
     const auto lease_sent = Clock::now();
     grpc::Status s = CallWithRetry(
@@ -330,6 +353,30 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   copts.env.push_back("ABLATE_JOB_ID=" + std::to_string(job.id()));
   copts.env.push_back("ABLATE_ATTEMPT=" + std::to_string(lease0.attempt()));
   copts.env.push_back("ABLATE_WORKER_ID=" + opts_.worker_id);
+  const bool gang = leased.world_size() > 1;
+  if (gang) {
+    // One rank of a gang-scheduled job (torchrun-style env; rank 0's TCPStore at MASTER_ADDR:MASTER_PORT).
+    const std::string& ma = leased.master_addr();
+    const auto colon = ma.rfind(':');
+    if (colon == std::string::npos || colon == 0 || colon + 1 == ma.size()) {
+      std::string msg = "gang lease without a rendezvous address ('" + ma + "')";
+      Log("job ", job.id(), ": ", msg);
+      Complete(lease0, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, msg, 0);
+      return true;
+    }
+    // Workers of one gang may share --work_dir (rank 0's checkpoints must be readable by all): own log per rank.
+    if (leased.rank() > 0) copts.log_path += ".rank" + std::to_string(leased.rank());
+    copts.env.push_back("RANK=" + std::to_string(leased.rank()));
+    copts.env.push_back("WORLD_SIZE=" + std::to_string(leased.world_size()));
+    copts.env.push_back("LOCAL_RANK=0");
+    copts.env.push_back("MASTER_ADDR=" + ma.substr(0, colon));
+    copts.env.push_back("MASTER_PORT=" + ma.substr(colon + 1));
+    in_addr probe{};
+    if (::inet_pton(AF_INET, opts_.rendezvous_host.c_str(), &probe) == 1 && !std::getenv("ABLATE_DIST_HOST")) {
+      copts.env.push_back("ABLATE_DIST_HOST=" + opts_.rendezvous_host);  // the CPU ring's listening interface
+    }
+    Log("job ", job.id(), ": gang rank ", leased.rank(), " of ", leased.world_size(), ", rendezvous ", ma);
+  }
   const auto spawned_at = Clock::now();
   auto child = ChildProcess::Spawn(copts, &err);
   if (!child) {
@@ -346,8 +393,11 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   run.lease = lease0;
   run.renewed_at = lease_sent;
   run.progress_at = spawned_at;
-  const auto progress_timeout = leased.progress_timeout_ms() > 0 ? std::chrono::milliseconds(leased.progress_timeout_ms())
-                                                                 : opts_.progress_timeout;
+  // Ranks other than 0 of a gang report no steps (only rank 0 writes events): no progress watchdog there; a hung
+  // collective still ends them (ablate-train's own watchdog, exit 5) and rank 0's worker watches progress.
+  const auto progress_timeout = gang && leased.rank() > 0 ? std::chrono::milliseconds(0)
+                                : leased.progress_timeout_ms() > 0 ? std::chrono::milliseconds(leased.progress_timeout_ms())
+                                                                   : opts_.progress_timeout;
 
   // Event pump: the child's pipe -> queues. Never blocks on the network, so the child never blocks on us.
   std::thread pump([&] {

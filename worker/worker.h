@@ -38,7 +38,13 @@ struct WorkerOptions {
   // Back off before leasing again after consecutive failed attempts (crash loop).
   std::chrono::milliseconds failure_backoff_max{60000};
   std::string gpus_override;  // "2x80G:9.0" — advertise fake GPUs (tests, placement drills)
+  // Gang-scheduled jobs: the host other ranks reach this node's rank 0 at (MASTER_ADDR); with each LeaseJob the
+  // worker offers <rendezvous_host>:<a free port>. Empty: no rendezvous address offered.
+  std::string rendezvous_host;
 };
+
+// A TCP port that was free a moment ago (bound to port 0 and closed), 0 on error.
+int PickFreePort();
 
 // CPU cores, memory and (when nvidia-smi is on PATH and answers) GPUs of this node; `gpus_override`
 // ("2x80G:9.0": count x memory[:compute capability]) replaces the GPU list.

@@ -113,6 +113,7 @@ void ToProto(const JobRecord& in, v1::Job* out) {
   out->set_reused_from_job_id(in.reused_from);
   out->set_mem_estimate_bytes(in.mem_estimate_bytes);
   out->set_gpus(in.gpus);
+  out->set_ranks(in.ranks);
   out->set_not_before_unix_ms(in.not_before_unix_ms);
   out->set_sweep_id(in.sweep_id);
   out->set_cell_index(in.cell_index);
@@ -137,11 +138,12 @@ void ToProto(const Lease& in, v1::Lease* out) {
   out->set_attempt(in.attempt);
   out->set_lease_epoch(in.lease_epoch);
   out->set_lease_nonce(in.lease_nonce);
+  out->set_rank(in.rank);
   out->set_expires_unix_ms(in.expires_unix_ms);
 }
 
 Lease FromProto(const v1::Lease& in) {
-  return Lease{in.job_id(), in.attempt(), in.lease_epoch(), in.expires_unix_ms(), in.lease_nonce()};
+  return Lease{in.job_id(), in.attempt(), in.lease_epoch(), in.expires_unix_ms(), in.lease_nonce(), in.rank()};
 }
 
 void ToProto(const ScheduleRecord& in, v1::Schedule* out) {

@@ -53,6 +53,7 @@ grpc::Status SweepServiceImpl::SubmitSweep(grpc::ServerContext* sctx, const v1::
         j->set_total_steps(c.total_steps);
         j->set_mem_estimate_bytes(c.mem_estimate_bytes);
         j->set_gpus(c.gpus);
+        j->set_ranks(c.ranks);
       }
       resp->set_created(false);
       return grpc::Status::OK;
@@ -65,7 +66,7 @@ grpc::Status SweepServiceImpl::SubmitSweep(grpc::ServerContext* sctx, const v1::
     ns.spec_hash = exp->spec_hash;
     ns.factor_names = exp->factor_names;
     for (const auto& c : exp->cells) {
-      ns.jobs.push_back({c.cell_index, c.factors, c.params, c.config_hash, c.total_steps, c.mem_estimate_bytes, c.gpus});
+      ns.jobs.push_back({c.cell_index, c.factors, c.params, c.config_hash, c.total_steps, c.mem_estimate_bytes, c.gpus, c.ranks});
     }
     auto created = ctx_->store->CreateSweep(ns);
     if (!created.ok()) return ToGrpc(created.status());
@@ -263,7 +264,7 @@ grpc::Status SweepServiceImpl::ExtendSweep(grpc::ServerContext* sctx, const v1::
     ns.name = exp->spec.name;
     ns.factor_names = exp->factor_names;
     for (const auto& c : exp->cells) {
-      ns.jobs.push_back({c.cell_index, c.factors, c.params, c.config_hash, c.total_steps, c.mem_estimate_bytes, c.gpus});
+      ns.jobs.push_back({c.cell_index, c.factors, c.params, c.config_hash, c.total_steps, c.mem_estimate_bytes, c.gpus, c.ranks});
     }
     auto r = ctx_->store->ExtendSweep(req->sweep_id(), ns);
     if (!r.ok()) return ToGrpc(r.status());

@@ -68,8 +68,11 @@ grpc::Status WorkerServiceImpl::LeaseJob(grpc::ServerContext* sctx, const v1::Le
   return Instrumented(ctx_, sctx, "WorkerService", "LeaseJob", [&](const Identity& who) -> grpc::Status {
     if (auto st = CheckWorker(who, req->worker_id()); !st.ok()) return st;
     if (req->free().gpus_size() > 64) return Invalid("free.gpus: more than 64");
+    if (req->rendezvous_addr().size() > 255) return Invalid("rendezvous_addr: longer than 255 bytes");
     if (ctx_->shutting_down->load()) return grpc::Status(grpc::UNAVAILABLE, "scheduler shutting down");
-    auto g = ctx_->store->LeaseJobFor(req->worker_id(), CapacityOf(req->free()), ctx_->lease_ttl_s);
+    Capacity cap = CapacityOf(req->free());
+    cap.rendezvous_addr = req->rendezvous_addr();
+    auto g = ctx_->store->LeaseJobFor(req->worker_id(), cap, ctx_->lease_ttl_s);
     if (!g.ok()) return ToGrpc(g.status());
     if (g->quarantined_until_unix_ms > 0) {
       resp->set_job_available(false);
@@ -92,6 +95,11 @@ grpc::Status WorkerServiceImpl::LeaseJob(grpc::ServerContext* sctx, const v1::Le
     }
     for (int32_t i : grant.assigned_gpus) resp->add_assigned_gpus(i);
     resp->set_progress_timeout_ms(ctx_->progress_timeout_ms);
+    if (grant.world_size > 1) {
+      resp->set_rank(grant.rank);
+      resp->set_world_size(grant.world_size);
+      resp->set_master_addr(grant.master_addr);
+    }
     ctx_->metrics->leases_granted->Inc();
     if (grant.job.created_unix_ms > 0 && grant.job.attempt == 1) {
       auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -101,6 +109,8 @@ grpc::Status WorkerServiceImpl::LeaseJob(grpc::ServerContext* sctx, const v1::Le
     LogInfo("lease_granted", {{"job_id", std::to_string(grant.lease.job_id)},
                               {"attempt", std::to_string(grant.lease.attempt)},
                               {"epoch", std::to_string(grant.lease.lease_epoch)}, {"worker_id", req->worker_id()},
+                              {"rank", std::to_string(grant.rank)}, {"world_size", std::to_string(grant.world_size)},
+                              {"master_addr", grant.master_addr},
                               {"resume", grant.resume_checkpoint}});
     return grpc::Status::OK;
   });

@@ -43,6 +43,7 @@ struct Lease {
   int64_t lease_epoch = 0;
   int64_t expires_unix_ms = 0;
   std::string lease_nonce;  // random per lease; part of the fence (an epoch reissued after failover never matches)
+  int32_t rank = 0;         // gang-scheduled jobs: the rank this lease is for (all ranks share the token above)
 };
 
 // Retry policy per failure class (docs/control-plane.md has the table). A failed attempt is re-queued while
@@ -81,6 +82,8 @@ struct Capacity {
   std::vector<Gpu> gpus;
   int64_t host_memory_bytes = 0;
   bool unlimited = false;  // tests and legacy callers: anything fits
+  // host:port this worker's child would listen on as rank 0 of a gang (MASTER_ADDR:MASTER_PORT of every rank).
+  std::string rendezvous_addr;
 };
 
 struct NewJob {
@@ -91,6 +94,7 @@ struct NewJob {
   int64_t total_steps = 0;
   int64_t mem_estimate_bytes = 0;  // per GPU
   int32_t gpus = 1;
+  int32_t ranks = 1;  // > 1: gang-scheduled on `ranks` distinct workers
 };
 
 struct NewSweep {
@@ -142,6 +146,7 @@ struct JobRecord {
   int32_t gpus = 1;
   int64_t not_before_unix_ms = 0;
   std::string lease_nonce;
+  int32_t ranks = 1;
 };
 
 struct CreateSweepResult {
@@ -155,6 +160,10 @@ struct LeaseGrant {
   std::string resume_checkpoint;  // latest reported checkpoint of this job, "" if none
   std::vector<std::pair<int64_t, std::string>> checkpoints;  // (step, path), newest first
   std::vector<int32_t> assigned_gpus;
+  // Gangs (job.ranks > 1): this worker's rank (also in lease.rank), the world size and rank 0's rendezvous address.
+  int32_t rank = 0;
+  int32_t world_size = 1;
+  std::string master_addr;
 };
 
 struct LeaseAttempt {
@@ -259,7 +268,9 @@ class JobStore {
                                      const std::string& reason) = 0;
   // The oldest runnable queued job that fits `free` (gpus ≤ free GPUs, per-GPU memory estimate ≤ the smallest of
   // them), claimed atomically with a fresh lease (epoch+1, new nonce) and its attempt row; none when nothing fits
-  // or the worker is quarantined.
+  // or the worker is quarantined. Gang jobs (ranks > 1) come first: the worker takes (or renews) a pending slot
+  // of the oldest forming gang and gets no grant until the gang is complete; the call that fills the last slot
+  // leases the job once for all ranks, and every member receives its rank's grant on its next call.
   virtual absl::StatusOr<LeaseAttempt> LeaseJobFor(const std::string& worker_id, const Capacity& free,
                                                    int lease_ttl_s) = 0;
   absl::StatusOr<std::optional<LeaseGrant>> LeaseNextJob(const std::string& worker_id, int lease_ttl_s) {

@@ -259,7 +259,7 @@ absl::StatusOr<SweepSpec> ParseSweepYaml(std::string_view yaml) {
 
     // resources
     if (const YAML::Node rs = root["resources"]; rs && !rs.IsNull()) {
-      if (!rs.IsMap()) return Invalid("resources: must be a map with gpus, memory_gb" + MarkOf(rs));
+      if (!rs.IsMap()) return Invalid("resources: must be a map with gpus, memory_gb, ranks" + MarkOf(rs));
       for (const auto& kv : rs) {
         std::string key = kv.first.as<std::string>();
         std::string f = "resources." + key;
@@ -269,6 +269,10 @@ absl::StatusOr<SweepSpec> ParseSweepYaml(std::string_view yaml) {
           int64_t n = 0;
           if (!ParseInt(*v, &n) || n < 1 || n > 64) return Invalid(f + ": must be an integer 1..64, got '" + *v + "'");
           spec.gpus = static_cast<int32_t>(n);
+        } else if (key == "ranks") {
+          int64_t n = 0;
+          if (!ParseInt(*v, &n) || n < 1 || n > 64) return Invalid(f + ": must be an integer 1..64, got '" + *v + "'");
+          spec.ranks = static_cast<int32_t>(n);
         } else if (key == "memory_gb") {
           char* end = nullptr;
           double gb = std::strtod(v->c_str(), &end);
@@ -277,7 +281,7 @@ absl::StatusOr<SweepSpec> ParseSweepYaml(std::string_view yaml) {
           }
           spec.memory_bytes = static_cast<int64_t>(gb * 1024 * 1024 * 1024);
         } else {
-          return Invalid(f + ": unknown resource" + MarkOf(kv.first) + " (expected gpus, memory_gb)");
+          return Invalid(f + ": unknown resource" + MarkOf(kv.first) + " (expected gpus, memory_gb, ranks)");
         }
       }
     }
@@ -389,6 +393,9 @@ absl::StatusOr<Expansion> Expand(const SweepSpec& spec, int max_cells) {
       c.config_hash = ConfigHash(c.params);
       c.total_steps = total_steps;
       c.gpus = spec.gpus;
+      c.ranks = spec.ranks;
+      // A gang's global batch is ranks x batch_size: another result than one process, so another identity.
+      if (spec.ranks > 1) c.config_hash = Sha256Hex(c.config_hash + "\nranks=" + std::to_string(spec.ranks));
       c.mem_estimate_bytes = spec.memory_bytes > 0 ? spec.memory_bytes : EstimateMemoryBytes(c.params, spec.gpus);
       out.cells.push_back(std::move(c));
     }
@@ -418,6 +425,7 @@ absl::StatusOr<Expansion> Expand(const SweepSpec& spec, int max_cells) {
   if (spec.gpus != 1 || spec.memory_bytes != 0) {
     canon += "resources=" + std::to_string(spec.gpus) + "," + std::to_string(spec.memory_bytes) + "\n";
   }
+  if (spec.ranks != 1) canon += "ranks=" + std::to_string(spec.ranks) + "\n";
   out.spec_hash = Sha256Hex(canon);
   return out;
 }

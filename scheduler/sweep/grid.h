@@ -27,6 +27,7 @@ struct SweepSpec {
   KeyValues train;                                     // file order
   // resources: (optional) placement needs of every cell. gpus: all on one worker, leased together.
   int32_t gpus = 1;
+  int32_t ranks = 1;  // resources.ranks: processes on as many distinct workers, gang-scheduled
   int64_t memory_bytes = 0;                            // per GPU; 0 = estimate from the config
 };
 
@@ -38,6 +39,7 @@ struct Cell {
   int64_t total_steps = 0;                    // train.num_train_steps, 0 when not set
   int64_t mem_estimate_bytes = 0;             // per GPU (resources.memory_gb, else EstimateMemoryBytes)
   int32_t gpus = 1;
+  int32_t ranks = 1;  // resources.ranks: processes on as many distinct workers, gang-scheduled
 };
 
 // Extra `train:` keys accepted verbatim (ablate-scheduler --extra_train_keys; e.g. a custom trainer's flags).

@@ -422,6 +422,57 @@ def f01(suite, st):
         m.group(1), ck, t[1] - st.fault_at[0])
 
 
+def g01(suite, st):
+    """Gang scheduling (issue #8): a 2-rank job on 2 workers (real ablate-train, CPU ring), one worker SIGKILLed
+    mid-run, the gang re-dispatched to the survivor + a third worker, resumed from rank 0's checkpoint."""
+    tb = suite.train_bin
+    if not tb or not os.access(tb, os.X_OK):
+        raise Fail("G01 needs the real ablate-train (--train_bin); it was not found at '%s'" % tb)
+    data = os.path.join(suite.work, "data", "fortunes")
+    if not os.path.exists(os.path.join(data, "train.bin")):
+        r = sh([tb, "prepare-data", "--input", "/usr/share/games/fortunes", "--output", data])
+        check(r.returncode == 0, "prepare-data: " + r.stderr[-500:])
+    steps = 200
+    s = st.scheduler()
+    st.submit("name: g01\ngrid:\n  model_size: [tiny]\n  context_length: [64]\ntrain:\n  num_train_steps: %d\n"
+              "  batch_size: 2\n  save_interval: 20\n  eval_interval: 100\n  log_interval: 10\n  dataset: fortunes\n"
+              "resources:\n  ranks: 2\n" % steps, s.addr)
+    check(st.qi("SELECT ranks FROM jobs") == 2, "the job was not stored with ranks 2")
+    # Every worker of the gang shares --work_dir (Stack.worker): rank 0's checkpoints are readable by all ranks.
+    rdv = ["--rendezvous_host", "127.0.0.1"]
+    w1 = st.worker("w1", s.addr, train_bin=tb, extra=rdv)
+    time.sleep(1.0)
+    check(st.q("SELECT state FROM jobs") == "queued", "a 2-rank job started with one worker (half-started gang)")
+    w2 = st.worker("w2", s.addr, train_bin=tb, extra=rdv)
+    st.wait(lambda: st.qi("SELECT count(*) FROM checkpoints") >= 1, 90, "a checkpoint from the 2-rank run")
+    ck = st.qi("SELECT max(step) FROM checkpoints")
+    check(st.q("SELECT ranks || ':' || attempt FROM jobs") == "2:1", "unexpected first gang: " + st.q("SELECT * FROM jobs"))
+    for w, r in ((w1, 0), (w2, 1)):
+        check("gang rank %d of 2" % r in w.text(), "%s did not run rank %d: %s" % (w.wid, r, w.text()[-1500:]))
+    # Kill rank 1's node (worker and child). Rank 0's child loses its ring peer, its worker reports the attempt, and
+    # the job goes back to the queue as one unit.
+    st.fault_at.append(time.time())
+    st.node_signal(w2, signal.SIGKILL)
+    check(st.q("SELECT state FROM jobs") != "succeeded", "the run ended before the kill (not mid-run)")
+    w3 = st.worker("w3", s.addr, train_bin=tb, extra=rdv)
+    st.wait_terminal(120)
+    check(st.q("SELECT state FROM jobs") == "succeeded",
+          "job did not succeed: " + st.q("SELECT state, last_error FROM jobs"))
+    att = st.qi("SELECT max(attempt) FROM jobs")
+    check(att >= 2, "the gang was not re-dispatched")
+    check("resuming from" in w1.text() and "resuming from" in w3.text(),
+          "the new gang did not resume from a checkpoint: " + w3.text()[-1500:])
+    m = re.search(r"checkpoint-(\d+)", w3.text().split("resuming from", 1)[1])
+    check(m and int(m.group(1)) >= ck, "resumed from step %s, last committed checkpoint %d" % (m and m.group(1), ck))
+    check(st.qi("SELECT max(step) FROM metrics WHERE name = 'train/loss'") == steps, "the step count is not complete")
+    losses = [float(x) for x in st.q("SELECT value FROM metrics WHERE name IN ('train/loss', 'eval/loss')").split()]
+    check(losses and all(x == x and abs(x) < 1e6 for x in losses), "non-finite losses: %s" % losses)
+    check("w2" not in st.q("SELECT string_agg(coalesce(worker_id, ''), ',') FROM job_attempts WHERE attempt = %d" % att),
+          "the killed worker is in the new gang")
+    return "2 ranks on w1+w2, w2 killed at checkpoint %d, resumed at %s on w1+w3 (attempt %d); %d losses finite" % (
+        ck, m.group(1), att, len(losses))
+
+
 def f02(suite, st):
     s = st.scheduler()
     st.submit(sweep("f02", steps=80, save=1000), s.addr)
@@ -844,6 +895,10 @@ SCENARIOS = [
 
 
 
+# Scenarios outside the default run (their own ctest entries): --only selects them.
+EXTRA_SCENARIOS = [("G01", g01)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -856,7 +911,7 @@ def main():
     only = set(x for x in a.only.split(",") if x)
     passed = failed = 0
     t_all = time.time()
-    for sid, fn in SCENARIOS:
+    for sid, fn in SCENARIOS + [x for x in EXTRA_SCENARIOS if x[0] in only]:
         if only and sid not in only:
             continue
         t0 = time.time()

@@ -201,6 +201,23 @@ TEST(GridTest, RejectsExcludeProblems) {
   ExpectRejected("name: x\ngrid: {model_size: [tiny]}\nexclude: {model_size: tiny}\n", {"exclude: must be a list"});
 }
 
+TEST(GridTest, ResourcesRanksMakesGangCellsWithTheirOwnIdentity) {
+  const std::string base = "name: g\ngrid:\n  model_size: [tiny]\n  context_length: [64]\n";
+  auto one = ParseAndExpand(base);
+  auto two = ParseAndExpand(base + "resources:\n  ranks: 2\n");
+  ASSERT_TRUE(one.ok() && two.ok()) << two.status();
+  EXPECT_EQ(one->cells[0].ranks, 1);
+  EXPECT_EQ(two->cells[0].ranks, 2);
+  EXPECT_EQ(two->cells[0].params, one->cells[0].params);            // same flags for ablate-train
+  EXPECT_NE(two->cells[0].config_hash, one->cells[0].config_hash);  // another global batch: another result
+  EXPECT_NE(two->spec_hash, one->spec_hash);
+  auto explicit_one = ParseAndExpand(base + "resources:\n  ranks: 1\n");
+  ASSERT_TRUE(explicit_one.ok());
+  EXPECT_EQ(explicit_one->cells[0].config_hash, one->cells[0].config_hash);
+  ExpectRejected(base + "resources:\n  ranks: 0\n", {"resources.ranks", "1..64"});
+  ExpectRejected(base + "resources:\n  ranks: two\n", {"resources.ranks"});
+}
+
 TEST(GridTest, EnforcesCellLimit) {
   std::string yaml = "name: big\ngrid:\n  context_length: [";
   for (int i = 1; i <= 200; ++i) yaml += (i > 1 ? "," : "") + std::to_string(i);

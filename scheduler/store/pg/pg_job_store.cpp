@@ -22,7 +22,7 @@ constexpr const char* kJobCols =
     ABLATE_MS("j.created_at") ", " ABLATE_MS("j.started_at") ", " ABLATE_MS("j.finished_at") ", "
     "j.latest_step, j.total_steps, j.cancel_requested, coalesce(j.reused_from, 0), j.mem_estimate_bytes, j.gpus, "
     "CASE WHEN isfinite(j.not_before) THEN (extract(epoch from j.not_before) * 1000)::bigint ELSE 0 END, "
-    "j.lease_nonce";
+    "j.lease_nonce, j.ranks";
 
 // The fence: the lease is current (job, attempt, epoch and nonce) and the job still leased or running.
 #define ABLATE_FENCE(a, b, c, d) \
@@ -80,6 +80,7 @@ JobRecord ReadJob(const PgResult& r, int row) {
   j.gpus = static_cast<int32_t>(r.Int(row, 21));
   j.not_before_unix_ms = r.Int(row, 22);
   j.lease_nonce = r.Str(row, 23);
+  j.ranks = static_cast<int32_t>(r.Int(row, 24));
   return j;
 }
 
@@ -171,12 +172,12 @@ absl::Status FillLatestMetrics(PGconn* c, const char* where, const std::string& 
 absl::StatusOr<std::pair<int64_t, int64_t>> InsertJobs(PGconn* c, int64_t sweep_id, const json& jobs, bool reuse) {
   auto jr = Exec(c, "insert jobs",
                  "WITH ins AS (INSERT INTO jobs (sweep_id, cell_index, factors, params, config_hash, total_steps, "
-                 "  mem_estimate_bytes, gpus, state, reused_from, latest_step, started_at, finished_at) "
+                 "  mem_estimate_bytes, gpus, ranks, state, reused_from, latest_step, started_at, finished_at) "
                  "SELECT $1, x.cell_index, x.factors, x.params, x.config_hash, x.total_steps, "
-                 "  coalesce(x.mem, 0), coalesce(x.gpus, 1), CASE WHEN r.id IS NULL THEN 'queued' ELSE 'succeeded' END, "
+                 "  coalesce(x.mem, 0), coalesce(x.gpus, 1), greatest(coalesce(x.ranks, 1), 1), CASE WHEN r.id IS NULL THEN 'queued' ELSE 'succeeded' END, "
                  "  r.id, coalesce(r.latest_step, 0), r.started_at, CASE WHEN r.id IS NULL THEN NULL ELSE now() END "
                  "FROM jsonb_to_recordset($2::jsonb) AS x(cell_index int, factors jsonb, params jsonb, "
-                 "  config_hash text, total_steps bigint, mem bigint, gpus int) "
+                 "  config_hash text, total_steps bigint, mem bigint, gpus int, ranks int) "
                  "LEFT JOIN LATERAL (SELECT o.id, o.latest_step, o.started_at FROM jobs o "
                  "  WHERE $3::boolean AND o.config_hash = x.config_hash AND o.state = 'succeeded' "
                  "  AND o.reused_from IS NULL ORDER BY o.id LIMIT 1) r ON TRUE "
@@ -275,7 +276,7 @@ absl::StatusOr<CreateSweepResult> PgJobStore::CreateSweep(const NewSweep& sw) {
                     {"config_hash", j.config_hash},
                     {"total_steps", j.total_steps},
                     {"mem", j.mem_estimate_bytes},
-                    {"gpus", j.gpus}});
+                    {"gpus", j.gpus}, {"ranks", j.ranks}});
   }
 
   {
@@ -462,6 +463,129 @@ absl::Status PgJobStore::SetQuarantine(const std::string& worker_id, bool quaran
   return absl::OkStatus();
 }
 
+namespace {
+// Gang placement (jobs with ranks > 1), one transaction. Returns a grant when this call completed the gang or the
+// worker's rank of an already granted gang is waiting for it; `pending` is set when the worker holds (or just
+// took) a slot of a gang still forming: it must not take another job meanwhile. See docs/control-plane.md.
+absl::StatusOr<std::optional<LeaseGrant>> LeaseGangSlot(PGconn* c, const std::string& worker_id, const Capacity& free,
+                                                       int lease_ttl_s, const std::string& mems, bool* pending) {
+  *pending = false;
+  const std::string ttl = std::to_string(lease_ttl_s);
+  PgTransaction tx(c);
+  if (auto st = tx.Begin(); !st.ok()) return st;
+  // Release pending slots that were not renewed in time, and slots of jobs that left leased/running.
+  auto gc = Exec(c, "release gang slots",
+                 "DELETE FROM gang_slots s USING jobs j WHERE s.job_id = j.id AND "
+                 "((j.state = 'queued' AND s.expires_at < now()) OR j.state NOT IN ('queued', 'leased', 'running') "
+                 " OR (j.state <> 'queued' AND s.attempt <> j.attempt))");
+  if (!gc.ok()) return gc.status();
+  // This worker's slot, if any (at most one live: a member never joins a second gang).
+  auto mine = Exec(c, "my gang slot",
+                   "SELECT s.job_id, s.rank, j.state FROM gang_slots s JOIN jobs j ON j.id = s.job_id "
+                   "WHERE s.worker_id = $1 AND NOT s.done ORDER BY s.job_id LIMIT 1 FOR UPDATE OF j",
+                   {worker_id});
+  if (!mine.ok()) return mine.status();
+  int64_t job_id = 0;
+  int32_t ranks = 0;
+  if (mine->rows() == 1) {
+    job_id = mine->Int(0, 0);
+    if (mine->Str(0, 2) != "queued") {
+      // Granted (by another member's call): hand this worker its rank.
+      auto g = Exec(c, "granted slot", "UPDATE gang_slots SET expires_at = now() + make_interval(secs => $3::int) "
+                    "WHERE job_id = $1 AND worker_id = $2", {Num(job_id), worker_id, ttl});
+      if (!g.ok()) return g.status();
+    } else {
+      auto g = Exec(c, "renew slot", "UPDATE gang_slots SET expires_at = now() + make_interval(secs => $3::int) "
+                    "WHERE job_id = $1 AND worker_id = $2", {Num(job_id), worker_id, ttl});
+      if (!g.ok()) return g.status();
+    }
+  } else {
+    // The oldest forming gang that fits. FOR UPDATE without SKIP LOCKED: concurrent claimers queue up behind each
+    // other and all join the same (oldest) gang, so two gangs never each hold part of the workers.
+    auto next = Exec(c, "next gang",
+                     "SELECT id FROM jobs WHERE state = 'queued' AND ranks > 1 AND not_before <= now() "
+                     "  AND NOT cancel_requested "
+                     "  AND ($2::boolean OR (SELECT count(*) FROM unnest($3::bigint[]) AS d(mem) "
+                     "                       WHERE d.mem >= jobs.mem_estimate_bytes) >= jobs.gpus) "
+                     "  AND NOT EXISTS (SELECT 1 FROM gang_slots s WHERE s.job_id = jobs.id AND s.worker_id = $1) "
+                     "ORDER BY queued_at, id LIMIT 1 FOR UPDATE",
+                     {worker_id, free.unlimited ? "true" : "false", mems});
+    if (!next.ok()) return next.status();
+    if (next->rows() == 0) {
+      if (auto st = tx.Commit(); !st.ok()) return st;
+      return std::optional<LeaseGrant>();
+    }
+    job_id = next->Int(0, 0);
+    // The lowest free rank (a released slot leaves a hole that the next joiner fills).
+    auto ins = Exec(c, "join gang",
+                    "INSERT INTO gang_slots (job_id, rank, worker_id, rendezvous_addr, expires_at) "
+                    "SELECT $1::bigint, (SELECT min(r) FROM generate_series(0, j.ranks - 1) AS r "
+                    "            WHERE NOT EXISTS (SELECT 1 FROM gang_slots s WHERE s.job_id = $1::bigint AND s.rank = r)), "
+                    "       $2::text, $3::text, now() + make_interval(secs => $4::int) FROM jobs j WHERE j.id = $1::bigint "
+                    "RETURNING rank",
+                    {Num(job_id), worker_id, free.rendezvous_addr, ttl});
+    if (!ins.ok()) return ins.status();
+  }
+  auto job = Exec(c, "gang job", "SELECT state, ranks, (SELECT count(*) FROM gang_slots s WHERE s.job_id = $1) "
+                  "FROM jobs WHERE id = $1", {Num(job_id)});
+  if (!job.ok()) return job.status();
+  if (job->rows() == 0) return absl::AbortedError("gang job vanished");
+  ranks = static_cast<int32_t>(job->Int(0, 1));
+  if (job->Str(0, 0) == "queued") {
+    if (job->Int(0, 2) < ranks) {  // still forming: hold the slot
+      *pending = true;
+      if (auto st = tx.Commit(); !st.ok()) return st;
+      return std::optional<LeaseGrant>();
+    }
+    // The last slot: lease the job once for the whole gang (rank 0's worker is the job's worker_id).
+    auto up = Exec(c, "lease gang",
+                   "UPDATE jobs j SET state = 'leased', attempt = j.attempt + 1, lease_epoch = j.lease_epoch + 1, "
+                   "  lease_nonce = replace(gen_random_uuid()::text, '-', ''), "
+                   "  lease_expires_at = now() + make_interval(secs => $2::int), "
+                   "  worker_id = (SELECT worker_id FROM gang_slots WHERE job_id = $1 AND rank = 0), "
+                   "  started_at = coalesce(j.started_at, now()) WHERE j.id = $1 RETURNING attempt",
+                   {Num(job_id), ttl});
+    if (!up.ok()) return up.status();
+    auto hist = Exec(c, "gang attempt",
+                     "INSERT INTO job_attempts (job_id, attempt, lease_epoch, lease_nonce, worker_id, outcome, acquired_at) "
+                     "SELECT id, attempt, lease_epoch, lease_nonce, worker_id, 'running', now() FROM jobs WHERE id = $1 "
+                     "ON CONFLICT (job_id, attempt) DO UPDATE SET lease_epoch = EXCLUDED.lease_epoch, "
+                     "lease_nonce = EXCLUDED.lease_nonce, worker_id = EXCLUDED.worker_id, outcome = 'running', "
+                     "acquired_at = EXCLUDED.acquired_at, finished_at = NULL",
+                     {Num(job_id)});
+    if (!hist.ok()) return hist.status();
+    auto sl = Exec(c, "arm slots",
+                   "UPDATE gang_slots SET attempt = $2::int, expires_at = now() + make_interval(secs => $3::int) "
+                   "WHERE job_id = $1", {Num(job_id), Num(up->Int(0, 0)), ttl});
+    if (!sl.ok()) return sl.status();
+  }
+  std::string sql = std::string("SELECT ") + kJobCols +
+                    ", s.rank, (SELECT rendezvous_addr FROM gang_slots WHERE job_id = j.id AND rank = 0) "
+                    "FROM jobs j JOIN gang_slots s ON s.job_id = j.id AND s.worker_id = $2 WHERE j.id = $1";
+  auto r = Exec(c, "gang grant", sql.c_str(), {Num(job_id), worker_id});
+  if (!r.ok()) return r.status();
+  if (r->rows() == 0) return absl::AbortedError("gang slot vanished");
+  LeaseGrant g;
+  g.job = ReadJob(*r, 0);
+  g.rank = static_cast<int32_t>(r->Int(0, 25));
+  g.world_size = g.job.ranks;
+  g.master_addr = r->Str(0, 26);
+  g.lease = Lease{g.job.id, g.job.attempt, g.job.lease_epoch, g.job.lease_expires_unix_ms, g.job.lease_nonce, g.rank};
+  auto cp = Exec(c, "resume checkpoints",
+                 "SELECT step, path FROM checkpoints WHERE job_id = $1 ORDER BY step DESC LIMIT 8", {Num(g.job.id)});
+  if (cp.ok()) {
+    for (int i = 0; i < cp->rows(); ++i) g.checkpoints.emplace_back(cp->Int(i, 0), cp->Str(i, 1));
+    if (!g.checkpoints.empty()) g.resume_checkpoint = g.checkpoints.front().second;
+  }
+  for (const auto& gpu : free.gpus) {
+    if (static_cast<int32_t>(g.assigned_gpus.size()) >= g.job.gpus) break;
+    if (gpu.memory_bytes >= g.job.mem_estimate_bytes) g.assigned_gpus.push_back(gpu.index);
+  }
+  if (auto st = tx.Commit(); !st.ok()) return st;
+  return std::optional<LeaseGrant>(std::move(g));
+}
+}  // namespace
+
 absl::StatusOr<LeaseAttempt> PgJobStore::LeaseJobFor(const std::string& worker_id, const Capacity& free,
                                                      int lease_ttl_s) {
   auto conn = pool_.Acquire();
@@ -484,11 +608,21 @@ absl::StatusOr<LeaseAttempt> PgJobStore::LeaseJobFor(const std::string& worker_i
   std::string arr = "{";
   for (size_t i = 0; i < mems.size(); ++i) arr += (i ? "," : "") + Num(mems[i]);
   arr += "}";
+  {
+    bool pending = false;
+    auto gang = LeaseGangSlot(c, worker_id, free, lease_ttl_s, arr, &pending);
+    if (!gang.ok()) return gang.status();
+    if (gang->has_value()) {
+      out.grant = std::move(**gang);
+      return out;
+    }
+    if (pending) return out;  // holding a slot of a forming gang: no other job meanwhile
+  }
   // One statement, autocommit: SKIP LOCKED lets concurrent claimers pass over a row another one is taking, so no
   // job is handed out twice and nobody waits. A job fits when at least `gpus` offered devices each have its
   // per-GPU memory estimate: all of them at once, or the job is not leased here.
   std::string sql =
-      "WITH next AS (SELECT id FROM jobs WHERE state = 'queued' AND not_before <= now() "
+      "WITH next AS (SELECT id FROM jobs WHERE state = 'queued' AND ranks = 1 AND not_before <= now() "
       "  AND ($3::boolean OR (SELECT count(*) FROM unnest($4::bigint[]) AS d(mem) "
       "                       WHERE d.mem >= jobs.mem_estimate_bytes) >= jobs.gpus) "
       "  ORDER BY queued_at, id LIMIT 1 FOR UPDATE SKIP LOCKED), "
@@ -531,14 +665,20 @@ absl::StatusOr<HeartbeatResult> PgJobStore::Heartbeat(const std::string& worker_
   PGconn* c = conn->get();
   // Single-row updates, no table locks: the worker's row and the job's row.
   (void)Exec(c, "touch worker", "UPDATE workers SET last_seen = now() WHERE id = $1", {worker_id});
+  // A gang member renews its own slot; the job's expiry is the earliest of its ranks' (a rank whose worker stopped
+  // heartbeating expires the whole gang). Ordinary jobs have no slots: least() ignores the NULL.
   auto r = Exec(c, "heartbeat",
-                "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $5::int), "
+                "WITH slot AS (UPDATE gang_slots SET expires_at = now() + make_interval(secs => $5::int) "
+                "  WHERE job_id = $1 AND rank = $7::int AND attempt = $2::int RETURNING 1) "
+                "UPDATE jobs SET lease_expires_at = least(now() + make_interval(secs => $5::int), "
+                "  (SELECT min(expires_at) FROM gang_slots WHERE job_id = $1 AND rank <> $7::int "
+                "   AND attempt = $2::int AND NOT done)), "
                 "state = CASE WHEN state = 'leased' AND $4::bigint >= 0 THEN 'running' ELSE state END, "
                 "latest_step = greatest(latest_step, $4::bigint) "
                 "WHERE " ABLATE_FENCE("$1", "$2", "$3", "$6") " "
                 "RETURNING " ABLATE_MS("lease_expires_at") ", cancel_requested",
                 {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), Num(step), std::to_string(lease_ttl_s),
-                 lease.lease_nonce});
+                 lease.lease_nonce, std::to_string(lease.rank)});
   if (!r.ok()) return r.status();
   if (r->rows() == 0) return FenceError(c, lease, "heartbeat");
   HeartbeatResult out;
@@ -623,6 +763,9 @@ absl::StatusOr<std::string> ApplyDecision(PGconn* c, const Lease& lease, const D
                  Num(d.backoff_ms)});
   if (!r.ok()) return r.status();
   if (r->rows() == 0) return absl::AbortedError("job " + Num(lease.job_id) + " changed underneath; retry");
+  // A gang's slots end with its attempt (the other ranks' heartbeats are fenced from now on: they stop).
+  auto gs = Exec(c, "drop gang slots", "DELETE FROM gang_slots WHERE job_id = $1", {Num(lease.job_id)});
+  if (!gs.ok()) return gs.status();
   return r->Str(0, 0);
 }
 }  // namespace
@@ -634,6 +777,22 @@ absl::StatusOr<CompleteResult> PgJobStore::Complete(const Lease& lease, Outcome 
   if (!conn.ok()) return conn.status();
   PGconn* c = conn->get();
   std::string fc_s(outcome == Outcome::kFailed ? FailureClassName(fc) : "");
+  if (lease.rank > 0 && (outcome == Outcome::kSucceeded || outcome == Outcome::kCancelled)) {
+    // A gang member other than rank 0 finished cleanly: rank 0 reports the run. Its slot is done (no longer
+    // renewed, no longer part of the gang's expiry); the job is not moved. Fenced on the token, not on the state
+    // (rank 0 may have completed the job first).
+    auto r = Exec(c, "gang member done",
+                  "WITH done AS (UPDATE gang_slots SET done = true WHERE job_id = $1 AND rank = $5::int "
+                  "  AND attempt = $2::int RETURNING 1) "
+                  "SELECT state FROM jobs WHERE id = $1 AND attempt = $2 AND lease_epoch = $3 AND lease_nonce = $4",
+                  {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), lease.lease_nonce,
+                   std::to_string(lease.rank)});
+    if (!r.ok()) return r.status();
+    if (r->rows() == 0) return FenceError(c, lease, "completion");
+    CompleteResult out;
+    out.state = JobStateFromName(r->Str(0, 0)).value_or(JobState::kRunning);
+    return out;
+  }
   PgTransaction tx(c);
   if (auto st = tx.Begin(); !st.ok()) return st;
   // Fence check and row lock in one statement.
@@ -645,6 +804,12 @@ absl::StatusOr<CompleteResult> PgJobStore::Complete(const Lease& lease, Outcome 
   if (cur->rows() == 0) return FenceError(c, lease, "completion");
   Decision d = Decide(outcome, fc, cur->Str(0, 0), cur->Bool(0, 1), policy);
   std::string worker_id = cur->Str(0, 2);
+  if (lease.rank > 0) {  // a gang member failed (or was drained): the whole gang ends; blame that rank's worker
+    auto w = Exec(c, "gang member", "SELECT worker_id FROM gang_slots WHERE job_id = $1 AND rank = $2::int",
+                  {Num(lease.job_id), std::to_string(lease.rank)});
+    if (!w.ok()) return w.status();
+    if (w->rows() == 1) worker_id = w->Str(0, 0);
+  }
   auto hist = Exec(c, "close attempt",
                    "INSERT INTO job_attempts (job_id, attempt, lease_epoch, lease_nonce, worker_id, outcome, "
                    "failure_class, message, exit_code, finished_at, last_step) "
@@ -685,7 +850,9 @@ absl::StatusOr<ExpireResult> PgJobStore::Expire(const RetryPolicy& policy, int64
     }
   }
   auto r = Exec(c, "expired leases",
-                "SELECT id, attempt, lease_epoch, lease_nonce, coalesce(worker_id, ''), class_failures::text, "
+                "SELECT id, attempt, lease_epoch, lease_nonce, "
+                "coalesce((SELECT s.worker_id FROM gang_slots s WHERE s.job_id = jobs.id AND s.attempt = jobs.attempt "
+                "  AND NOT s.done ORDER BY s.expires_at LIMIT 1), worker_id, ''), class_failures::text, "
                 "cancel_requested, latest_step FROM jobs "
                 "WHERE state IN ('leased', 'running') AND lease_expires_at < now() "
                 "ORDER BY lease_expires_at LIMIT 500 FOR UPDATE SKIP LOCKED");
@@ -779,7 +946,7 @@ absl::StatusOr<ExtendResult> PgJobStore::ExtendSweep(int64_t sweep_id, const New
     for (const auto& [k, v] : j.factors) factors[k] = v;
     jobs.push_back({{"cell_index", next_index++}, {"factors", factors}, {"params", j.params},
                     {"config_hash", j.config_hash}, {"total_steps", j.total_steps}, {"mem", j.mem_estimate_bytes},
-                    {"gpus", j.gpus}});
+                    {"gpus", j.gpus}, {"ranks", j.ranks}});
   }
   if (!jobs.empty()) {
     auto ins = InsertJobs(c, sweep_id, jobs, sw.reuse_succeeded);
