@@ -467,6 +467,9 @@ def g01(suite, st):
     check(st.qi("SELECT max(step) FROM metrics WHERE name = 'train/loss'") == steps, "the step count is not complete")
     losses = [float(x) for x in st.q("SELECT value FROM metrics WHERE name IN ('train/loss', 'eval/loss')").split()]
     check(losses and all(x == x and abs(x) < 1e6 for x in losses), "non-finite losses: %s" % losses)
+    sj = glob.glob(os.path.join(st.dir, "work", "job-*", "attempt-*", "checkpoint-*", "state.json"))
+    check(sj and all(re.search(r'"world_size":\s*2\b', open(p).read()) for p in sj),
+          "the checkpoints are not those of a 2-rank run: %s" % sj)
     check("w2" not in st.q("SELECT string_agg(coalesce(worker_id, ''), ',') FROM job_attempts WHERE attempt = %d" % att),
           "the killed worker is in the new gang")
     return "2 ranks on w1+w2, w2 killed at checkpoint %d, resumed at %s on w1+w3 (attempt %d); %d losses finite" % (
