@@ -48,6 +48,10 @@ int main(int argc, char** argv) {
   serve->add_option("--progress_timeout_s", cfg.progress_timeout_s,
                     "hang detection: a child with no new step for this long is killed (class hang)")
       ->envname("ABLATE_PROGRESS_TIMEOUT_S")->check(CLI::PositiveNumber)->capture_default_str();
+  serve->add_option("--gang_form_timeout_s", cfg.gang_form_timeout_s,
+                    "a multi-rank job whose gang is not complete this long releases its pending slots and waits as "
+                    "long before forming again")
+      ->envname("ABLATE_GANG_FORM_TIMEOUT_S")->check(CLI::PositiveNumber)->capture_default_str();
   serve->add_option("--retry_policy", cfg.retry_policy,
                     "retries per failure class, e.g. crash=2,hang=2,infra=5,oom=0,diverged=0 (defaults shown)")
       ->envname("ABLATE_RETRY_POLICY");

@@ -113,7 +113,9 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
     s->config_.replica_id = std::string(host) + "-" + std::to_string(::getpid());
   }
   s->auth_ = std::move(*auth);
-  s->store_ = std::make_unique<pg::PgJobStore>(config.db_dsn, config.db_pool_size);
+  auto pg_store = std::make_unique<pg::PgJobStore>(config.db_dsn, config.db_pool_size);
+  pg_store->set_gang_form_timeout_s(config.gang_form_timeout_s);
+  s->store_ = std::move(pg_store);
   s->metrics_ = std::make_unique<metrics::SchedulerMetrics>(&s->registry_);
   s->ctx_ = rpc::ServiceContext{s->store_.get(), s->metrics_.get(), config.lease_ttl_s, config.max_attempts,
                                 config.max_cells, &s->shutting_down_};

@@ -117,6 +117,22 @@ TEST_F(PgGangTest, PendingSlotNotRenewedInTimeIsReleased) {
   EXPECT_EQ(g->master_addr, "127.0.0.1:" + std::to_string(20000 + '2'));
 }
 
+TEST_F(PgGangTest, GangIncompleteAfterTheFormationDeadlineReleasesItsSlotsAndWaits) {
+  store_->set_gang_form_timeout_s(1);
+  ASSERT_TRUE(store_->CreateSweep(GangSweep("deadline", 3, /*with_single=*/true)).ok());
+  EXPECT_FALSE(Lease1("w1").has_value());
+  EXPECT_FALSE(Lease1("w2").has_value());  // 2 of 3 slots: w1 and w2 wait
+  EXPECT_EQ(Count("SELECT count(*) FROM gang_slots"), 2);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  auto single = Lease1("w1");  // past the deadline: slots released, the gang held back, w1 free for other work
+  ASSERT_TRUE(single.has_value());
+  EXPECT_EQ(single->job.ranks, 1);
+  EXPECT_EQ(Count("SELECT count(*) FROM gang_slots"), 0);
+  EXPECT_EQ(Count("SELECT count(*) FROM jobs WHERE ranks = 3 AND state = 'queued' AND not_before > now()"), 1);
+  EXPECT_FALSE(Lease1("w2").has_value());  // the gang is not offered while held back
+  EXPECT_EQ(Count("SELECT count(*) FROM gang_slots"), 0);
+}
+
 TEST_F(PgGangTest, OneRankLosingItsLeaseRequeuesTheGangWhichResumesFromRankZerosCheckpoint) {
   ASSERT_TRUE(store_->CreateSweep(GangSweep("expire", 2)).ok());
   auto [g0, g1] = Form();

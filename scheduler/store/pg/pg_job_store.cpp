@@ -468,7 +468,8 @@ namespace {
 // worker's rank of an already granted gang is waiting for it; `pending` is set when the worker holds (or just
 // took) a slot of a gang still forming: it must not take another job meanwhile. See docs/control-plane.md.
 absl::StatusOr<std::optional<LeaseGrant>> LeaseGangSlot(PGconn* c, const std::string& worker_id, const Capacity& free,
-                                                       int lease_ttl_s, const std::string& mems, bool* pending) {
+                                                       int lease_ttl_s, const std::string& mems, int form_timeout_s,
+                                                       bool* pending) {
   *pending = false;
   const std::string ttl = std::to_string(lease_ttl_s);
   PgTransaction tx(c);
@@ -479,6 +480,17 @@ absl::StatusOr<std::optional<LeaseGrant>> LeaseGangSlot(PGconn* c, const std::st
                  "((j.state = 'queued' AND s.expires_at < now()) OR j.state NOT IN ('queued', 'leased', 'running') "
                  " OR (j.state <> 'queued' AND s.attempt <> j.attempt))");
   if (!gc.ok()) return gc.status();
+  // Formation deadline: a gang still incomplete that long after its first slot releases every slot and is held
+  // back as long (not_before), so its members take other work instead of waiting for workers that may never come.
+  auto late = Exec(c, "release late gangs",
+                   "WITH late AS (SELECT s.job_id FROM gang_slots s JOIN jobs j ON j.id = s.job_id "
+                   "  WHERE j.state = 'queued' GROUP BY s.job_id "
+                   "  HAVING min(s.joined_at) < now() - make_interval(secs => $1::int)), "
+                   "held AS (UPDATE jobs SET not_before = now() + make_interval(secs => $1::int) "
+                   "  WHERE id IN (SELECT job_id FROM late) AND state = 'queued' RETURNING id) "
+                   "DELETE FROM gang_slots WHERE job_id IN (SELECT id FROM held)",
+                   {std::to_string(form_timeout_s)});
+  if (!late.ok()) return late.status();
   // This worker's slot, if any (at most one live: a member never joins a second gang).
   auto mine = Exec(c, "my gang slot",
                    "SELECT s.job_id, s.rank, j.state FROM gang_slots s JOIN jobs j ON j.id = s.job_id "
@@ -610,7 +622,7 @@ absl::StatusOr<LeaseAttempt> PgJobStore::LeaseJobFor(const std::string& worker_i
   arr += "}";
   {
     bool pending = false;
-    auto gang = LeaseGangSlot(c, worker_id, free, lease_ttl_s, arr, &pending);
+    auto gang = LeaseGangSlot(c, worker_id, free, lease_ttl_s, arr, gang_form_timeout_s_, &pending);
     if (!gang.ok()) return gang.status();
     if (gang->has_value()) {
       out.grant = std::move(**gang);

@@ -12,6 +12,9 @@ namespace ablate::scheduler::pg {
 class PgJobStore final : public JobStore {
  public:
   PgJobStore(std::string dsn, int pool_size);
+  // A forming gang not complete this long after its oldest pending slot was taken releases its slots and is not
+  // offered again for as long (its members take other jobs meanwhile). Set before serving.
+  void set_gang_form_timeout_s(int s) { gang_form_timeout_s_ = s; }
 
   absl::StatusOr<CreateSweepResult> CreateSweep(const NewSweep& sweep) override;
   absl::StatusOr<SweepRecord> GetSweep(int64_t sweep_id) override;
@@ -55,6 +58,7 @@ class PgJobStore final : public JobStore {
 
  private:
   PgPool pool_;
+  int gang_form_timeout_s_ = 120;
 };
 
 }  // namespace ablate::scheduler::pg
