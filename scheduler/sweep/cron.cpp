@@ -20,31 +20,57 @@ bool ParseNum(const std::string& s, int* out) {
   return true;
 }
 
+// A number, or (names != nullptr) a three-letter name, case-insensitive: names[i] has the value base + i.
+bool ParseValue(const std::string& s, const char* const* names, int n_names, int base, int* out) {
+  if (ParseNum(s, out)) return true;
+  if (names == nullptr || s.size() != 3) return false;
+  std::string low;
+  for (char ch : s) low += static_cast<char>(ch >= 'A' && ch <= 'Z' ? ch - 'A' + 'a' : ch);
+  for (int i = 0; i < n_names; ++i) {
+    if (low == names[i]) {
+      *out = base + i;
+      return true;
+    }
+  }
+  return false;
+}
+
+constexpr const char* kMonths[] = {"jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"};
+constexpr const char* kDays[] = {"sun", "mon", "tue", "wed", "thu", "fri", "sat"};
+
 // Fills bits lo..hi of `set` per one field; *star when the field is "*" (or "*/1").
 template <size_t N>
-absl::Status ParseField(const std::string& text, const char* name, int lo, int hi, std::bitset<N>* set, bool* star) {
-  *star = text == "*";
+absl::Status ParseField(const std::string& text, const char* name, int lo, int hi, std::bitset<N>* set, bool* star,
+                        const char* const* names = nullptr, int n_names = 0, int name_base = 0) {
+  *star = text == "*" || text == "*/1";
+  if (!text.empty() && text.back() == ',') return Bad(name, "empty list element in '" + text + "'");
   std::stringstream ss(text);
   std::string part;
   bool any = false;
   while (std::getline(ss, part, ',')) {
     any = true;
     int step = 1;
+    bool stepped = false;
+    if (part.empty()) return Bad(name, "empty list element in '" + text + "'");
     if (auto slash = part.find('/'); slash != std::string::npos) {
       if (!ParseNum(part.substr(slash + 1), &step) || step < 1) {
         return Bad(name, "bad step in '" + part + "'");
       }
       part = part.substr(0, slash);
+      stepped = true;
     }
     int a = lo, b = hi;
     if (part != "*") {
       if (auto dash = part.find('-'); dash != std::string::npos) {
-        if (!ParseNum(part.substr(0, dash), &a) || !ParseNum(part.substr(dash + 1), &b)) {
+        if (!ParseValue(part.substr(0, dash), names, n_names, name_base, &a) ||
+            !ParseValue(part.substr(dash + 1), names, n_names, name_base, &b)) {
           return Bad(name, "bad range '" + part + "'");
         }
       } else {
-        if (!ParseNum(part, &a)) return Bad(name, "'" + part + "' is not a number, range, list, step or *");
-        b = a;
+        if (!ParseValue(part, names, n_names, name_base, &a)) {
+          return Bad(name, "'" + part + "' is not a number, range, list, step or *");
+        }
+        b = stepped ? hi : a;  // "N/S" is "N-hi/S" (as in cronie), not just N
       }
     }
     if (a < lo || b > hi || a > b) {
@@ -60,10 +86,14 @@ absl::Status ParseField(const std::string& text, const char* name, int lo, int h
 
 absl::StatusOr<CronExpr> ParseCron(const std::string& raw) {
   std::string text = raw;
-  if (text == "@hourly") text = "0 * * * *";
+  while (!text.empty() && (text.back() == ' ' || text.back() == '\t' || text.back() == '\n')) text.pop_back();
+  while (!text.empty() && (text.front() == ' ' || text.front() == '\t')) text.erase(0, 1);
+  if (text == "@yearly" || text == "@annually") text = "0 0 1 1 *";
+  else if (text == "@hourly") text = "0 * * * *";
   else if (text == "@daily" || text == "@midnight") text = "0 0 * * *";
   else if (text == "@weekly") text = "0 0 * * 0";
   else if (text == "@monthly") text = "0 0 1 * *";
+  else if (!text.empty() && text[0] == '@') return absl::InvalidArgumentError("cron: unknown shortcut '" + text + "'");
   if (text.size() > 200) return absl::InvalidArgumentError("cron: longer than 200 characters");
   std::stringstream ss(text);
   std::vector<std::string> f;
@@ -77,9 +107,9 @@ absl::StatusOr<CronExpr> ParseCron(const std::string& raw) {
   if (auto st = ParseField(f[0], "minute", 0, 59, &c.minute, &star); !st.ok()) return st;
   if (auto st = ParseField(f[1], "hour", 0, 23, &c.hour, &star); !st.ok()) return st;
   if (auto st = ParseField(f[2], "day-of-month", 1, 31, &c.dom, &c.dom_star); !st.ok()) return st;
-  if (auto st = ParseField(f[3], "month", 1, 12, &c.month, &star); !st.ok()) return st;
+  if (auto st = ParseField(f[3], "month", 1, 12, &c.month, &star, kMonths, 12, 1); !st.ok()) return st;
   std::bitset<8> dow8;
-  if (auto st = ParseField(f[4], "day-of-week", 0, 7, &dow8, &c.dow_star); !st.ok()) return st;
+  if (auto st = ParseField(f[4], "day-of-week", 0, 7, &dow8, &c.dow_star, kDays, 7, 0); !st.ok()) return st;
   for (int i = 0; i < 7; ++i) c.dow[static_cast<size_t>(i)] = dow8[static_cast<size_t>(i)];
   if (dow8[7]) c.dow[0] = true;
   return c;

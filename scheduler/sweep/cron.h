@@ -1,6 +1,8 @@
-// Cron expressions (5 fields, UTC): minute hour day-of-month month day-of-week. Each field: *, N, A-B, lists
-// (A,B), steps (*/N, A-B/N); day-of-week 0-7 (0 and 7 are Sunday). Shortcuts @hourly @daily @weekly @monthly.
-// As in Vixie cron, when both day fields are restricted a day matches if either does.
+// Cron expressions (5 fields, UTC, so no DST): minute hour day-of-month month day-of-week. Each field: *, N, A-B,
+// lists (A,B), steps (*/S, A-B/S, N/S = N-max/S); month names jan-dec and day names sun-sat (case-insensitive) where
+// a number goes; day-of-week 0-7 (0 and 7 are Sunday). Shortcuts @hourly @daily @midnight @weekly @monthly @yearly
+// @annually. As in Vixie cron, when both day fields are restricted (neither is "*" / "*/1") a day matches if either
+// does. An expression that can never fire (0 0 30 2 *) parses; CronNext returns -1 for it.
 #pragma once
 #include <bitset>
 #include <cstdint>
