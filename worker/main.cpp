@@ -62,6 +62,11 @@ int main(int argc, char** argv) {
                  "Host other workers reach this node at, for rank 0 of gang-scheduled jobs (MASTER_ADDR; an IPv4 "
                  "address also becomes ABLATE_DIST_HOST); empty: the hostname")
       ->capture_default_str();
+  int64_t spill_mb = 256;
+  app.add_option("--metric_spill_max_mb", spill_mb,
+                 "Cap of one attempt's on-disk metric spill (<work_dir>/.spill/) while the scheduler is unreachable; "
+                 "points over it are dropped and counted")
+      ->capture_default_str();
   app.add_option("--kill_grace_ms", kill_grace_ms, "SIGTERM -> SIGKILL grace when stopping a child")
       ->capture_default_str();
   int drain_ms = 60000, progress_ms = 0, startup_ms = 30000, outage_ms = 600000, fail_backoff_ms = 60000;
@@ -92,6 +97,7 @@ int main(int argc, char** argv) {
   opts.store_outage_tolerance = std::chrono::milliseconds(outage_ms);
   opts.failure_backoff_max = std::chrono::milliseconds(std::max(fail_backoff_ms, 500));
   opts.poll_interval = std::chrono::milliseconds(poll_ms);
+  opts.metric_spill_max_bytes = static_cast<uint64_t>(std::max<int64_t>(spill_mb, 1)) << 20;
   if (opts.rendezvous_host.empty()) {
     char host[256] = {};
     ::gethostname(host, sizeof host - 1);

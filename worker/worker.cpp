@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -22,6 +23,7 @@
 #include "worker/child.h"
 #include "worker/events.h"
 #include "worker/outcome.h"
+#include "worker/spill.h"
 
 namespace ablate::worker {
 namespace {
@@ -48,16 +50,98 @@ bool IsFenced(const grpc::Status& s) {
   return s.error_code() == grpc::StatusCode::FAILED_PRECONDITION || s.error_code() == grpc::StatusCode::NOT_FOUND;
 }
 
+// <work_dir>/.spill/<worker id>/job-<id>-a<attempt>: one attempt's undelivered metric points (worker/spill.h) and
+// its lease (lease.pb), so that a restarted worker can still deliver them. Empty without a work dir.
+std::string SpillRoot(const WorkerOptions& o) {
+  return o.work_dir.empty() ? std::string() : o.work_dir + "/.spill/" + o.worker_id;
+}
+
+MetricSpill::Options SpillOptions(const WorkerOptions& o) {
+  MetricSpill::Options so;
+  so.max_bytes = o.metric_spill_max_bytes;
+  return so;
+}
+
+// One ReportMetrics client stream for `points` (chunks of 500), ended by the scheduler's ack.
+grpc::Status SendPoints(v1::WorkerService::Stub* stub, const WorkerOptions& o, const v1::Lease& lease,
+                        const std::vector<v1::MetricPoint>& points, size_t chunk) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + o.rpc_timeout);
+  v1::ReportMetricsResponse ack;
+  auto writer = stub->ReportMetrics(&ctx, &ack);
+  bool ok = true;
+  for (size_t i = 0; i < points.size() && ok; i += chunk) {
+    v1::MetricBatch mb;
+    mb.set_worker_id(o.worker_id);
+    *mb.mutable_lease() = lease;
+    for (size_t j = i; j < std::min(points.size(), i + chunk); ++j) *mb.add_points() = points[j];
+    ok = writer->Write(mb);
+  }
+  if (ok) writer->WritesDone();
+  grpc::Status s = writer->Finish();
+  if (s.ok() && !ok) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "metric stream broke");
+  return s;
+}
+
+// After a restart: deliver what earlier runs of this worker spilled, with the attempt's lease (accepted while that
+// lease is still current; fenced once the job moved on, then the points are counted as dropped). Left in place
+// when the scheduler cannot be reached (tried again at the next start).
+void ReplaySpills(v1::WorkerService::Stub* stub, const WorkerOptions& o, WorkerMetrics* metrics, Stopper* stop) {
+  const std::string root = SpillRoot(o);
+  std::error_code ec;
+  if (root.empty() || !std::filesystem::is_directory(root, ec)) return;
+  for (const auto& e : std::filesystem::directory_iterator(root, ec)) {
+    if (stop->stopped()) return;
+    const std::string dir = e.path().string();
+    v1::Lease lease;
+    std::ifstream lf(dir + "/lease.pb", std::ios::binary);
+    std::string raw((std::istreambuf_iterator<char>(lf)), std::istreambuf_iterator<char>());
+    MetricSpill spill(dir, SpillOptions(o));
+    if (!lease.ParseFromString(raw) || lease.job_id() == 0) {
+      Log("metric spill ", dir, ": no readable lease; dropping ", spill.pending(), " points");
+      metrics->points_dropped += static_cast<int64_t>(spill.pending());
+      spill.Remove();
+      continue;
+    }
+    Log("metric spill ", dir, ": replaying ", spill.pending(), " points of job ", lease.job_id(), " attempt ",
+        lease.attempt(), spill.torn_tails() > 0 ? " (a torn tail was cut off)" : "");
+    bool fenced = false;
+    int failures = 0;
+    while (spill.pending() > 0 && !stop->stopped()) {
+      auto batch = spill.Peek(4000);
+      if (batch.empty()) break;
+      grpc::Status s = SendPoints(stub, o, lease, batch, 500);
+      if (s.ok()) {
+        spill.Ack(batch.size());
+        metrics->points_sent += static_cast<int64_t>(batch.size());
+        failures = 0;
+      } else if (IsFenced(s)) {
+        fenced = true;
+        break;
+      } else if (++failures > 5) {
+        Log("metric spill ", dir, ": scheduler unreachable (", Describe(s), "); keeping it for the next start");
+        break;
+      } else {
+        std::this_thread::sleep_for(Backoff(failures, 200ms, 5000ms));
+      }
+    }
+    if (fenced && spill.pending() > 0) {
+      Log("metric spill ", dir, ": lease no longer current; dropping ", spill.pending(), " points");
+      metrics->points_dropped += static_cast<int64_t>(spill.pending());
+    }
+    if (fenced || spill.pending() == 0) spill.Remove();
+  }
+}
+
 // Shared state of one running attempt. Threads: the supervising (job) thread, the event pump, the metric
 // sender and the heartbeater.
 struct JobRun {
-  static constexpr size_t kMaxQueuedPoints = 100000;  // bounded: a stuck stream must not eat the node's memory
   static constexpr size_t kBatchPoints = 500;
 
   std::mutex mu;
   std::condition_variable cv;
   v1::Lease lease;                    // renewed by heartbeats
-  std::deque<v1::MetricPoint> points;
+  std::unique_ptr<MetricSpill> spill;  // undelivered metric points (bounded, on disk in the state dir; F15)
   std::deque<CheckpointEvent> checkpoints;
   std::optional<FinishedEvent> finished;
   bool events_closed = false;         // the pump saw EOF
@@ -194,6 +278,7 @@ bool Worker::Register() {
 
 int Worker::Run() {
   if (!Register()) return 0;
+  ReplaySpills(stub_.get(), opts_, metrics_, stop_);
   int64_t jobs_done = 0;
   int poll_attempt = 0;
   int consecutive_failures = 0;
@@ -391,6 +476,23 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
 
   JobRun run;
   run.lease = lease0;
+  {
+    // Undelivered metric points spill to disk (bounded); the lease goes next to them for a restarted worker.
+    const std::string root = SpillRoot(opts_);
+    const std::string dir = root.empty() ? std::string()
+                                         : root + "/job-" + std::to_string(job.id()) + "-a" + std::to_string(lease0.attempt());
+    std::string err;
+    run.spill = std::make_unique<MetricSpill>(dir, SpillOptions(opts_), &err);
+    if (run.spill->on_disk()) {
+      std::ofstream lf(dir + "/lease.pb", std::ios::binary | std::ios::trunc);
+      lf << lease0.SerializeAsString();
+    } else {
+      if (!err.empty()) Log("job ", job.id(), ": metric spill in memory (", err, ")");
+      MetricSpill::Options mo;
+      mo.max_bytes = std::min<uint64_t>(opts_.metric_spill_max_bytes, uint64_t{8} << 20);
+      run.spill = std::make_unique<MetricSpill>("", mo);
+    }
+  }
   run.renewed_at = lease_sent;
   run.progress_at = spawned_at;
   // Ranks other than 0 of a gang report no steps (only rank 0 writes events): no progress watchdog there; a hung
@@ -411,6 +513,7 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
               run.progress_at = Clock::now();
             }
             int64_t t = m->time_unix_ms > 0 ? m->time_unix_ms : NowUnixMs();
+            std::vector<v1::MetricPoint> pts;
             std::lock_guard<std::mutex> lk(run.mu);
             for (const auto& [name, value] : m->values) {
               // NaN guard: a non-finite loss marks divergence at this step; no checkpoint at or after it is recorded.
@@ -418,16 +521,20 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
                 run.diverged_at = m->step;
                 run.diverged_seen = Clock::now();
               }
-              if (run.points.size() >= JobRun::kMaxQueuedPoints) {
-                run.points.pop_front();  // keep the newest: the latest values matter most
-                ++metrics_->points_dropped;
-              }
               v1::MetricPoint p;
               p.set_step(m->step);
               p.set_name(name);
               p.set_value(value);
               p.set_time_unix_ms(t);
-              run.points.push_back(std::move(p));
+              pts.push_back(std::move(p));
+            }
+            // Over the spill's cap new points are refused and counted (the gap is explicit, never silent).
+            if (size_t refused = run.spill->Append(pts); refused > 0) {
+              metrics_->points_dropped += static_cast<int64_t>(refused);
+              if (run.spill->dropped() == static_cast<int64_t>(refused)) {  // the first drop of this attempt
+                Log("ALERT metric_spill_full job=", job.id(), " step=", m->step, ": dropping points over the cap (",
+                    run.spill->bytes(), " bytes buffered)");
+              }
             }
             run.cv.notify_all();
           } else if (auto* c = std::get_if<CheckpointEvent>(&ev)) {
@@ -468,8 +575,9 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   });
 
   // Metric and checkpoint sender. Each flush is one short client stream that ends with the scheduler's ack, so
-  // a batch is only dropped from the queue once it is stored; a failed flush puts everything back and is retried
-  // (the scheduler stores points idempotently). Checkpoints go after the metrics of their step.
+  // a batch is only acknowledged in the spill (and its log truncated) once it is stored; a failed flush leaves it
+  // there (fsync'ed) and is retried (the scheduler stores points idempotently, keyed (job, name, step)).
+  // Checkpoints go after the metrics of their step.
   std::thread sender([&] {
     std::optional<Clock::time_point> flush_deadline;
     int failures = 0;
@@ -479,11 +587,9 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
       bool closed;
       {
         std::unique_lock<std::mutex> lk(run.mu);
-        run.cv.wait_for(lk, 250ms, [&] { return !run.points.empty() || !run.checkpoints.empty() || run.events_closed; });
-        while (!run.points.empty() && batch.size() < JobRun::kBatchPoints * 8) {
-          batch.push_back(std::move(run.points.front()));
-          run.points.pop_front();
-        }
+        run.cv.wait_for(lk, 250ms,
+                        [&] { return run.spill->pending() > 0 || !run.checkpoints.empty() || run.events_closed; });
+        batch = run.spill->Peek(JobRun::kBatchPoints * 8);
         cps.assign(run.checkpoints.begin(), run.checkpoints.end());
         run.checkpoints.clear();
         closed = run.events_closed;
@@ -492,31 +598,21 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
       const bool give_up = run.lease_lost || (flush_deadline && Clock::now() > *flush_deadline);
       if (give_up) {
         std::lock_guard<std::mutex> lk(run.mu);
-        int64_t dropped = static_cast<int64_t>(batch.size() + run.points.size());
+        int64_t dropped = static_cast<int64_t>(run.spill->pending());
         if (dropped > 0) Log("job ", job.id(), ": dropping ", dropped, " undelivered metric points");
         metrics_->points_dropped += dropped;
-        run.points.clear();
+        run.spill->Remove();
         break;
       }
       bool ok = true;
       if (!batch.empty()) {
-        grpc::ClientContext ctx;
-        ctx.set_deadline(std::chrono::system_clock::now() + opts_.rpc_timeout);
-        v1::ReportMetricsResponse ack;
-        auto writer = stub_->ReportMetrics(&ctx, &ack);
-        for (size_t i = 0; i < batch.size() && ok; i += JobRun::kBatchPoints) {
-          v1::MetricBatch mb;
-          mb.set_worker_id(opts_.worker_id);
-          *mb.mutable_lease() = run.CurrentLease();
-          for (size_t j = i; j < std::min(batch.size(), i + JobRun::kBatchPoints); ++j) *mb.add_points() = batch[j];
-          ok = writer->Write(mb);
-        }
-        if (ok) writer->WritesDone();
-        grpc::Status s = writer->Finish();
-        ok = ok && s.ok();
+        grpc::Status s = SendPoints(stub_.get(), opts_, run.CurrentLease(), batch, JobRun::kBatchPoints);
+        ok = s.ok();
         if (ok) {
           metrics_->points_sent += static_cast<int64_t>(batch.size());
           failures = 0;
+          std::lock_guard<std::mutex> lk(run.mu);
+          run.spill->Ack(batch.size());
         } else if (IsFenced(s)) {
           run.lease_lost = true;
           Log("job ", job.id(), ": metrics rejected, lease lost (", s.error_message(), ")");
@@ -525,13 +621,9 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
           if (failures == 1 || failures % 10 == 0)
             Log("job ", job.id(), ": metrics flush failed (", Describe(s), "), retrying in ", wait.count(), "ms");
           std::lock_guard<std::mutex> lk(run.mu);
-          for (auto it = batch.rbegin(); it != batch.rend(); ++it) run.points.push_front(std::move(*it));
+          run.spill->Sync();  // the batch stays in the spill; make it durable while the scheduler is away
           for (auto it = cps.rbegin(); it != cps.rend(); ++it) run.checkpoints.push_front(*it);
           cps.clear();
-          while (run.points.size() > JobRun::kMaxQueuedPoints) {  // bounded buffer: oldest points go, counted
-            run.points.pop_front();
-            ++metrics_->points_dropped;
-          }
         }
         if (!ok && !run.lease_lost) {
           std::this_thread::sleep_for(Backoff(failures, 200ms, 5000ms));
@@ -565,7 +657,10 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
       }
       if (closed) {
         std::lock_guard<std::mutex> lk(run.mu);
-        if (run.points.empty() && run.checkpoints.empty()) break;
+        if (run.spill->pending() == 0 && run.checkpoints.empty()) {
+          run.spill->Remove();  // everything stored: the attempt's spill directory goes
+          break;
+        }
       }
     }
   });

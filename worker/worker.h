@@ -41,6 +41,8 @@ struct WorkerOptions {
   // Gang-scheduled jobs: the host other ranks reach this node's rank 0 at (MASTER_ADDR); with each LeaseJob the
   // worker offers <rendezvous_host>:<a free port>. Empty: no rendezvous address offered.
   std::string rendezvous_host;
+  // Cap of one attempt's on-disk metric spill (<work_dir>/.spill/): past it new points are dropped and counted.
+  uint64_t metric_spill_max_bytes = uint64_t{256} << 20;
 };
 
 // A TCP port that was free a moment ago (bound to port 0 and closed), 0 on error.
