@@ -14,15 +14,13 @@
 #include "core/data.h"
 #include "core/fsutil.h"
 #include "core/train.h"
+#include "tests/require_cuda.h"
 
 namespace fs = std::filesystem;
 using namespace ablate;
 
 TEST(TrainGpu, EveryOptimizerResumesOnCuda) {
-#if !ABLATE_WITH_CUDA
-  GTEST_SKIP() << "built without ABLATE_WITH_CUDA";
-#endif
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  ABLATE_REQUIRE_CUDA();
   const auto root = fs::temp_directory_path() / ("ablate-train-gpu-" + std::to_string(::getpid()));
   remove_tree(root.string());
   fs::create_directories(root);

@@ -21,6 +21,7 @@
 #include "core/mixers/chunk_state_scan.h"
 #include "core/mixers/delta_rule.h"
 #include "kernels/chunk_state_scan.h"
+#include "tests/require_cuda.h"
 
 #if ABLATE_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -28,17 +29,6 @@
 #endif
 
 namespace {
-
-#if ABLATE_WITH_CUDA
-#define REQUIRE_CUDA()                  \
-  do {                                  \
-    if (!torch::cuda::is_available()) { \
-      GTEST_SKIP() << "no CUDA device"; \
-    }                                   \
-  } while (0)
-#else
-#define REQUIRE_CUDA() GTEST_SKIP() << "built without CUDA (ABLATE_WITH_CUDA=OFF)"
-#endif
 
 #if ABLATE_WITH_CUDA
 
@@ -99,7 +89,7 @@ const std::vector<ScanCase> kScanCases = {
 
 // -------------------------------------------------------------------------------- (a) raw launcher vs C++ ref
 TEST(ChunkScanGpu, RawKernelMatchesCppReference) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   for (const auto& s : kScanCases) {
     if (s.c * s.h * s.b > 256) continue;  // the C++ reference is slow; the big shape is covered in (b)
     if (!ablate::kernels::chunk_state_scan_cuda_supported(s.l, s.k)) {
@@ -181,7 +171,7 @@ std::vector<torch::Tensor> op_outputs_and_grads(ChunkScanImpl impl, const std::v
 }
 
 TEST(ChunkScanGpu, OpKernelMatchesFp64ForwardAndBackward) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   const char* names[] = {"S_in", "U", "S_final", "dUt", "dW", "dKend", "ddecay", "dS0"};
   for (const auto& s : kScanCases) {
     const auto in64 = to_all(make_scan_inputs(s, 21), kCuda, torch::kFloat64);
@@ -240,7 +230,7 @@ std::vector<torch::Tensor> delta_run(ChunkScanImpl impl, const DeltaInputs& d, t
 }
 
 TEST(ChunkScanGpu, DeltaRuleKernelPathMatchesLoop) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   const char* names[] = {"o", "S_final", "dq", "dk", "dv", "dg", "dbeta", "dS0"};
   struct C {
     int64_t B, T, H, K, V;
@@ -305,7 +295,7 @@ double median_ms(const std::function<void()>& f, int reps = 20, int warmup = 3) 
 }
 
 TEST(ChunkScanGpu, TimingDeltaRule32K) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   const int64_t B = 1, T = 32768, H = 16, K = 128, V = 128;
   for (auto dt : {torch::kBFloat16, torch::kFloat32}) {
     const auto d = make_delta_inputs(B, T, H, K, V, dt, 41, /*init=*/false);
@@ -361,7 +351,7 @@ TEST(ChunkScanGpu, TimingDeltaRule32K) {
 // The raw walks at the 32K shape for every launch shape (V-tile x threads), forward and backward; the default
 // choice is marked. Also checks each shape against the default one (they differ only in summation order).
 TEST(ChunkScanGpu, TimingKernelLaunchShapes) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   const ScanCase s{1, 16, 512, 64, 128, 128};
   const auto in = to_all(make_scan_inputs(s, 6), kCuda, torch::kFloat32);
   const auto dS_in = torch::randn({s.b, s.h, s.c, s.k, s.v}, in[0].options());
@@ -415,11 +405,11 @@ TEST(ChunkScanGpu, TimingKernelLaunchShapes) {
 
 #else
 
-TEST(ChunkScanGpu, RawKernelMatchesCppReference) { REQUIRE_CUDA(); }
-TEST(ChunkScanGpu, OpKernelMatchesFp64ForwardAndBackward) { REQUIRE_CUDA(); }
-TEST(ChunkScanGpu, DeltaRuleKernelPathMatchesLoop) { REQUIRE_CUDA(); }
-TEST(ChunkScanGpu, TimingDeltaRule32K) { REQUIRE_CUDA(); }
-TEST(ChunkScanGpu, TimingKernelLaunchShapes) { REQUIRE_CUDA(); }
+TEST(ChunkScanGpu, RawKernelMatchesCppReference) { ABLATE_REQUIRE_CUDA(); }
+TEST(ChunkScanGpu, OpKernelMatchesFp64ForwardAndBackward) { ABLATE_REQUIRE_CUDA(); }
+TEST(ChunkScanGpu, DeltaRuleKernelPathMatchesLoop) { ABLATE_REQUIRE_CUDA(); }
+TEST(ChunkScanGpu, TimingDeltaRule32K) { ABLATE_REQUIRE_CUDA(); }
+TEST(ChunkScanGpu, TimingKernelLaunchShapes) { ABLATE_REQUIRE_CUDA(); }
 
 #endif
 

@@ -20,6 +20,7 @@
 #include "kernels/rmsnorm_residual.h"
 #include "kernels/rope.h"
 #include "kernels/swiglu.h"
+#include "tests/require_cuda.h"
 
 #if ABLATE_WITH_CUDA
 #include <ATen/autocast_mode.h>
@@ -28,17 +29,6 @@
 #endif
 
 namespace {
-
-#if ABLATE_WITH_CUDA
-#define REQUIRE_CUDA()                                  \
-  do {                                                  \
-    if (!torch::cuda::is_available()) {                 \
-      GTEST_SKIP() << "no CUDA device";                 \
-    }                                                   \
-  } while (0)
-#else
-#define REQUIRE_CUDA() GTEST_SKIP() << "built without CUDA (ABLATE_WITH_CUDA=OFF)"
-#endif
 
 #if ABLATE_WITH_CUDA
 
@@ -178,7 +168,7 @@ void rope_raw_case(std::vector<int64_t> shape, int pos_dim, torch::ScalarType dt
 }
 
 TEST(FusedOpsGpu, RopeRawKernelsVsRef) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   torch::manual_seed(11);
   for (auto dt : {kF32, kBF16}) {
     for (auto s : std::vector<std::vector<int64_t>>{{1, 1, 1, 64}, {1, 97, 3, 64}, {2, 33, 5, 128}, {1, 7, 2, 6},
@@ -190,7 +180,7 @@ TEST(FusedOpsGpu, RopeRawKernelsVsRef) {
 }
 
 TEST(FusedOpsGpu, RopeAdapterMatchesCpuAndComposite) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   torch::manual_seed(12);
   const int64_t B = 2, T = 129, H = 8, KV = 2, hd = 128;
   auto [cos, sin] = rope_tables(T, hd);
@@ -269,7 +259,7 @@ void swiglu_raw_case(int64_t rows, int64_t cols, bool fused, torch::ScalarType d
 }
 
 TEST(FusedOpsGpu, SwiGLURawKernelsVsRef) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   torch::manual_seed(21);
   for (auto dt : {kF32, kBF16})
     for (bool fused : {false, true})
@@ -279,7 +269,7 @@ TEST(FusedOpsGpu, SwiGLURawKernelsVsRef) {
 }
 
 TEST(FusedOpsGpu, SwiGLUAdapterMatchesCpu) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   torch::manual_seed(22);
   auto gu = torch::randn({2, 33, 2 * 96}) * 3.0;
   auto dy = torch::randn({2, 33, 96});
@@ -394,7 +384,7 @@ void rmsres_raw_case(int64_t rows, int64_t cols, torch::ScalarType dt, torch::Sc
 }
 
 TEST(FusedOpsGpu, RMSNormResidualRawKernelsVsRef) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   torch::manual_seed(31);
   // 1, 97, 257 columns: scalar path (257: register blocks of 9 warps); 4096 fp32 / 8192 bf16: the
   // widest register kernels (1024 threads); 12288: shared-memory variant at 48 KB; 20000: beyond 48 KB; 2500 and
@@ -413,7 +403,7 @@ TEST(FusedOpsGpu, RMSNormResidualRawKernelsVsRef) {
 }
 
 TEST(FusedOpsGpu, RMSNormResidualAdapterMatchesCpu) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   torch::manual_seed(32);
   auto x0 = torch::randn({3, 41, 768}) * 2.0, r0 = torch::randn({3, 41, 768}), w0 = torch::rand({768}) + 0.5;
   auto gy = torch::randn({3, 41, 768}), gh = torch::randn({3, 41, 768});
@@ -502,7 +492,7 @@ void ce_raw_case(int64_t rows, int64_t V, int64_t pad, torch::ScalarType dt) {
 }
 
 TEST(FusedOpsGpu, CrossEntropyRawKernelVsRef) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   torch::manual_seed(41);
   for (auto dt : {kF32, kBF16}) {
     ce_raw_case(1, 1, 0, dt);
@@ -530,7 +520,7 @@ CeOut run_lce(const torch::Tensor& h0, const torch::Tensor& w0, const torch::Ten
 }
 
 TEST(FusedOpsGpu, LinearCrossEntropyAdapter) {
-  REQUIRE_CUDA();
+  ABLATE_REQUIRE_CUDA();
   torch::manual_seed(42);
   const int64_t N = 300, d = 256, V = 5003;  // odd V: scalar kernel path; chunks of 128 leave a partial last chunk
   auto h0 = torch::randn({N, d}), w0 = torch::randn({V, d}) * 0.1;
@@ -571,14 +561,14 @@ TEST(FusedOpsGpu, LinearCrossEntropyAdapter) {
 
 #else  // !ABLATE_WITH_CUDA
 
-TEST(FusedOpsGpu, RopeRawKernelsVsRef) { REQUIRE_CUDA(); }
-TEST(FusedOpsGpu, RopeAdapterMatchesCpuAndComposite) { REQUIRE_CUDA(); }
-TEST(FusedOpsGpu, SwiGLURawKernelsVsRef) { REQUIRE_CUDA(); }
-TEST(FusedOpsGpu, SwiGLUAdapterMatchesCpu) { REQUIRE_CUDA(); }
-TEST(FusedOpsGpu, RMSNormResidualRawKernelsVsRef) { REQUIRE_CUDA(); }
-TEST(FusedOpsGpu, RMSNormResidualAdapterMatchesCpu) { REQUIRE_CUDA(); }
-TEST(FusedOpsGpu, CrossEntropyRawKernelVsRef) { REQUIRE_CUDA(); }
-TEST(FusedOpsGpu, LinearCrossEntropyAdapter) { REQUIRE_CUDA(); }
+TEST(FusedOpsGpu, RopeRawKernelsVsRef) { ABLATE_REQUIRE_CUDA(); }
+TEST(FusedOpsGpu, RopeAdapterMatchesCpuAndComposite) { ABLATE_REQUIRE_CUDA(); }
+TEST(FusedOpsGpu, SwiGLURawKernelsVsRef) { ABLATE_REQUIRE_CUDA(); }
+TEST(FusedOpsGpu, SwiGLUAdapterMatchesCpu) { ABLATE_REQUIRE_CUDA(); }
+TEST(FusedOpsGpu, RMSNormResidualRawKernelsVsRef) { ABLATE_REQUIRE_CUDA(); }
+TEST(FusedOpsGpu, RMSNormResidualAdapterMatchesCpu) { ABLATE_REQUIRE_CUDA(); }
+TEST(FusedOpsGpu, CrossEntropyRawKernelVsRef) { ABLATE_REQUIRE_CUDA(); }
+TEST(FusedOpsGpu, LinearCrossEntropyAdapter) { ABLATE_REQUIRE_CUDA(); }
 
 #endif
 

@@ -4,6 +4,7 @@
 
 #include "core/ops/rmsnorm.h"
 #include "kernels/rmsnorm.h"
+#include "tests/require_cuda.h"
 
 namespace {
 
@@ -46,13 +47,9 @@ TEST(RMSNormKernel, RawRefMatchesFormula) {
 }
 
 TEST(RMSNormKernel, CudaMatchesComposite) {
-#if ABLATE_WITH_CUDA
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  ABLATE_REQUIRE_CUDA();
   for (auto shape : std::vector<std::vector<int64_t>>{{1, 1}, {3, 7}, {2, 5, 33}, {129, 257}, {4, 3, 1000}, {2, 8192}})
     check_against_composite(shape, torch::kCUDA);
-#else
-  GTEST_SKIP() << "built without CUDA (ABLATE_WITH_CUDA=OFF)";
-#endif
 }
 
 }  // namespace

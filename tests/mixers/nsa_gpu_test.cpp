@@ -5,6 +5,7 @@
 // segments. Then timings (CUDA events, median) at the paper scale. Every check prints its numbers and keeps going,
 // so one run says everything. Skips without a GPU or without the CUDA kernels.
 #include <gtest/gtest.h>
+
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "core/mixers/nsa.h"
+#include "tests/require_cuda.h"
 
 #if ABLATE_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -26,17 +28,6 @@ namespace {
 
 using torch::Tensor;
 
-#define SKIP_WITHOUT_GPU()                                                                       \
-  do {                                                                                           \
-    if (!ABLATE_WITH_CUDA_KERNELS) GTEST_SKIP() << "built without the CUDA kernels";             \
-    if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";                          \
-  } while (0)
-
-#if ABLATE_WITH_CUDA
-constexpr bool ABLATE_WITH_CUDA_KERNELS = true;
-#else
-constexpr bool ABLATE_WITH_CUDA_KERNELS = false;
-#endif
 
 struct KernelSwitch {
   explicit KernelSwitch(bool on) { nsa_set_slc_kernels_enabled(on); }
@@ -99,7 +90,7 @@ struct Case {
 };
 
 TEST(NsaSelectGpu, KernelsMatchLibTorchPath) {
-  SKIP_WITHOUT_GPU();
+  ABLATE_REQUIRE_CUDA();
   const torch::Device dev(torch::kCUDA);
   const std::vector<Case> cases = {
       {"G1 hd64", 2, 200, 4, 4, 64, 64, 4},
@@ -162,7 +153,7 @@ TEST(NsaSelectGpu, KernelsMatchLibTorchPath) {
 // The window branch through SDPA (CUDA) against the chunked LibTorch Function, forward and gradients; fp32
 // tight, half types no worse than twice the Function's own error against fp64.
 TEST(NsaSelectGpu, WindowSdpaMatchesLibTorchPath) {
-  SKIP_WITHOUT_GPU();
+  ABLATE_REQUIRE_CUDA();
   const torch::Device dev(torch::kCUDA);
   struct WCase {
     int64_t T, H, KV, hd, w;
@@ -208,7 +199,7 @@ TEST(NsaSelectGpu, WindowSdpaMatchesLibTorchPath) {
 
 // Through the module: the fast forward (cmp + slc + swa) with the kernels on equals the one with them off.
 TEST(NsaSelectGpu, ModuleForwardWithKernelsMatches) {
-  SKIP_WITHOUT_GPU();
+  ABLATE_REQUIRE_CUDA();
   const torch::Device dev(torch::kCUDA);
   torch::manual_seed(5);
   auto o = slc_options(8, 2, 64, 64, 4).d_model(32).window(128);
@@ -260,7 +251,7 @@ double time_ms(const std::function<void()>& fn, int reps, int warmup) {
 #endif
 
 TEST(NsaSelectGpu, TimingPaperScale) {
-  SKIP_WITHOUT_GPU();
+  ABLATE_REQUIRE_CUDA();
 #if ABLATE_WITH_CUDA
   const torch::Device dev(torch::kCUDA);
   struct Cfg {
@@ -325,7 +316,7 @@ TEST(NsaSelectGpu, TimingPaperScale) {
 // The other two branches (still LibTorch, chunked) at the paper scale, to see what is left after the selected
 // branch: B=1, T=32768, H=32, KV=8, hd=64, bf16, cmp l=32 d=16, window 512.
 TEST(NsaSelectGpu, TimingCompressedAndWindowBranchesPaperScale) {
-  SKIP_WITHOUT_GPU();
+  ABLATE_REQUIRE_CUDA();
 #if ABLATE_WITH_CUDA
   const torch::Device dev(torch::kCUDA);
   torch::manual_seed(11);

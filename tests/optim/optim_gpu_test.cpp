@@ -5,6 +5,7 @@
 #include "core/optim/adamw.h"
 #include "core/optim/optimizer.h"
 #include "core/optim/quant_state.h"
+#include "tests/require_cuda.h"
 
 namespace ablate {
 namespace {
@@ -13,15 +14,8 @@ using core::optim::NamedParams;
 using core::optim::OptimConfig;
 using kernels::QuantMap;
 
-#if ABLATE_WITH_CUDA
-#define SKIP_WITHOUT_CUDA()                                                             \
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: GPU test skipped"
-#else
-#define SKIP_WITHOUT_CUDA() GTEST_SKIP() << "built without ABLATE_WITH_CUDA: GPU test skipped"
-#endif
-
 TEST(OptimGpuTest, QuantEncodeDecodeCudaMatchesCpuReferenceBitExactly) {
-  SKIP_WITHOUT_CUDA();
+  ABLATE_REQUIRE_CUDA();
   torch::manual_seed(0);
   for (QuantMap m : {QuantMap::kDynamicSigned8, QuantMap::kDynamicUnsigned8, QuantMap::kDynamicSigned4,
                      QuantMap::kLinearUnsigned4, QuantMap::kLinearSquareSigned4, QuantMap::kLinearSquareSigned8}) {
@@ -63,7 +57,7 @@ double cross_device_tolerance(const std::string& name) {
 }
 
 TEST(OptimGpuTest, EveryOptimizerOnCudaMatchesCpu) {
-  SKIP_WITHOUT_CUDA();
+  ABLATE_REQUIRE_CUDA();
   OptimConfig cfg;
   cfg.lr = 1e-2;
   cfg.precondition_frequency = 2;
@@ -97,7 +91,7 @@ TEST(OptimGpuTest, EveryOptimizerOnCudaMatchesCpu) {
 }
 
 TEST(OptimGpuTest, FusedLowBitAdamKernelMatchesReferenceCodes) {
-  SKIP_WITHOUT_CUDA();
+  ABLATE_REQUIRE_CUDA();
   OptimConfig cfg;
   cfg.lr = 1e-2;
   for (int bits : {8, 4}) {
