@@ -8,7 +8,7 @@
 
 #include "scheduler/store/pg/migrate.h"
 #include "scheduler/store/pg/pg_job_store.h"
-#include "tests/scheduler/pg_test_db.h"
+#include "tests/scheduler/pg_store_test.h"
 
 namespace ablate::scheduler {
 namespace {
@@ -27,16 +27,9 @@ NewSweep GangSweep(const std::string& key, int ranks, bool with_single = false) 
   return s;
 }
 
-class PgGangTest : public ::testing::Test {
+class PgGangTest : public testing::PgStoreTest {
  protected:
-  void SetUp() override {
-    std::string why;
-    db_ = testing::TestDb::Create(&why);
-    if (!db_) GTEST_SKIP() << why;
-    auto m = pg::Migrate(db_->dsn());
-    ASSERT_TRUE(m.ok()) << m.status();
-    store_ = std::make_unique<pg::PgJobStore>(db_->dsn(), 8);
-  }
+  PgGangTest() : PgStoreTest(8) {}
   std::optional<LeaseGrant> Lease1(const std::string& worker, int ttl_s = 60) {
     Capacity cap;
     cap.unlimited = true;
@@ -46,7 +39,6 @@ class PgGangTest : public ::testing::Test {
     if (!r.ok()) return std::nullopt;
     return r->grant;
   }
-  int64_t Count(const std::string& sql) { return std::stoll(db_->Query(sql)); }
   // Forms a 2-rank gang of w1 (rank 0) and w2 (rank 1); returns (rank 0 grant, rank 1 grant).
   std::pair<LeaseGrant, LeaseGrant> Form(const std::string& a = "w1", const std::string& b = "w2") {
     auto p = Lease1(a);
@@ -57,8 +49,6 @@ class PgGangTest : public ::testing::Test {
     return {*g0, *g1};
   }
 
-  std::unique_ptr<testing::TestDb> db_;
-  std::unique_ptr<pg::PgJobStore> store_;
 };
 
 TEST_F(PgGangTest, GangIsGrantedOnlyWhenEverySlotIsTaken) {

@@ -8,7 +8,7 @@
 
 #include "scheduler/store/pg/migrate.h"
 #include "scheduler/store/pg/pg_job_store.h"
-#include "tests/scheduler/pg_test_db.h"
+#include "tests/scheduler/pg_store_test.h"
 
 namespace ablate::scheduler {
 namespace {
@@ -29,20 +29,9 @@ NewSweep MakeSweep(const std::string& key, int n_jobs, const std::string& spec_h
   return s;
 }
 
-class PgJobStoreTest : public ::testing::Test {
+class PgJobStoreTest : public testing::PgStoreTest {
  protected:
-  void SetUp() override {
-    std::string why;
-    db_ = testing::TestDb::Create(&why);
-    if (!db_) GTEST_SKIP() << why;
-    auto m = pg::Migrate(db_->dsn());
-    ASSERT_TRUE(m.ok()) << m.status();
-    store_ = std::make_unique<pg::PgJobStore>(db_->dsn(), 16);
-  }
-  int64_t Count(const std::string& sql) { return std::stoll(db_->Query(sql)); }
-
-  std::unique_ptr<testing::TestDb> db_;
-  std::unique_ptr<pg::PgJobStore> store_;
+  PgJobStoreTest() : PgStoreTest(16) {}
 };
 
 TEST_F(PgJobStoreTest, MigrationsApplyTwiceIdempotently) {

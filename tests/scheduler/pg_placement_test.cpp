@@ -10,7 +10,7 @@
 
 #include "scheduler/store/pg/migrate.h"
 #include "scheduler/store/pg/pg_job_store.h"
-#include "tests/scheduler/pg_test_db.h"
+#include "tests/scheduler/pg_store_test.h"
 
 namespace ablate::scheduler {
 namespace {
@@ -60,18 +60,9 @@ Capacity Any() {
   return c;
 }
 
-class PgPlacementTest : public ::testing::Test {
+class PgPlacementTest : public testing::PgStoreTest {
  protected:
-  void SetUp() override {
-    std::string why;
-    db_ = testing::TestDb::Create(&why);
-    if (!db_) GTEST_SKIP() << why;
-    auto m = pg::Migrate(db_->dsn());
-    ASSERT_TRUE(m.ok()) << m.status();
-    store_ = std::make_unique<pg::PgJobStore>(db_->dsn(), 4);
-  }
-  std::unique_ptr<testing::TestDb> db_;
-  std::unique_ptr<pg::PgJobStore> store_;
+  PgPlacementTest() : PgStoreTest(4) {}
 };
 
 TEST_F(PgPlacementTest, WhichJobAndWhichGpus) {
