@@ -111,6 +111,11 @@ int parse_train_args(const std::vector<std::string>& args, TrainConfig& c, std::
   app.add_option("--peak_tflops", c.peak_tflops,
                  "device peak TFLOP/s for train/mfu; < 0 = auto: 989 (bf16 dense) on an H100/H200, else 0 and MFU "
                  "is reported as 0");
+  app.add_option("--profile_steps", c.profile_steps,
+                 "profile this many optimizer steps (Kineto/CUPTI): a table of CUDA kernels (CPU ops on CPU) by "
+                 "time in the log, <run>/profile/trace.json for chrome://tracing; 0 = off");
+  app.add_option("--profile_start", c.profile_start,
+                 "first profiled step; 0 = the third step this process runs (after warm-up)");
   app.add_option("--seed", c.seed, "seed for init and data order");
   app.add_option("--device", c.device, "auto|cpu|cuda");
   app.add_option("--events_fd", c.events_fd, "file descriptor for JSON-lines events");

@@ -370,6 +370,8 @@ void TrainConfig::validate() const {
   positive("max_precond_dim", max_precond_dim);
   if (keep_checkpoints < 0) throw ConfigError("--keep_checkpoints must be >= 0 (0 keeps all)");
   if (!std::isfinite(peak_tflops)) throw ConfigError("--peak_tflops must be finite");
+  if (profile_steps < 0) throw ConfigError("--profile_steps must be >= 0 (0 = off), got " + std::to_string(profile_steps));
+  if (profile_start < 0) throw ConfigError("--profile_start must be >= 0 (0 = after warm-up), got " + std::to_string(profile_start));
   positive("nproc", nproc);
   if (parallel != "ddp" && parallel != "zero")
     throw ConfigError("--parallel: unknown value '" + parallel + "' (valid: ddp, zero)");

@@ -130,6 +130,8 @@ struct TrainConfig {
   int64_t max_precond_dim = 8192;       // longer sides are not preconditioned
   int64_t keep_checkpoints = 3;         // newest complete checkpoints kept; 0 keeps all
   double peak_tflops = -1;              // device peak for MFU; < 0: auto (989 for H100/H200 on CUDA, else 0)
+  int64_t profile_steps = 0;            // > 0: profile that many steps (core/profile.h), trace under <run>/profile
+  int64_t profile_start = 0;            // first profiled step; 0: the third step of this process (after warm-up)
   // I/O
   std::string data_dir;
   std::string output_dir = "./outputs";

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/checkpointing.h"
+#include "core/mixers/param_init.h"
 #include "core/ops/cross_entropy.h"
 #include "core/ops/rmsnorm.h"
 #include "core/ops/rmsnorm_residual.h"
@@ -104,9 +105,7 @@ torch::Tensor chunked_linear_cross_entropy(const torch::Tensor& hidden, const to
 
 // ---------------------------------------------------------------- modules
 namespace {
-torch::nn::Linear linear(int64_t in, int64_t out) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
-}
+torch::nn::Linear linear(int64_t in, int64_t out) { return core::make_linear(in, out, /*bias=*/false); }
 }  // namespace
 
 AttentionImpl::AttentionImpl(const ModelDims& m)
@@ -212,7 +211,9 @@ LanguageModelImpl::LanguageModelImpl(const ModelDims& m, double theta) : dims(m)
   if (m.pattern.find('A') != std::string::npos)
     TORCH_CHECK(m.n_heads * m.head_dim == m.d && m.n_heads % m.n_kv_heads == 0 && m.head_dim % 2 == 0,
                 "bad attention dims: ", m.to_string());
-  embed = register_module("embed", torch::nn::Embedding(m.padded_vocab, m.d));
+  // Every Linear and the embedding are filled once, in init_weights (core/mixers/param_init.h).
+  core::DeferLinearInit defer;
+  embed = register_module("embed", core::make_embedding(m.padded_vocab, m.d));
   blocks = register_module("blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < m.n_layers; ++i) blocks->push_back(Block(m, m.layer_type(i)));
   final_norm = register_parameter("final_norm", torch::ones({m.d}));
@@ -223,6 +224,10 @@ LanguageModelImpl::LanguageModelImpl(const ModelDims& m, double theta) : dims(m)
 void LanguageModelImpl::init_weights() {
   torch::NoGradGuard ng;
   const double base = 0.02, n = double(dims.n_layers);
+  // One seed per tensor, in a fixed order, from the global seed (torch::manual_seed); filled in parallel.
+  const uint64_t seed0 = at::detail::getDefaultCPUGenerator().current_seed();
+  uint64_t tensor_index = 0;
+  auto fill = [&](torch::Tensor& w, double std) { core::normal_parallel_(w, 0.0, std, core::mix_seed(seed0, tensor_index++)); };
   for (const auto& b : *blocks) {
     auto* blk = b->as<Block>();
     // Hybrid scaled init (seed 6.4) hits the layers whose names contain o_proj/down_proj there: the attention
@@ -235,12 +240,12 @@ void LanguageModelImpl::init_weights() {
       if (!lin) continue;
       const bool scale = dims.hybrid_init &&
                          std::find(scaled.begin(), scaled.end(), static_cast<const torch::nn::Module*>(lin)) != scaled.end();
-      lin->weight.normal_(0.0, scale ? base / std::sqrt(2.0 * n) : base);
+      fill(lin->weight, scale ? base / std::sqrt(2.0 * n) : base);
       if (lin->bias.defined()) lin->bias.zero_();
     }
   }
-  embed->weight.normal_(0.0, base);
-  head->weight.normal_(0.0, dims.hybrid_init ? base / std::sqrt(n) : base);
+  fill(embed->weight, base);
+  fill(head->weight, dims.hybrid_init ? base / std::sqrt(n) : base);
 }
 
 torch::Tensor LanguageModelImpl::hidden_states(const torch::Tensor& ids) {

@@ -1,6 +1,7 @@
 // The training loop of ablate-train: optimizer (core/optim), precision (autocast, fp16 loss scaling),
 // evaluation, metrics/events (docs/contracts.md §3), checkpoints (core/checkpoint.h) and exact resume.
 #include "core/train.h"
+#include "core/profile.h"
 
 #include <sys/resource.h>
 #include <unistd.h>
@@ -480,6 +481,7 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
 
     // Model and optimizer (named parameters, so the no-decay rule sees biases, norms and embeddings).
     torch::manual_seed(cfg.seed);
+    const auto build_t0 = std::chrono::steady_clock::now();
     Transformer model(dims, cfg.rope_theta);
     model->set_gradient_checkpointing(cfg.gradient_checkpointing);  // per block, core/checkpointing.h
     model->to(device);
@@ -512,6 +514,8 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
       dc.optimizer_shards = json::array({{{"file", "optimizer.pt"}, {"params", my_opt_names}}});
     }
     std::vector<torch::Tensor> params = model->parameters();
+    // Model init + move to the device + optimizer state, reported in the header (large models start slowly).
+    const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - build_t0).count();
     LossScaler scaler(prec.loss_scaling);
 
     // Resume (the checkpoint was verified above).
@@ -600,11 +604,12 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
               << " B" << (dc.sharded ? " per rank, " + std::to_string(total_state_bytes) + " B in all" : std::string())
               << ") | threads " << threads << " | tokens/step "
               << W * cfg.batch_size * cfg.context_length * cfg.gradient_accumulation_steps << " | GFLOP/token "
-              << std::setprecision(4) << flops_per_token / 1e9;
+              << std::setprecision(4) << flops_per_token / 1e9 << " | built in " << std::setprecision(1) << std::fixed
+              << build_s << " s" << std::defaultfloat;
     if (comm)
       out << " | " << W << " ranks, " << cfg.parallel << " over " << comm->backend()
           << (ddp ? ", " + std::to_string(ddp->num_buckets()) + " gradient buckets" : std::string());
-    out << "\n";
+    out << std::endl;  // flushed now: with a large model the first step can be minutes away
     events.emit({{"event", "started"}, {"total_steps", cfg.num_train_steps}, {"params", n_params}});
     if (result) {
       result->params = n_params;
@@ -670,21 +675,32 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
     const int64_t GA = cfg.gradient_accumulation_steps;
     const double max_norm = cfg.max_grad_norm > 0 ? cfg.max_grad_norm : std::numeric_limits<double>::infinity();
 
+    // Optional profile (core/profile.h); each rank writes its own directory.
+    core::StepProfiler profiler(cfg.profile_start > 0 ? cfg.profile_start : start_step + 3, cfg.profile_steps,
+                          run_dir / (rank0 ? std::string("profile") : "profile-rank" + std::to_string(layout.rank)),
+                          device.is_cuda());
     for (int64_t step = start_step + 1; step <= cfg.num_train_steps; ++step) {
+      profiler.before_step(step);
       const double lr = lr_at_step(step, cfg.learning_rate, cfg.warmup_steps, cfg.num_train_steps, cfg.min_lr_ratio);
       optimizer->set_lr(lr);
       optimizer->zero_grad(/*set_to_none=*/true);
-      double step_loss = 0.0;
+      // The losses are read after the backward passes: a .item() between forward and backward would make the
+      // host wait for the forward and then feed the backward kernels to an idle GPU one launch at a time.
+      std::vector<torch::Tensor> micro_losses;
       for (int64_t m = 0; m < GA; ++m) {
         auto loss = forward_loss(data->train_batch((step - 1) * GA + m));
         if (m == 0 && contains(hk.nan_loss_steps, step)) loss = loss * std::numeric_limits<double>::quiet_NaN();
+        if (ddp && m == GA - 1) ddp->arm();  // this backward's gradients are final: reduce buckets as they fill
+        (loss * (scaler.scale() / double(GA))).backward();
+        micro_losses.push_back(loss.detach());
+      }
+      double step_loss = 0.0;
+      for (const auto& loss : micro_losses) {
         const double lv = loss.item<double>();
-        // Checked before backward: a NaN/Inf loss is divergence (exit 3), whatever the precision. With several
+        // A NaN/Inf loss is divergence (exit 3), whatever the precision, before any optimizer step. With several
         // ranks it is checked on the averaged loss below, so that every rank stops at the same step.
         if (!comm && !std::isfinite(lv))
           throw Diverged("loss is " + std::to_string(lv) + " at step " + std::to_string(step));
-        if (ddp && m == GA - 1) ddp->arm();  // this backward's gradients are final: reduce buckets as they fill
-        (loss * (scaler.scale() / double(GA))).backward();
         step_loss += lv / double(GA);
       }
       if (comm) {
@@ -729,6 +745,11 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
       } else if (scaler.scale() < 1.0 / 16777216.0) {
         throw Diverged("fp16 loss scale fell below 2^-24 at step " + std::to_string(step) +
                        ": the gradients overflow at every scale");
+      }
+      {
+        const auto t0 = std::chrono::steady_clock::now();  // the trace write stays out of tokens_per_sec
+        profiler.after_step(step, out);
+        excluded_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
       interval_loss += step_loss;
       ++interval_steps;

@@ -19,6 +19,15 @@
 // (segment, 64-token tile of the block): a segment is a run of at most `seg_rows / G` queries that selected one
 // block, taken from the inverse index the caller builds (queries sorted by (b, kv, block)); partial dk/dv go to
 // the fp32 accumulators with one atomicAdd per element per thread block.
+//
+// Tensor cores (kernels/nsa_select_tc.cu, design notes at its top). For bf16/fp16 inputs with head_dim 64 or 128,
+// G in 1..16 and l' in {32, 64, 128}, on sm_80+, nsa_select_forward_cuda / nsa_select_backward_cuda run wmma
+// (16x16x16, fp32 accumulate) kernels with the same work split: forward and dq per (b, t, kv head) with the G heads
+// as the M = 16 rows of each MMA (zero-padded for G < 16), 64-key tiles as N; dk/dv per (segment, 64-key tile) over
+// the same inverse index, chunks of 32 (query, head) rows. S, softmax statistics, dP and accumulators are fp32; P
+// and dS are rounded to the input type before their MMA (as FlashAttention-2 does). fp32 inputs and every other
+// shape keep the FMA kernels. Switch: nsa_select_set_tensor_cores(false) or ABLATE_NSA_TC=0 in the environment
+// (read once, at the first query of the switch) selects the FMA kernels for bf16/fp16 too. Default on.
 #pragma once
 #include <cstdint>
 
@@ -83,6 +92,13 @@ inline bool nsa_select_cuda_supports(int64_t head_dim, int64_t G) {
   return (head_dim == 64 || head_dim == 128) && G >= 1 && G <= 16;
 }
 
+// The tensor-core switch (both builds; only the CUDA launchers read it). Default: on unless ABLATE_NSA_TC=0.
+void nsa_select_set_tensor_cores(bool enabled);
+bool nsa_select_tensor_cores();
+// Test hook: how many forward/backward launches took the tensor-core kernels (process-wide, never reset).
+int64_t nsa_select_tc_launches();
+void nsa_select_note_tc_launch();  // called by the tensor-core launchers
+
 // CPU reference (fp32 only). Returns false (and does nothing) for a dtype other than fp32.
 bool nsa_select_forward_ref(const NsaSelectFwdArgs& a);
 bool nsa_select_backward_ref(const NsaSelectBwdArgs& a);
@@ -92,6 +108,12 @@ bool nsa_select_backward_ref(const NsaSelectBwdArgs& a);
 cudaError_t nsa_select_forward_cuda(const NsaSelectFwdArgs& a, cudaStream_t stream);
 // Writes dq and adds into dk/dv (launches the dq and the dk/dv kernels on `stream`).
 cudaError_t nsa_select_backward_cuda(const NsaSelectBwdArgs& a, cudaStream_t stream);
+// The tensor-core kernels (kernels/nsa_select_tc.cu): whether they take this shape (switch on, bf16/fp16, head_dim
+// 64/128, G 1..16, l' 32/64/128, current device sm_80+), and the launchers the two above dispatch to
+// (cudaErrorInvalidValue where nsa_select_tc_applies is false).
+bool nsa_select_tc_applies(const NsaSelectShape& s);
+cudaError_t nsa_select_forward_tc(const NsaSelectFwdArgs& a, cudaStream_t stream);
+cudaError_t nsa_select_backward_tc(const NsaSelectBwdArgs& a, cudaStream_t stream);
 #endif
 
 }  // namespace ablate::kernels

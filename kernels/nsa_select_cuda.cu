@@ -1,4 +1,7 @@
 // CUDA kernels of the NSA selected branch (contract in kernels/nsa_select.h). fp32 FMA code; all math in fp32.
+// bf16/fp16 inputs of the shapes nsa_select_tc_applies takes go to the tensor-core kernels of
+// kernels/nsa_select_tc.cu instead (the launchers at the bottom dispatch); these kernels stay for fp32, for the other
+// shapes, and for bf16/fp16 when nsa_select_set_tensor_cores(false) / ABLATE_NSA_TC=0.
 //
 // Common pieces. K/V are read in tiles of 64 tokens of one kv head, converted to fp32 and staged in shared memory
 // with a row stride of D + 4 floats: a thread reading a float4 of "its" key row then hits distinct banks within
@@ -602,6 +605,7 @@ cudaError_t bwd_typed(const NsaSelectBwdArgs& a, cudaStream_t stream) {
 
 cudaError_t nsa_select_forward_cuda(const NsaSelectFwdArgs& a, cudaStream_t stream) {
   if (!valid(a.s)) return cudaErrorInvalidValue;
+  if (nsa_select_tc_applies(a.s)) return nsa_select_forward_tc(a, stream);  // bf16/fp16: kernels/nsa_select_tc.cu
   switch (a.s.dtype) {
     case NsaDtype::kF32: return fwd_typed<float>(a, stream);
     case NsaDtype::kBF16: return fwd_typed<__nv_bfloat16>(a, stream);
@@ -612,6 +616,7 @@ cudaError_t nsa_select_forward_cuda(const NsaSelectFwdArgs& a, cudaStream_t stre
 
 cudaError_t nsa_select_backward_cuda(const NsaSelectBwdArgs& a, cudaStream_t stream) {
   if (!valid(a.s)) return cudaErrorInvalidValue;
+  if (nsa_select_tc_applies(a.s)) return nsa_select_backward_tc(a, stream);
   switch (a.s.dtype) {
     case NsaDtype::kF32: return bwd_typed<float>(a, stream);
     case NsaDtype::kBF16: return bwd_typed<__nv_bfloat16>(a, stream);

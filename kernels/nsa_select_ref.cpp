@@ -2,7 +2,10 @@
 // double accumulation. Query-centric for everything (dk/dv are scattered per query), so it needs no inverse index.
 #include "kernels/nsa_select.h"
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -32,7 +35,23 @@ void allowed_keys(const Dims& d, const int64_t* idx, int64_t b, int64_t t, int64
   }
 }
 
+// The tensor-core switch of the CUDA launchers (kernels/nsa_select.h): ABLATE_NSA_TC=0 turns it off by default.
+std::atomic<bool>& tc_switch() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("ABLATE_NSA_TC");
+    return !(e != nullptr && std::strcmp(e, "0") == 0);
+  }()};
+  return on;
+}
+
+std::atomic<int64_t> g_tc_launches{0};
+
 }  // namespace
+
+void nsa_select_set_tensor_cores(bool enabled) { tc_switch().store(enabled); }
+bool nsa_select_tensor_cores() { return tc_switch().load(); }
+int64_t nsa_select_tc_launches() { return g_tc_launches.load(); }
+void nsa_select_note_tc_launch() { g_tc_launches.fetch_add(1); }
 
 bool nsa_select_forward_ref(const NsaSelectFwdArgs& a) {
   if (a.s.dtype != NsaDtype::kF32) return false;

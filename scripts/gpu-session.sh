@@ -2,7 +2,7 @@
 # One device-tool call on the H200 that builds the engine with CUDA and runs the chosen steps, each capped in
 # time, a failing step never stopping the next. Run from a clean source tree (e.g. `git archive HEAD` unpacked
 # into .gpu-src/, with .deps/ beside it):
-#   STEPS="build data test optim mixers e2e families" scripts/gpu-session.sh
+#   STEPS="build data test timing profile optim mixers e2e families" scripts/gpu-session.sh
 # needs: .deps/*.deb (CLI11, nlohmann-json, GoogleTest, fortunes: `apt-get download` them on a Debian machine),
 #        optionally .deps/wheels/*.whl (reference packages for the benchmarks: bench/*/fetch scripts).
 # Writes $OUT/summary.txt and $OUT/logs.tgz (every step's log and JSON): the device tool returns at most 8 files.
@@ -39,7 +39,9 @@ if has build; then
     -DABLATE_CUDA_ARCHITECTURES=90 -DCMAKE_PREFIX_PATH="$torch_prefix;/tmp/deps/usr" > "$work/configure.log" 2>&1 \
     || { log "configure FAILED"; tail -30 "$work/configure.log"; exit 1; }
   # -k 0: one broken target does not stop the others.
-  cmake --build build-gpu -j 16 -- -k 0 > "$work/build.log" 2>&1 \
+  # BUILD_TARGETS (e.g. "ablate-train optim_bench") builds only those; default: everything.
+  targets=(); for t in ${BUILD_TARGETS:-}; do targets+=(--target "$t"); done
+  cmake --build build-gpu -j 16 "${targets[@]}" -- -k 0 > "$work/build.log" 2>&1 \
     || { log "build FAILED (some targets)"; grep -m40 -A8 -E 'error|FAILED' "$work/build.log"; }
   log "build done in $(( $(date +%s) - t0 ))s"
 fi
@@ -61,24 +63,51 @@ fi
 
 # The kernel tests' timing cases print their numbers (ctest hides the output of passing tests).
 if has timing; then
-  timeout 120 $bin/mixers_nsa_gpu_test --gtest_filter='*Timing*' > "$work/timing_nsa.log" 2>&1
+  timeout "${TIMING_CAP:-120}" $bin/mixers_nsa_gpu_test --gtest_filter='*Timing*' > "$work/timing_nsa.log" 2>&1
   log "nsa timing rc=$?"; grep -iE ' ms|x faster|speedup|tok' "$work/timing_nsa.log" | head -30 | tee -a "$out/summary.txt"
-  timeout 150 $bin/kernels_chunk_state_scan_gpu_test --gtest_filter='*TimingDeltaRule32K*' > "$work/timing_gdn.log" 2>&1
+  [[ ${TIMING_GDN:-1} == 1 ]] && timeout 150 $bin/kernels_chunk_state_scan_gpu_test --gtest_filter='*TimingDeltaRule32K*' > "$work/timing_gdn.log" 2>&1
   log "gdn timing rc=$?"; grep -iE ' ms|x faster|speedup' "$work/timing_gdn.log" | head -30 | tee -a "$out/summary.txt"
+fi
+
+# Where a training step's time goes (ablate-train --profile_steps): PROFILES names runs of scripts/gpu-families.sh's
+# kind plus the short-context dense case of E1 (dense-0.6b-4k: the Qwen3-0.6B layout at 4K x 4, no checkpointing).
+if has profile; then
+  mkdir -p "$work/profile"
+  for name in ${PROFILES:-dense-0.6b-4k nsa-32k}; do
+    case $name in
+      dense-0.6b-4k) args="--data_dir data/fortunes --model_size SMALL --context_length 4096 --batch_size 4" ;;
+      nsa-32k) args="--data_dir data/fortunes --model_size 0.6B --attn_type nsa --context_length 32768 --batch_size 1
+                     --gradient_checkpointing" ;;
+      mdma-nsa-32k) args="--data_dir data/fortunes --model_size 0.6B --block_pattern MDMA --attn_type nsa
+                          --context_length 32768 --batch_size 1 --gradient_checkpointing" ;;
+      *) log "profile: unknown run $name"; continue ;;
+    esac
+    # shellcheck disable=SC2086
+    timeout "${PROFILE_CAP:-150}" $bin/ablate-train $args --num_train_steps "${PROFILE_TRAIN_STEPS:-5}" --warmup_steps 2 \
+      --log_interval 1 --eval_interval 100000 --eval_batches 1 --save_interval 100000 --dtype bfloat16 --device cuda \
+      --profile_steps "${PROFILE_STEPS:-2}" --output_dir /dev/shm/ablate-profile --run_name "$name" \
+      > "$work/profile/$name.log" 2>&1
+    log "profile $name rc=$?"
+    sed -n '/^profile of steps/,/^trace:/p' "$work/profile/$name.log" | cut -c1-200 | head -32 | tee -a "$out/summary.txt"
+    grep -E '^step' "$work/profile/$name.log" | tail -2 | tee -a "$out/summary.txt"
+    rm -rf /dev/shm/ablate-profile
+  done
 fi
 
 # Benchmark scripts of bench/*/run_gpu.sh: each gets its own OUT and a time cap.
 run_bench() {
-  local name=$1 script=$2 cap=$3
+  local name=$1 script=$2 cap=$3 bench_steps=$4
   [ -x "$script" ] || { log "$name: $script missing"; return; }
   mkdir -p "$work/$name"
   # env -u STEPS: the bench scripts read their own STEPS (this script's step list would select nothing there).
-  env -u STEPS OUT="$work/$name" BIN="$bin" timeout "$cap" "$script" "$bin" > "$work/$name/stdout.log" 2>&1
+  # <NAME>_STEPS (OPTIM_STEPS, MIXERS_STEPS, E2E_STEPS) passes that script its own step list.
+  env -u STEPS ${bench_steps:+STEPS="$bench_steps"} OUT="$work/$name" BIN="$bin" timeout "$cap" "$script" "$bin" \
+    > "$work/$name/stdout.log" 2>&1
   log "$name rc=$?"; tail -40 "$work/$name/stdout.log" | tee -a "$out/summary.txt"
 }
-has optim && run_bench optim bench/optim/run_gpu.sh "${OPTIM_CAP:-300}"
-has mixers && run_bench mixers bench/mixers/run_gpu.sh "${MIXERS_CAP:-300}"
-has e2e && run_bench e2e bench/e2e/run_gpu.sh "${E2E_CAP:-300}"
+has optim && run_bench optim bench/optim/run_gpu.sh "${OPTIM_CAP:-300}" "${OPTIM_STEPS:-}"
+has mixers && run_bench mixers bench/mixers/run_gpu.sh "${MIXERS_CAP:-300}" "${MIXERS_STEPS:-}"
+has e2e && run_bench e2e bench/e2e/run_gpu.sh "${E2E_CAP:-300}" "${E2E_STEPS:-}"
 
 if has vectors; then
   mkdir -p "$work/vectors"

@@ -445,7 +445,8 @@ void check_k2(int64_t H, int64_t KV) {
 }
 
 void bench_k2() {
-  header("K2 NSA, bf16, d=128 (cmp+slc = compression MLPs + compressed attn + top-n + selected attn; swa = window)");
+  header("K2 NSA, bf16, d=128 (cmp+slc = compression MLPs + compressed attn + top-n + selected attn; swa = window; "
+         "cmp / slc alone up to 32K)");
   struct S {
     int64_t B, H, KV, T;
   };
@@ -488,6 +489,22 @@ void bench_k2() {
     time_fwd_bwd(
         "K2", shape, "swa", [&] { return core::nsa_window_attention(q, k, v, o); }, {q, k, v}, gy, per_key * keys.swa,
         3.5, bytes, 2.5 * bytes, "passed");
+    // Where cmp+slc's time goes (up to 32K, to keep the run short): the compressed branch with its top-n alone,
+    // and the selected branch alone on a fixed selection.
+    if (sh.T <= 32768) {
+      time_fwd_bwd(
+          "K2", shape, "cmp",
+          [&] { return core::nsa_compressed_attention(q, m->compress_keys(k), m->compress_values(v), o).out; },
+          {q, k, v}, gy, per_key * keys.cmp + mlp, 3.5, bytes, 2.5 * bytes, "passed");
+      Tensor idx;
+      {
+        torch::NoGradGuard no_grad;
+        idx = core::nsa_compressed_attention(q, m->compress_keys(k), m->compress_values(v), o).block_idx;
+      }
+      time_fwd_bwd(
+          "K2", shape, "slc", [&] { return core::nsa_selected_attention(q, k, v, idx, o); }, {q, k, v}, gy,
+          per_key * keys.slc, 3.5, bytes, 2.5 * bytes, "passed");
+    }
   }
 }
 

@@ -18,7 +18,12 @@
 //   optim_bench [--device cuda|cpu] [--shapes qwen3-0.6b-linear,ablate-0.6b,ablate-4b,tiny,tiny-linear]
 //               [--optimizers adamw,adamw8bit,adamw4bit,soap,soap8bit,soap4bit,shampoo] [--layers N]
 //               [--iters 50] [--soap_iters 5] [--precondition_frequency 10] [--max_seconds 10]
-//               [--parity FILE ...] [--json FILE] [--dump_shapes FILE]
+//               [--parity FILE ...] [--json FILE] [--dump_shapes FILE] [--lowbit_per_tensor 1|0]
+//
+// adamw8bit/adamw4bit print two rows: "step" (the default path: on CUDA one multi-tensor kernel launch per
+// parameter group) and "step_per_tensor" (the previous path, one launch per tensor, timed right after on the
+// same optimizer; --lowbit_per_tensor 0 skips it). With ABLATE_LOWBIT_MULTI_TENSOR=0 in the environment the
+// per-tensor path is the only row.
 //
 // --dump_shapes FILE: writes each shape set of --shapes (after --layers) as one JSON line {name, layers,
 // total_layers, shapes: [[param name, [dims]], ...]} and exits; ref_optim.py --shapes_file reads it, so both
@@ -70,6 +75,7 @@ struct Options {
   std::vector<std::string> parity;
   std::string json_path;
   std::string dump_shapes;  // write the shape sets as JSON lines for ref_optim.py and exit
+  bool lowbit_per_tensor = true;  // adamw8bit/4bit: also time the per-tensor path (variant step_per_tensor)
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -389,23 +395,40 @@ struct Bench {
 
   void run_adam(const ShapeSet& set, NamedParams& params, const std::string& name) {
     auto opt = ablate::core::optim::make_optimizer(name, params, base);
-    for (int i = 0; i < 5; ++i) {
-      redraw_grads(params);
-      opt->step();
+    auto* lowbit = dynamic_cast<ablate::core::optim::AdamWLowBit*>(opt.get());
+    auto time_steps = [&](const std::string& variant, const std::string& note) {
+      for (int i = 0; i < 5; ++i) {
+        redraw_grads(params);
+        opt->step();
+      }
+      dev.sync();
+      std::vector<double> ms;
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < o.iters; ++i) {
+        redraw_grads(params);
+        ms.push_back(dev.time_ms([&] { opt->step(); }));
+        const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (i + 1 >= 10 && elapsed > o.max_seconds) break;
+      }
+      Row r = row_for(set, name, variant, stats_of(ms), *opt);
+      r.min_bytes = 12.0 * double(r.n_params) + 2.0 * double(r.state_bytes);
+      r.note = note;
+      if (r.s.n < o.iters) r.note += std::string(r.note.empty() ? "" : "; ") + "fewer steps: --max_seconds reached";
+      emit(r);
+    };
+    // adamw8bit/4bit: "step" is the default path (on CUDA one multi-tensor launch per group); "step_per_tensor"
+    // the previous one (one kernel launch per tensor), timed after it on the same optimizer for A/B
+    // (--lowbit_per_tensor 0 skips it; ABLATE_LOWBIT_MULTI_TENSOR=0 makes the per-tensor path the only row).
+    const bool cuda = dev.device().is_cuda();
+    const bool multi = lowbit && lowbit->multi_tensor();
+    time_steps(cuda && lowbit && !multi ? "step_per_tensor" : "step",
+               !(cuda && lowbit) ? ""
+               : multi           ? "multi-tensor launches"
+                                 : "one launch per tensor (ABLATE_LOWBIT_MULTI_TENSOR=0)");
+    if (cuda && multi && o.lowbit_per_tensor) {
+      lowbit->set_multi_tensor(false);
+      time_steps("step_per_tensor", "previous path: one launch per tensor (A/B)");
     }
-    dev.sync();
-    std::vector<double> ms;
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < o.iters; ++i) {
-      redraw_grads(params);
-      ms.push_back(dev.time_ms([&] { opt->step(); }));
-      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (i + 1 >= 10 && elapsed > o.max_seconds) break;
-    }
-    Row r = row_for(set, name, "step", stats_of(ms), *opt);
-    r.min_bytes = 12.0 * double(r.n_params) + 2.0 * double(r.state_bytes);
-    if (r.s.n < o.iters) r.note = "fewer steps: --max_seconds reached";
-    emit(r);
   }
 
   void run_soap(const ShapeSet& set, NamedParams& params, const std::string& name) {
@@ -569,7 +592,7 @@ int usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s [--device cuda|cpu] [--shapes LIST] [--optimizers LIST] [--layers N] [--iters N>=50]\n"
                "          [--soap_iters N] [--precondition_frequency F] [--max_seconds S] [--parity FILE]... "
-               "[--json FILE] [--dump_shapes FILE]\n"
+               "[--json FILE] [--dump_shapes FILE] [--lowbit_per_tensor 1|0]\n"
                "  shapes: qwen3-0.6b-linear, ablate-0.6b, ablate-4b, tiny, tiny-linear (comma-separated)\n"
                "  optimizers: adamw, adamw8bit, adamw4bit, soap, soap8bit, soap4bit, shampoo\n",
                argv0);
@@ -596,6 +619,7 @@ int main(int argc, char** argv) {
     else if (a == "--parity") o.parity.push_back(val);
     else if (a == "--json") o.json_path = val;
     else if (a == "--dump_shapes") o.dump_shapes = val;
+    else if (a == "--lowbit_per_tensor") o.lowbit_per_tensor = std::stoi(val) != 0;
     else return usage(argv[0]);
   }
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // a crash must not eat the table printed so far

@@ -4,15 +4,13 @@
 
 #include "core/mixers/delta_rule.h"
 #include "core/mixers/mamba2.h"  // init_dt_bias
+#include "core/mixers/param_init.h"
 
 namespace ablate::core {
 
 namespace F = torch::nn::functional;
 
 namespace {
-torch::nn::Linear make_linear(int64_t in, int64_t out) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
-}
 
 // fla's l2norm: x / sqrt(sum(x^2) + eps) over the head dim.
 torch::Tensor l2_normalize(const torch::Tensor& x, double eps) {

@@ -1,4 +1,5 @@
 #include "core/mixers/mamba2.h"
+#include "core/mixers/param_init.h"
 
 #include <cmath>
 
@@ -38,15 +39,15 @@ void Mamba2MixerImpl::reset() {
   TORCH_CHECK(0 < o.dt_min() && o.dt_min() <= o.dt_max(), "Mamba2Mixer: need 0 < dt_min <= dt_max");
   const int64_t di = d_inner(), nh = nheads(), gn = o.ngroups() * o.d_state();
 
-  // PyTorch's default Linear init (kaiming-uniform); the model re-initialises Linears later (N(0, 0.02)).
-  in_proj = register_module("in_proj",
-                            torch::nn::Linear(torch::nn::LinearOptions(o.d_model(), 2 * di + 2 * gn + nh).bias(false)));
+  // PyTorch's default Linear init (kaiming-uniform) unless the model defers it: it re-initialises Linears later
+  // (N(0, 0.02), core/mixers/param_init.h).
+  in_proj = register_module("in_proj", make_linear(o.d_model(), 2 * di + 2 * gn + nh));
   conv1d = register_module("conv1d", ShortConv(ShortConvOptions(di + 2 * gn, o.d_conv()).bias(true).silu(true)));
   dt_bias = register_parameter("dt_bias", init_dt_bias(nh, o.dt_min(), o.dt_max(), o.dt_init_floor()));
   A_log = register_parameter("A_log", torch::log(torch::empty({nh}).uniform_(o.A_init_min(), o.A_init_max())));
   D = register_parameter("D", torch::ones({nh}));
   norm_weight = register_parameter("norm_weight", torch::ones({di}));
-  out_proj = register_module("out_proj", torch::nn::Linear(torch::nn::LinearOptions(di, o.d_model()).bias(false)));
+  out_proj = register_module("out_proj", make_linear(di, o.d_model()));
 }
 
 torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& u) {

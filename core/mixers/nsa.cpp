@@ -13,6 +13,7 @@
 // - On CUDA the sliding-window branch goes through SDPA's fused kernels (chunked, band mask, autograd) when SDPA
 //   picks a fused backend for it; the compressed branch stays the LibTorch Function (it needs the probabilities).
 #include "core/mixers/nsa.h"
+#include "core/mixers/param_init.h"
 
 #include <algorithm>
 #include <atomic>
@@ -687,11 +688,11 @@ void NsaAttentionImpl::reset() {
   const int64_t hidden = options.cmp_hidden() > 0 ? options.cmp_hidden() : hd;
   cmp_k_pe = register_parameter("cmp_k_pe", torch::empty({l, hd}));
   cmp_v_pe = register_parameter("cmp_v_pe", torch::empty({l, hd}));
-  cmp_k_fc1 = register_module("cmp_k_fc1", torch::nn::Linear(l * hd, hidden));
-  cmp_k_fc2 = register_module("cmp_k_fc2", torch::nn::Linear(hidden, hd));
-  cmp_v_fc1 = register_module("cmp_v_fc1", torch::nn::Linear(l * hd, hidden));
-  cmp_v_fc2 = register_module("cmp_v_fc2", torch::nn::Linear(hidden, hd));
-  gate = register_module("gate", torch::nn::Linear(options.d_model(), 3 * options.num_heads()));
+  cmp_k_fc1 = register_module("cmp_k_fc1", make_linear(l * hd, hidden, /*bias=*/true));
+  cmp_k_fc2 = register_module("cmp_k_fc2", make_linear(hidden, hd, /*bias=*/true));
+  cmp_v_fc1 = register_module("cmp_v_fc1", make_linear(l * hd, hidden, /*bias=*/true));
+  cmp_v_fc2 = register_module("cmp_v_fc2", make_linear(hidden, hd, /*bias=*/true));
+  gate = register_module("gate", make_linear(options.d_model(), 3 * options.num_heads(), /*bias=*/true));
   reset_parameters();
 }
 

@@ -122,3 +122,45 @@ TEST(Sizing, CountEqualsBuiltModel) {
   EXPECT_EQ(tiny.padded_vocab, 320);
   EXPECT_EQ(tiny.intermediate, 192);  // ceil64(8*64/3 = 170)
 }
+
+// Initialisation (core/mixers/param_init.h): Linears and the embedding are allocated unfilled and filled once in
+// parallel. Every family: no parameter left unfilled (all finite, every N(0, s) weight with a plausible spread),
+// and the values depend on the seed only, not on the thread count.
+TEST(Model, InitFillsEveryParameterAndIgnoresThreadCount) {
+  const int threads = at::get_num_threads();
+  for (const char* pattern : {"A", "M", "D", "MDMA"}) {
+    for (const char* attn : {"dense", "nsa"}) {
+      if (std::string(attn) == "nsa" && std::string(pattern).find('A') == std::string::npos) continue;
+      TrainConfig cfg;
+      cfg.model_size = "tiny";
+      cfg.block_pattern = pattern;
+      cfg.attn_type = attn;
+      const ModelDims m = resolve_model(cfg, 257);
+      auto build = [&](int nthreads) {
+        at::set_num_threads(nthreads);
+        torch::manual_seed(3);
+        return Transformer(m, 500000.0);
+      };
+      auto a = build(1), b = build(std::max(2, threads));
+      const auto pa = a->named_parameters(), pb = b->named_parameters();
+      ASSERT_EQ(pa.size(), pb.size());
+      for (size_t i = 0; i < pa.size(); ++i) {
+        const auto& name = pa[i].key();
+        const auto& t = pa[i].value();
+        EXPECT_TRUE(torch::isfinite(t).all().item<bool>()) << pattern << "/" << attn << " " << name;
+        EXPECT_TRUE(torch::equal(t, pb[i].value())) << pattern << "/" << attn << " " << name << " depends on threads";
+        // Linear weights and the embedding: N(0, 0.02) or the scaled 0.02 / sqrt(2n) of the output projections.
+        if (t.dim() == 2 && t.numel() >= 4096) {
+          const double sd = t.std().item<double>();
+          EXPECT_GT(sd, 0.002) << name;
+          EXPECT_LT(sd, 0.03) << name;
+        }
+      }
+      // Another seed gives other weights.
+      torch::manual_seed(4);
+      Transformer c(m, 500000.0);
+      EXPECT_FALSE(torch::equal(a->named_parameters()["embed.weight"], c->named_parameters()["embed.weight"]));
+    }
+  }
+  at::set_num_threads(threads);
+}

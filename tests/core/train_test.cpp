@@ -125,6 +125,34 @@ TEST(Training, TinyModelLearnsFortunes) {
   remove_tree(out);
 }
 
+// --profile_steps: the profiled steps leave a Chrome trace and a summary table naming real ops, and the run's
+// losses are those of an unprofiled run (profiling only observes).
+TEST(Training, ProfileWritesTraceAndSummary) {
+  ASSERT_TRUE(fs::is_directory(kFortunes)) << kFortunes << " is missing";
+  auto out = temp_dir("profile");
+  auto c = small_config(fortunes_data(), out);
+  c.num_train_steps = 5;
+  c.save_interval = 1000;
+  TrainResult plain;
+  ASSERT_EQ(run_training(c, &plain), kExitOk);
+  c.profile_steps = 2;
+  c.run_name = "profiled";
+  TrainResult profiled;
+  ASSERT_EQ(run_training(c, &profiled), kExitOk);
+  EXPECT_EQ(profiled.step_losses, plain.step_losses);
+  const auto dir = out / "profiled" / "profile";
+  ASSERT_TRUE(fs::exists(dir / "trace.json")) << dir;
+  std::ifstream sf(dir / "summary.txt");
+  const std::string summary((std::istreambuf_iterator<char>(sf)), std::istreambuf_iterator<char>());
+  EXPECT_NE(summary.find("profile of steps 3-4"), std::string::npos) << summary;
+  EXPECT_NE(summary.find("aten::mm"), std::string::npos) << summary;
+  const auto trace = nlohmann::json::parse(std::ifstream(dir / "trace.json"));
+  EXPECT_GT(trace.at("traceEvents").size(), 100u);
+  c.profile_steps = -1;
+  EXPECT_THROW(c.validate(), ConfigError);
+  remove_tree(out);
+}
+
 TEST(Training, ResumeIsBitwiseIdentical) {
   ASSERT_TRUE(fs::is_directory(kFortunes)) << kFortunes << " is missing: run scripts/setup-deps.sh";
   auto out = temp_dir("resume");

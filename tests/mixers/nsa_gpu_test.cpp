@@ -2,8 +2,10 @@
 // both measured against an fp64 run of the LibTorch path on the same (dtype-rounded) inputs. Forward and every
 // gradient (dq, dk, dv) for G = 1..16, hd 64 and 128, l' below/at/above the 64-token tile, T not a multiple of l',
 // -1 slots, queries in the first block, an all-empty row, and long block-0 lists that the dk/dv pass splits into
-// segments. Then timings (CUDA events, median) at the paper scale. Every check prints its numbers and keeps going,
-// so one run says everything. Skips without a GPU or without the CUDA kernels.
+// segments. bf16/fp16 run both kernel families: the tensor-core kernels (kernels/nsa_select_tc.cu, the default) and
+// the FMA kernels (nsa_select_set_tensor_cores(false)), each against fp64 and against each other. Then timings (CUDA
+// events, median) at the paper scale, including tensor cores vs FMA kernels. Every check prints its numbers and
+// keeps going, so one run says everything. Skips without a GPU or without the CUDA kernels.
 #include <gtest/gtest.h>
 
 #include <torch/torch.h>
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include "core/mixers/nsa.h"
+#include "kernels/nsa_select.h"
 #include "tests/require_cuda.h"
 
 #if ABLATE_WITH_CUDA
@@ -32,6 +35,13 @@ using torch::Tensor;
 struct KernelSwitch {
   explicit KernelSwitch(bool on) { nsa_set_slc_kernels_enabled(on); }
   ~KernelSwitch() { nsa_set_slc_kernels_enabled(true); }
+};
+
+// The tensor-core kernels for bf16/fp16 (kernels/nsa_select_tc.cu) on or off; restores the previous setting.
+struct TcSwitch {
+  explicit TcSwitch(bool on) : prev(kernels::nsa_select_tensor_cores()) { kernels::nsa_select_set_tensor_cores(on); }
+  ~TcSwitch() { kernels::nsa_select_set_tensor_cores(prev); }
+  bool prev;
 };
 
 struct SdpaSwitch {
@@ -67,8 +77,9 @@ struct Result {
 };
 
 Result run_slc(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& idx, const Tensor& w,
-               const NsaAttentionOptions& o, torch::Dtype dt, bool kernels) {
+               const NsaAttentionOptions& o, torch::Dtype dt, bool kernels, bool tensor_cores = true) {
   KernelSwitch sw(kernels);
+  TcSwitch tc(tensor_cores);
   auto qq = q.to(dt).detach().requires_grad_();
   auto kk = k.to(dt).detach().requires_grad_();
   auto vv = v.to(dt).detach().requires_grad_();
@@ -89,6 +100,16 @@ struct Case {
   int64_t B, T, H, KV, hd, lp, n;
 };
 
+// Tolerance of |tensor cores - FMA kernels| / max|FMA kernels| from the dtype's unit roundoff u (2^-8 bf16, 2^-11
+// fp16): the FMA kernels compute in fp32 from the same rounded inputs, the tensor-core kernels round P and dS to
+// the dtype once each and the output once, so the difference should be a few u. o: 4u, gradients: 8u.
+double tc_vs_fma_tol(torch::Dtype dt, int which) {
+  const double u = dt == torch::kBFloat16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+  return (which == 0 ? 4.0 : 8.0) * u;
+}
+
+// For fp32 the FMA kernels; for bf16 and fp16 both kernel families: the tensor-core kernels (default) and the FMA
+// kernels (nsa_select_set_tensor_cores(false)), each against fp64 with the same rule, plus the two directly.
 TEST(NsaSelectGpu, KernelsMatchLibTorchPath) {
   ABLATE_REQUIRE_CUDA();
   const torch::Device dev(torch::kCUDA);
@@ -123,31 +144,106 @@ TEST(NsaSelectGpu, KernelsMatchLibTorchPath) {
       auto qr = q.to(dt), kr = k.to(dt), vr = v.to(dt), wr = w.to(dt);
       const Result ref = run_slc(qr, kr, vr, idx, wr, o, torch::kDouble, false);
       const Result comp = run_slc(qr, kr, vr, idx, wr, o, dt, false);
-      nsa_reset_chunk_stats();
-      const Result kern = run_slc(qr, kr, vr, idx, wr, o, dt, true);
-      EXPECT_EQ(nsa_max_chunk_numel(), 0) << c.name << " " << dname << ": the kernel path was not taken";
       const char* names[4] = {"o", "dq", "dk", "dv"};
       const Tensor* r[4] = {&ref.o, &ref.dq, &ref.dk, &ref.dv};
       const Tensor* a[4] = {&comp.o, &comp.dq, &comp.dk, &comp.dv};
-      const Tensor* b[4] = {&kern.o, &kern.dq, &kern.dk, &kern.dv};
-      std::string line;
-      for (int i = 0; i < 4; ++i) {
-        const double ec = max_err(*a[i], *r[i]), ek = max_err(*b[i], *r[i]);
-        char buf[128];
-        std::snprintf(buf, sizeof buf, "  %s kern %.2e (libtorch %.2e)", names[i], ek, ec);
-        line += buf;
-        // fp32: tight, absolute. Half types: no worse than twice the composite's own rounding error.
-        const double tol = dt == torch::kFloat ? (i == 0 ? 2e-5 : 5e-5) : 2.0 * ec + 1e-6;
-        const bool ok = std::isfinite(ek) && ek <= tol;
-        if (!ok) ++failures;
-        EXPECT_TRUE(ok) << c.name << " " << dname << " " << names[i] << ": kernel error " << ek << " > " << tol;
+      const bool half = dt != torch::kFloat;
+      Result kerns[2];  // [0] FMA kernels, [1] tensor cores (half types only)
+      for (int tc = 0; tc < (half ? 2 : 1); ++tc) {
+        const char* kname = tc ? "tc " : "fma";
+        nsa_reset_chunk_stats();
+        const int64_t tc0 = kernels::nsa_select_tc_launches();
+        const Result kern = run_slc(qr, kr, vr, idx, wr, o, dt, true, tc == 1);
+        kerns[tc] = kern;
+        EXPECT_EQ(nsa_max_chunk_numel(), 0) << c.name << " " << dname << ": the kernel path was not taken";
+        // One forward and one backward launch on the tensor cores, or none.
+        EXPECT_EQ(kernels::nsa_select_tc_launches() - tc0, tc ? 2 : 0)
+            << c.name << " " << dname << " " << kname << ": wrong kernel family";
+        const Tensor* b[4] = {&kern.o, &kern.dq, &kern.dk, &kern.dv};
+        std::string line;
+        for (int i = 0; i < 4; ++i) {
+          const double ec = max_err(*a[i], *r[i]), ek = max_err(*b[i], *r[i]);
+          char buf[128];
+          std::snprintf(buf, sizeof buf, "  %s kern %.2e (libtorch %.2e)", names[i], ek, ec);
+          line += buf;
+          // fp32: tight, absolute. Half types: no worse than twice the composite's own rounding error.
+          const double tol = dt == torch::kFloat ? (i == 0 ? 2e-5 : 5e-5) : 2.0 * ec + 1e-6;
+          const bool ok = std::isfinite(ek) && ek <= tol;
+          if (!ok) ++failures;
+          EXPECT_TRUE(ok) << c.name << " " << dname << " " << kname << " " << names[i] << ": kernel error " << ek
+                          << " > " << tol;
+        }
+        std::printf("[nsa slc gpu] %-26s %s %s%s\n", c.name, dname, kname, line.c_str());
+        EXPECT_EQ(kern.o.select(1, empty_t).abs().max().item<double>(), 0.0) << c.name << " " << dname << kname;
+        EXPECT_EQ(kern.dq.select(1, empty_t).abs().max().item<double>(), 0.0) << c.name << " " << dname << kname;
       }
-      std::printf("[nsa slc gpu] %-26s %s%s\n", c.name, dname, line.c_str());
-      EXPECT_EQ(kern.o.select(1, empty_t).abs().max().item<double>(), 0.0) << c.name << " " << dname;
-      EXPECT_EQ(kern.dq.select(1, empty_t).abs().max().item<double>(), 0.0) << c.name << " " << dname;
+      if (half) {
+        const Tensor* f[4] = {&kerns[0].o, &kerns[0].dq, &kerns[0].dk, &kerns[0].dv};
+        const Tensor* t[4] = {&kerns[1].o, &kerns[1].dq, &kerns[1].dk, &kerns[1].dv};
+        std::string line;
+        for (int i = 0; i < 4; ++i) {
+          const double e = max_err(*t[i], *f[i]), tol = tc_vs_fma_tol(dt, i);
+          char buf[96];
+          std::snprintf(buf, sizeof buf, "  %s %.2e", names[i], e);
+          line += buf;
+          const bool ok = std::isfinite(e) && e <= tol;
+          if (!ok) ++failures;
+          EXPECT_TRUE(ok) << c.name << " " << dname << " " << names[i] << ": |tc - fma| " << e << " > " << tol;
+        }
+        std::printf("[nsa slc gpu] %-26s %s tc vs fma%s\n", c.name, dname, line.c_str());
+      }
     }
   }
   std::printf("[nsa slc gpu] %d failing comparisons\n", failures);
+}
+
+// The tensor-core kernels against the FMA kernels directly, at a realistic selection (16 blocks, block 0 and the
+// local blocks forced) and larger T, for both half types: forward o and lse-dependent gradients; dtype-derived
+// tolerance (tc_vs_fma_tol). Also checks that switching off really runs the FMA kernels.
+TEST(NsaSelectGpu, TensorCoresMatchFmaKernels) {
+  ABLATE_REQUIRE_CUDA();
+  const torch::Device dev(torch::kCUDA);
+  const std::vector<Case> cases = {
+      {"G16 hd128 l'64 T4096", 1, 4096, 64, 4, 128, 64, 16},
+      {"G4 hd64 l'32 T3000", 2, 3000, 8, 2, 64, 32, 8},
+      {"G1 hd128 l'128 T2500", 1, 2500, 2, 2, 128, 128, 6},
+      {"G7 hd64 l'64 T1111", 1, 1111, 14, 2, 64, 64, 5},
+  };
+  int failures = 0;
+  for (const auto& c : cases) {
+    torch::manual_seed(77 + c.T);
+    auto o = slc_options(c.H, c.KV, c.hd, c.lp, c.n);
+    auto idx = make_selection(c.B, c.T, o, dev);
+    auto fopt = torch::TensorOptions().device(dev);
+    auto q = torch::randn({c.B, c.T, c.H, c.hd}, fopt), k = torch::randn({c.B, c.T, c.KV, c.hd}, fopt);
+    auto v = torch::randn({c.B, c.T, c.KV, c.hd}, fopt), w = torch::randn({c.B, c.T, c.H, c.hd}, fopt);
+    for (const auto dt : {torch::kBFloat16, torch::kHalf}) {
+      auto qr = q.to(dt), kr = k.to(dt), vr = v.to(dt), wr = w.to(dt);
+      const int64_t n0 = kernels::nsa_select_tc_launches();
+      const Result fma = run_slc(qr, kr, vr, idx, wr, o, dt, true, false);
+      const int64_t n1 = kernels::nsa_select_tc_launches();
+      const Result tc = run_slc(qr, kr, vr, idx, wr, o, dt, true, true);
+      const int64_t n2 = kernels::nsa_select_tc_launches();
+      EXPECT_EQ(n1 - n0, 0) << c.name << ": tensor cores ran with the switch off";
+      EXPECT_EQ(n2 - n1, 2) << c.name << ": tensor cores did not run with the switch on";
+      const char* names[4] = {"o", "dq", "dk", "dv"};
+      const Tensor* f[4] = {&fma.o, &fma.dq, &fma.dk, &fma.dv};
+      const Tensor* t[4] = {&tc.o, &tc.dq, &tc.dk, &tc.dv};
+      std::string line;
+      for (int i = 0; i < 4; ++i) {
+        const double e = max_err(*t[i], *f[i]), tol = tc_vs_fma_tol(dt, i);
+        char buf[96];
+        std::snprintf(buf, sizeof buf, "  %s %.2e (tol %.1e)", names[i], e, tol);
+        line += buf;
+        const bool ok = std::isfinite(e) && e <= tol;
+        if (!ok) ++failures;
+        EXPECT_TRUE(ok) << c.name << " " << c10::toString(dt) << " " << names[i] << ": |tc - fma| " << e << " > "
+                        << tol;
+      }
+      std::printf("[nsa slc tc] %-22s %s tc vs fma%s\n", c.name, c10::toString(dt), line.c_str());
+    }
+  }
+  std::printf("[nsa slc tc] %d failing comparisons\n", failures);
 }
 
 // The window branch through SDPA (CUDA) against the chunked LibTorch Function, forward and gradients; fp32
@@ -310,6 +406,59 @@ TEST(NsaSelectGpu, TimingPaperScale) {
                 o_f, o_fb, o_f / k_f, o_fb / k_fb, e);
     EXPECT_LT(e, 5e-2);
   }
+#endif
+}
+
+// Tensor-core kernels against the FMA kernels (the previous bf16 path), bf16, at the scale the 739 ms
+// measurement was taken: B=1, T=32768, H=64, KV=4 (G=16), hd=128, n=16, l'=64.
+TEST(NsaSelectGpu, TimingTensorCoresVsFmaKernels) {
+  ABLATE_REQUIRE_CUDA();
+#if ABLATE_WITH_CUDA
+  const torch::Device dev(torch::kCUDA);
+  torch::manual_seed(13);
+  const int64_t B = 1, T = 32768, H = 64, KV = 4, hd = 128;
+  auto o = slc_options(H, KV, hd, 64, 16);
+  auto idx = make_selection(B, T, o, dev);
+  auto bopt = torch::TensorOptions().device(dev).dtype(torch::kBFloat16);
+  auto q = torch::randn({B, T, H, hd}, bopt), k = torch::randn({B, T, KV, hd}, bopt);
+  auto v = torch::randn({B, T, KV, hd}, bopt), w = torch::randn({B, T, H, hd}, bopt);
+  auto ql = q.detach().requires_grad_(), kl = k.detach().requires_grad_(), vl = v.detach().requires_grad_();
+  Tensor out;
+  auto fwd = [&] {
+    torch::NoGradGuard ng;
+    out = nsa_selected_attention(q, k, v, idx, o);
+  };
+  auto fwd_bwd = [&] {
+    ql.mutable_grad() = Tensor();
+    kl.mutable_grad() = Tensor();
+    vl.mutable_grad() = Tensor();
+    nsa_selected_attention(ql, kl, vl, idx, o).backward(w);
+  };
+  KernelSwitch sw(true);
+  const double fwd_flop = 4.0 * B * T * H * 16 * 64 * hd;
+  double f_ms[2], fb_ms[2];
+  Tensor outs[2], dqs[2], dks[2];
+  for (int tc = 0; tc < 2; ++tc) {
+    TcSwitch ts(tc == 1);
+    const int64_t n0 = kernels::nsa_select_tc_launches();
+    f_ms[tc] = time_ms(fwd, 5, 1);
+    outs[tc] = out.clone();
+    fb_ms[tc] = time_ms(fwd_bwd, 5, 1);
+    dqs[tc] = ql.grad().clone();
+    dks[tc] = kl.grad().clone();
+    EXPECT_EQ(kernels::nsa_select_tc_launches() > n0, tc == 1);
+  }
+  std::printf("[nsa slc tc timing] B=1 T=32768 H=64 KV=4 hd=128 bf16 n=16 l'=64: fwd FMA %.2f ms, tensor cores %.2f ms "
+              "(%.1f TFLOP/s, %.1fx); fwd+bwd FMA %.2f ms, tensor cores %.2f ms (%.1fx)\n",
+              f_ms[0], f_ms[1], fwd_flop / (f_ms[1] * 1e9), f_ms[0] / f_ms[1], fb_ms[0], fb_ms[1],
+              fb_ms[0] / fb_ms[1]);
+  const double eo = max_err(outs[1].to(torch::kDouble), outs[0].to(torch::kDouble));
+  const double eq = max_err(dqs[1].to(torch::kDouble), dqs[0].to(torch::kDouble));
+  const double ek = max_err(dks[1].to(torch::kDouble), dks[0].to(torch::kDouble));
+  std::printf("[nsa slc tc timing]   |tc - fma| / max|fma|: o %.2e, dq %.2e, dk %.2e\n", eo, eq, ek);
+  EXPECT_LT(eo, tc_vs_fma_tol(torch::kBFloat16, 0));
+  EXPECT_LT(eq, tc_vs_fma_tol(torch::kBFloat16, 1));
+  EXPECT_LT(ek, tc_vs_fma_tol(torch::kBFloat16, 2));
 #endif
 }
 
