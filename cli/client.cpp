@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <cctype>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -45,20 +46,80 @@ std::string SlurpFile(const std::string& path) {
   ss << in.rdbuf();
   return ss.str();
 }
+
+ClientSecurity FromEnvironment() {
+  ClientSecurity s;
+  s.ca_file = EnvOr("ABLATE_CA");
+  s.server_name = EnvOr("ABLATE_TLS_SERVER_NAME");
+  s.token = EnvOr("ABLATE_TOKEN");
+  s.source = s.ca_file.empty() ? "none" : "environment";
+  return s;
+}
+
+std::mutex g_security_mu;
+std::unique_ptr<ClientSecurity> g_security;  // null: the environment's
+
+ClientSecurity Current() {
+  std::lock_guard<std::mutex> l(g_security_mu);
+  return g_security ? *g_security : FromEnvironment();
+}
 }  // namespace
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) {
+ClientSecurity ResolveClientSecurity(const std::string& address, const std::string& state_dir) {
+  ClientSecurity env = FromEnvironment();
+  if (env.tls()) return env;
+  const std::string path = state_dir + "/stack.json";
+  std::ifstream in(path);
+  if (!in) return env;
+  auto j = nlohmann::json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || j.value("scheduler", "") != address || !j.contains("tls") ||
+      !j["tls"].is_object()) {
+    return env;
+  }
+  const auto& t = j["tls"];
+  ClientSecurity s;
+  s.ca_file = t.value("ca", "");
+  s.server_name = t.value("server_name", "");
+  s.source = path;
+  if (!env.token.empty()) {
+    s.token = env.token;
+  } else if (std::string tf = t.value("token_file", ""); !tf.empty()) {
+    std::ifstream tin(tf);
+    std::getline(tin, s.token);
+    while (!s.token.empty() && std::isspace(static_cast<unsigned char>(s.token.back()))) s.token.pop_back();
+    if (s.token.empty()) s.warning = "cannot read the local stack's token file " + tf + " (named in " + path + ")";
+  }
+  return s;
+}
+
+void UseClientSecurity(const ClientSecurity& s) {
+  std::lock_guard<std::mutex> l(g_security_mu);
+  g_security = std::make_unique<ClientSecurity>(s);
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, const ClientSecurity& sec) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
   args.SetMaxSendMessageSize(64 << 20);  // the scheduler decides what is too large, and says so
-  // TLS when $ABLATE_CA names the CA of the scheduler's certificate (ablate up --tls writes it).
-  if (std::string ca = EnvOr("ABLATE_CA"); !ca.empty()) {
+  if (sec.tls()) {
     grpc::SslCredentialsOptions o;
-    o.pem_root_certs = SlurpFile(ca);
-    if (std::string sn = EnvOr("ABLATE_TLS_SERVER_NAME"); !sn.empty()) args.SetSslTargetNameOverride(sn);
+    o.pem_root_certs = SlurpFile(sec.ca_file);
+    if (!sec.server_name.empty()) args.SetSslTargetNameOverride(sec.server_name);
     return grpc::CreateCustomChannel(address, grpc::SslCredentials(o), args);
   }
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) { return MakeChannel(address, Current()); }
+
+std::shared_ptr<grpc::Channel> OpenSchedulerChannel(const std::string& flag, const std::string& state_dir,
+                                                    std::string* address) {
+  std::string source;
+  *address = ResolveSchedulerAddress(flag, state_dir, &source);
+  ClientSecurity sec = ResolveClientSecurity(*address, state_dir);
+  if (!sec.warning.empty()) std::cerr << "warning: " << sec.warning << "\n";
+  UseClientSecurity(sec);
+  return MakeChannel(*address, sec);
 }
 
 Health CheckHealth(const std::shared_ptr<grpc::Channel>& channel, std::chrono::milliseconds timeout,
@@ -105,7 +166,11 @@ int ReportRpcError(const std::string& what, const grpc::Status& status, const st
   switch (status.error_code()) {
     case grpc::StatusCode::UNAVAILABLE:
       std::cerr << "error: cannot reach the scheduler at " << address << " (" << status.error_message()
-                << "): is the stack up? try `ablate up`\n";
+                << "): is the stack up? try `ablate up`";
+      if (!Current().tls())
+        std::cerr << " (this call used plaintext: a scheduler with TLS, as `ablate up` starts it, needs $ABLATE_CA "
+                     "or the stack's --state_dir)";
+      std::cerr << "\n";
       return 1;
     case grpc::StatusCode::DEADLINE_EXCEEDED:
       std::cerr << "error: " << what << ": the scheduler at " << address
@@ -120,7 +185,8 @@ int ReportRpcError(const std::string& what, const grpc::Status& status, const st
       return 1;
     case grpc::StatusCode::UNAUTHENTICATED:
       std::cerr << "error: " << what << ": not authenticated (" << status.error_message()
-                << "): set $ABLATE_TOKEN (and $ABLATE_CA for TLS)\n";
+                << "): set $ABLATE_TOKEN (and $ABLATE_CA for TLS); for a stack started by `ablate up`, pass its "
+                   "--state_dir (the CLI then uses the stack's TLS settings and token)\n";
       return 1;
     case grpc::StatusCode::PERMISSION_DENIED:
       std::cerr << "error: " << what << ": permission denied: " << status.error_message() << "\n";
@@ -137,9 +203,8 @@ int ReportRpcError(const std::string& what, const grpc::Status& status, const st
 
 void AddAuth(grpc::ClientContext* ctx) {
   // A bearer token only ever travels over TLS.
-  if (std::string tok = EnvOr("ABLATE_TOKEN"); !tok.empty() && !EnvOr("ABLATE_CA").empty()) {
-    ctx->AddMetadata("authorization", "Bearer " + tok);
-  }
+  ClientSecurity s = Current();
+  if (s.tls() && !s.token.empty()) ctx->AddMetadata("authorization", "Bearer " + s.token);
 }
 
 std::unique_ptr<grpc::ClientContext> CallContext(std::chrono::milliseconds timeout) {

@@ -15,6 +15,29 @@ constexpr const char* kDefaultScheduler = "127.0.0.1:50051";
 // *source says which one won ("--scheduler", "ABLATE_SCHEDULER", "<path>", "default").
 std::string ResolveSchedulerAddress(const std::string& flag, const std::string& state_dir, std::string* source);
 
+// How the CLI secures its calls. TLS when ca_file is set; the bearer token is sent only then.
+struct ClientSecurity {
+  std::string ca_file;      // PEM CA of the scheduler certificate; empty: plaintext
+  std::string server_name;  // name expected in the scheduler certificate (empty: the host of the address)
+  std::string token;        // bearer token (never printed)
+  std::string source;       // where the settings came from, for messages: "environment", "<path>", "none"
+  std::string warning;      // e.g. an unreadable token file
+  bool tls() const { return !ca_file.empty(); }
+};
+
+// $ABLATE_CA ($ABLATE_TLS_SERVER_NAME, $ABLATE_TOKEN) when set. Else, when `address` is the scheduler of the local
+// stack in <state_dir>/stack.json and `ablate up` started it with TLS, that stack's "tls" settings: its CA, the
+// server name, and the token in its token file ($ABLATE_TOKEN, when set, replaces that token). Else plaintext.
+ClientSecurity ResolveClientSecurity(const std::string& address, const std::string& state_dir);
+// The settings MakeChannel(address) and AddAuth use from now on (default: the environment's).
+void UseClientSecurity(const ClientSecurity& s);
+
+// What every command does first: the address (ResolveSchedulerAddress), its security (ResolveClientSecurity,
+// made current; a warning goes to stderr), and the channel.
+std::shared_ptr<grpc::Channel> OpenSchedulerChannel(const std::string& flag, const std::string& state_dir,
+                                                    std::string* address);
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, const ClientSecurity& s);
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
 
 enum class Health { kServing, kNotServing, kUnreachable };
@@ -27,7 +50,7 @@ Health CheckHealth(const std::shared_ptr<grpc::Channel>& channel, std::chrono::m
 // message names the field), 1 otherwise; an unreachable scheduler gets the "is the stack up?" hint.
 int ReportRpcError(const std::string& what, const grpc::Status& status, const std::string& address);
 
-// Adds `authorization: Bearer $ABLATE_TOKEN` when TLS is on ($ABLATE_CA); never over plaintext.
+// Adds `authorization: Bearer <token>` of the current ClientSecurity when it uses TLS; never over plaintext.
 void AddAuth(grpc::ClientContext* ctx);
 // A deadline'd context for one unary call (with the bearer token, see AddAuth).
 std::unique_ptr<grpc::ClientContext> CallContext(std::chrono::milliseconds timeout = std::chrono::seconds(15));

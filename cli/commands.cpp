@@ -14,6 +14,7 @@
 
 #include "ablate/v1/ablate.grpc.pb.h"
 #include "cli/client.h"
+#include "cli/pki.h"
 
 namespace ablate::cli {
 namespace {
@@ -27,9 +28,7 @@ struct Session {
 
 Session Open(const Conn& c) {
   Session s;
-  std::string source;
-  s.address = ResolveSchedulerAddress(c.scheduler_flag, c.state_dir, &source);
-  s.stub = v1::SweepService::NewStub(MakeChannel(s.address));
+  s.stub = v1::SweepService::NewStub(OpenSchedulerChannel(c.scheduler_flag, c.state_dir, &s.address));
   return s;
 }
 
@@ -82,6 +81,9 @@ int Watch(Session& s, int64_t sweep_id, v1::SweepEvent* final) {
         reader->Finish();
         std::vector<v1::Job> jobs(ev.jobs().begin(), ev.jobs().end());
         if (!::isatty(STDOUT_FILENO)) std::cout << FormatJobs(jobs, false);
+        for (const auto& j : jobs)  // why each failed job failed (e.g. an unschedulable gang)
+          if (j.state() == v1::JOB_STATE_FAILED && !j.last_error().empty())
+            std::cout << "job " << j.id() << " failed: " << j.last_error() << "\n";
         return ev.sweep().state() == v1::SWEEP_STATE_SUCCEEDED ? 0 : 1;
       }
     }
@@ -298,56 +300,29 @@ int CmdScheduleRm(const Conn& c, int64_t id) {
   return 0;
 }
 
-// A local CA, the scheduler's server certificate (localhost, 127.0.0.1), one client certificate per worker (CN =
-// worker id) and a tokens file with a user and an admin token (mode 0600). Uses the openssl command line.
-int CmdCerts(const std::string& out, const std::vector<std::string>& workers) {
-  std::error_code ec;
-  std::filesystem::create_directories(out, ec);
-  if (ec) {
-    std::cerr << "error: cannot create " << out << ": " << ec.message() << "\n";
+int CmdCerts(const std::string& out, const std::vector<std::string>& workers,
+             const std::vector<std::string>& scheduler_names) {
+  PkiOptions o;
+  o.workers = workers;
+  o.scheduler_names = scheduler_names;
+  PkiReport rep;
+  std::string err;
+  if (!EnsurePki(out, o, &rep, &err)) {
+    std::cerr << "error: ablate certs: " << err << "\n";
     return 1;
   }
-  auto run = [&](const std::string& cmd) {
-    int rc = std::system((cmd + " >/dev/null 2>>" + out + "/openssl.log").c_str());
-    if (rc != 0) std::cerr << "error: openssl failed (" << cmd.substr(0, 80) << "...); see " << out << "/openssl.log\n";
-    return rc == 0;
+  auto join = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+    return s.empty() ? std::string("nothing") : s;
   };
-  const std::string d = "'" + out + "'";
-  auto leaf = [&](const std::string& name, const std::string& cn, const std::string& ext) {
-    return run("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout " + d + "/" + name +
-               "-key.pem -out " + d + "/" + name + ".csr -subj '/CN=" + cn + "'") &&
-           run("printf '%s\\n' '" + ext + "' > " + d + "/" + name + ".ext") &&
-           run("openssl x509 -req -in " + d + "/" + name + ".csr -CA " + d + "/ca.pem -CAkey " + d +
-               "/ca-key.pem -CAcreateserial -days 365 -sha256 -extfile " + d + "/" + name + ".ext -out " + d + "/" +
-               name + ".pem");
-  };
-  if (!std::filesystem::exists(out + "/ca.pem")) {
-    if (!run("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 -keyout " + d +
-             "/ca-key.pem -out " + d + "/ca.pem -subj '/CN=ablate-local-ca'")) {
-      return 1;
-    }
-  }
-  if (!leaf("scheduler", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")) return 1;
-  for (const auto& w : workers) {
-    if (!leaf(w, w, "extendedKeyUsage=clientAuth")) return 1;
-  }
-  auto token = [] {
-    std::ifstream r("/dev/urandom", std::ios::binary);
-    unsigned char b[24];
-    r.read(reinterpret_cast<char*>(b), sizeof b);
-    static const char* hex = "0123456789abcdef";
-    std::string t;
-    for (unsigned char x : b) t += std::string{hex[x >> 4], hex[x & 15]};
-    return t;
-  };
-  std::string user = token(), admin = token();
-  ::umask(077);
-  std::ofstream(out + "/user.token") << user << "\n";
-  std::ofstream(out + "/admin.token") << admin << "\n";
-  std::ofstream(out + "/tokens") << "# role name token (ablate-scheduler --tokens_file)\nuser local-user " << user
-                                 << "\nadmin local-admin " << admin << "\n";
-  std::cout << "wrote " << out << ": ca.pem, scheduler.pem/-key.pem, " << workers.size()
-            << " worker certificate(s), tokens, user.token, admin.token\n";
+  std::cout << "ablate certs: " << out << " (files 0600): made " << join(rep.made) << "; kept " << join(rep.kept)
+            << "\n"
+            << "  scheduler: --tls_cert " << out << "/scheduler.pem --tls_key " << out << "/scheduler-key.pem"
+            << " --tls_client_ca " << out << "/ca.pem --tokens_file " << out << "/tokens\n"
+            << "  worker W:  --tls_ca " << out << "/ca.pem and either --tls_cert " << out << "/W.pem --tls_key "
+            << out << "/W-key.pem or --token_file " << out << "/W.token\n"
+            << "  CLI:       ABLATE_CA=" << out << "/ca.pem ABLATE_TOKEN=$(cat " << out << "/user.token)\n";
   return 0;
 }
 

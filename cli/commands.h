@@ -23,7 +23,10 @@ int CmdExtend(const Conn& c, int64_t sweep_id, const std::string& file);
 int CmdScheduleAdd(const Conn& c, const std::string& cron, const std::string& name, const std::string& file);
 int CmdScheduleList(const Conn& c);
 int CmdScheduleRm(const Conn& c, int64_t id);
-int CmdCerts(const std::string& out, const std::vector<std::string>& workers);
+// Makes what is missing of the local PKI in `out` (cli/pki.h): CA, scheduler certificate, per-worker client
+// certificates and tokens, user/admin tokens, the scheduler's tokens file.
+int CmdCerts(const std::string& out, const std::vector<std::string>& workers,
+             const std::vector<std::string>& scheduler_names = {});
 
 struct UpOptions {
   std::string state_dir = ".ablate";
@@ -31,6 +34,7 @@ struct UpOptions {
   std::string data_root = "data";
   int lease_ttl_s = 15;
   std::string bin_dir;  // where ablate-scheduler/-worker/-train live; default: next to this executable
+  bool insecure = false;  // plaintext and no authentication (debugging); default: TLS with a local PKI in <state>/pki
 };
 int CmdUp(const UpOptions& o);
 int CmdDown(const std::string& state_dir);

@@ -134,6 +134,7 @@ std::string FailureClassName(v1::FailureClass c) {
     case v1::FAILURE_CLASS_HANG: return "hang";
     case v1::FAILURE_CLASS_INFRA: return "infra";
     case v1::FAILURE_CLASS_INVALID_CONFIG: return "invalid_config";
+    case v1::FAILURE_CLASS_UNSCHEDULABLE: return "unschedulable";
     default: return "";
   }
 }

@@ -11,7 +11,10 @@ int main(int argc, char** argv) {
   using namespace ablate::cli;
   CLI::App app{"ablate: run LLM ablation sweeps.\n"
                "Scheduler address: --scheduler, else $ABLATE_SCHEDULER, else <state_dir>/stack.json (written by "
-               "`ablate up`), else 127.0.0.1:50051."};
+               "`ablate up`), else 127.0.0.1:50051.\n"
+               "TLS: $ABLATE_CA (CA of the scheduler certificate; $ABLATE_TLS_SERVER_NAME, $ABLATE_TOKEN bearer "
+               "token), else, for the scheduler of <state_dir>/stack.json, that stack's CA and user token; else "
+               "plaintext (a token is never sent without TLS)."};
   app.require_subcommand(1);
   Conn conn;
   // Every subcommand takes these, so that `--help` of each one lists them.
@@ -26,7 +29,9 @@ int main(int argc, char** argv) {
   auto* up_cmd = app.add_subcommand(
       "up",
       "Start a local stack: private PostgreSQL in <state_dir>/pg (unix socket), ablate-scheduler, N ablate-worker "
-      "daemons (logs in <state_dir>/logs); prepares <data_root>/fortunes if missing; writes <state_dir>/stack.json. "
+      "daemons (logs in <state_dir>/logs), with TLS and authentication (certificates and tokens in "
+      "<state_dir>/pki; --insecure for plaintext); prepares <data_root>/fortunes if missing; writes "
+      "<state_dir>/stack.json, which the other commands read for the address and the TLS settings. "
       "Binaries are taken from the directory of this executable. Does nothing if the stack is already up.");
   up_cmd->add_option("--state_dir", up.state_dir, "State directory")->capture_default_str();
   up_cmd->add_option("--workers", up.workers, "Number of worker daemons")->capture_default_str()->check(
@@ -36,6 +41,10 @@ int main(int argc, char** argv) {
       CLI::PositiveNumber);
   up_cmd->add_option("--bin_dir", up.bin_dir, "Where ablate-scheduler/ablate-worker/ablate-train are (default: "
                                               "the directory of this executable)");
+  up_cmd->add_flag("--insecure", up.insecure,
+                   "Plaintext gRPC without authentication, for debugging (default: TLS; the first start makes a "
+                   "local CA, the scheduler's and the workers' certificates and tokens in <state_dir>/pki, files "
+                   "0600; the CLI finds them through <state_dir>/stack.json)");
   up_cmd->callback([&] { rc = CmdUp(up); });
 
   std::string down_state = ".ablate";
@@ -153,16 +162,26 @@ int main(int argc, char** argv) {
   add_conn(srm);
   srm->callback([&] { rc = CmdScheduleRm(conn, sched_id); });
 
-  std::string certs_out = ".ablate/pki", certs_workers;
-  auto* certs = app.add_subcommand("certs", "Make a local CA, a scheduler certificate, worker client certificates "
-                                            "(CN = worker id) and user/admin bearer tokens");
+  std::string certs_out = ".ablate/pki", certs_workers, certs_names;
+  auto* certs = app.add_subcommand(
+      "certs", "Make a local CA, the scheduler's certificate, per-worker client certificates (CN = worker id) and "
+               "bearer tokens (<worker>.token, user.token, admin.token), and the scheduler's --tokens_file (digests "
+               "only). Files are 0600; what exists and is still valid is kept (delete a file to re-issue it); keys "
+               "and tokens are never printed. `ablate up` does this by itself in <state_dir>/pki.");
   certs->add_option("--out", certs_out, "Directory")->capture_default_str();
   certs->add_option("--workers", certs_workers, "Comma list of worker ids");
+  certs->add_option("--scheduler_names", certs_names,
+                    "Comma list of extra DNS names / IP addresses for the scheduler certificate (always: localhost, "
+                    "127.0.0.1, ::1)");
   certs->callback([&] {
-    std::vector<std::string> ws;
-    std::stringstream ss(certs_workers);
-    for (std::string w; std::getline(ss, w, ',');) if (!w.empty()) ws.push_back(w);
-    rc = CmdCerts(certs_out, ws);
+    auto split = [](const std::string& s) {
+      std::vector<std::string> v;
+      std::stringstream ss(s);
+      for (std::string x; std::getline(ss, x, ',');)
+        if (!x.empty()) v.push_back(x);
+      return v;
+    };
+    rc = CmdCerts(certs_out, split(certs_workers), split(certs_names));
   });
 
   CLI11_PARSE(app, argc, argv);

@@ -322,9 +322,8 @@ std::string RenderReportHtml(const ReportData& d) {
 }
 
 int CmdReport(const Conn& c, int64_t sweep_id, const std::string& out) {
-  std::string source;
-  std::string address = ResolveSchedulerAddress(c.scheduler_flag, c.state_dir, &source);
-  auto stub = v1::SweepService::NewStub(MakeChannel(address));
+  std::string address;
+  auto stub = v1::SweepService::NewStub(OpenSchedulerChannel(c.scheduler_flag, c.state_dir, &address));
   ReportData d;
   {
     v1::GetSweepRequest req;

@@ -19,6 +19,7 @@
 
 #include "cli/client.h"
 #include "cli/commands.h"
+#include "cli/pki.h"
 
 namespace ablate::cli {
 namespace {
@@ -203,6 +204,23 @@ void StopRecorded(const nlohmann::json& st) {
     std::cout << "scheduler did not stop in time: killed\n";
 }
 
+// How `ablate up` itself reaches the stack it started: the "tls" object of its stack.json (no token needed for the
+// health check). Plaintext for a stack started with --insecure or by an older `ablate up`.
+ClientSecurity StackSecurity(const nlohmann::json& st) {
+  ClientSecurity s;
+  if (st.is_object() && st.contains("tls") && st["tls"].is_object()) {
+    s.ca_file = st["tls"].value("ca", "");
+    s.server_name = st["tls"].value("server_name", "");
+  }
+  return s;
+}
+
+std::string Join(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& x : v) out += (out.empty() ? "" : ", ") + x;
+  return out;
+}
+
 int Fail(const std::string& msg) {
   std::cerr << "ablate up: " << msg << "\n";
   return 1;
@@ -227,9 +245,14 @@ int CmdUp(const UpOptions& o) {
   if (old.is_object() && old.contains("scheduler_pid") && old["scheduler_pid"].is_number_integer() &&
       IsAlive(old["scheduler_pid"].get<pid_t>(), "ablate-scheduler")) {
     std::string herr;
-    if (CheckHealth(MakeChannel(old.value("scheduler", "")), 3s, &herr) == Health::kServing) {
-      std::cout << "stack already up: scheduler " << old.value("scheduler", "?") << ", metrics http://"
-                << old.value("metrics", "?") << "/metrics (state in " << state << "; `ablate down` stops it)\n";
+    const ClientSecurity old_sec = StackSecurity(old);
+    if (CheckHealth(MakeChannel(old.value("scheduler", ""), old_sec), 3s, &herr) == Health::kServing) {
+      std::cout << "stack already up: scheduler " << old.value("scheduler", "?") << " (TLS "
+                << (old_sec.tls() ? "on" : "off") << "), metrics http://" << old.value("metrics", "?")
+                << "/metrics (state in " << state << "; `ablate down` stops it)\n";
+      if (old_sec.tls() == o.insecure)
+        std::cout << "note: it runs with TLS " << (old_sec.tls() ? "on" : "off") << "; `ablate down` first to start "
+                  << "it with TLS " << (o.insecure ? "off" : "on") << "\n";
       return 0;
     }
   }
@@ -291,11 +314,36 @@ int CmdUp(const UpOptions& o) {
   if (RunLogged({sched_bin, "migrate", "--db", dsn}, logs + "/migrate.log") != 0)
     return Fail("ablate-scheduler migrate failed:\n" + Tail(logs + "/migrate.log"));
 
-  // 4. Scheduler on free ports; it prints "listening grpc=ADDR metrics=ADDR" on stdout.
+  // 4. TLS (unless --insecure): a local CA, the scheduler's certificate, a client certificate per worker and the
+  // people's tokens, made once in <state>/pki and kept (cli/pki.h); workers authenticate with their certificates,
+  // the CLI with the user token (stack.json names the files, never their content).
+  char host[256] = {0};
+  ::gethostname(host, sizeof host - 1);
+  std::vector<std::string> worker_ids;
+  for (int i = 0; i < o.workers; ++i) worker_ids.push_back(std::string(host) + "-w" + std::to_string(i));
+  const std::string pki = state + "/pki";
+  ClientSecurity sec;
+  nlohmann::json tls_json = nullptr;
+  std::vector<std::string> sched_argv = {sched_bin, "serve", "--db", dsn, "--listen", "127.0.0.1:0",
+                                         "--metrics_listen", "127.0.0.1:0", "--lease_ttl_s",
+                                         std::to_string(o.lease_ttl_s), "--max_attempts", "3"};
+  if (!o.insecure) {
+    PkiOptions po;
+    po.workers = worker_ids;
+    PkiReport rep;
+    if (!EnsurePki(pki, po, &rep, &err)) return Fail("cannot make the stack's certificates in " + pki + ": " + err);
+    if (!rep.made.empty()) std::cout << "TLS: made " << Join(rep.made) << " in " << pki << " (files 0600)\n";
+    sched_argv.insert(sched_argv.end(), {"--tls_cert", pki + "/scheduler.pem", "--tls_key", pki + "/scheduler-key.pem",
+                                         "--tls_client_ca", pki + "/ca.pem", "--tokens_file", pki + "/tokens"});
+    sec.ca_file = pki + "/ca.pem";
+    sec.server_name = "localhost";
+    tls_json = {{"ca", sec.ca_file}, {"server_name", sec.server_name}, {"token_file", pki + "/user.token"},
+                {"pki", pki}};
+  }
+
+  // 5. Scheduler on free ports; it prints "listening grpc=ADDR metrics=ADDR" on stdout.
   const std::string sched_out = logs + "/scheduler.out", sched_log = logs + "/scheduler.log";
-  pid_t sched = StartDaemon({sched_bin, "serve", "--db", dsn, "--listen", "127.0.0.1:0", "--metrics_listen",
-                             "127.0.0.1:0", "--lease_ttl_s", std::to_string(o.lease_ttl_s), "--max_attempts", "3"},
-                            sched_out, sched_log);
+  pid_t sched = StartDaemon(sched_argv, sched_out, sched_log);
   if (sched < 0) return Fail("cannot start " + sched_bin);
   std::string grpc_addr, metrics_addr;
   static const std::regex re(R"(listening grpc=(\S+) metrics=(\S+))");
@@ -314,7 +362,7 @@ int CmdUp(const UpOptions& o) {
   }
   Health h = Health::kUnreachable;
   for (auto deadline = std::chrono::steady_clock::now() + 30s; std::chrono::steady_clock::now() < deadline;) {
-    h = CheckHealth(MakeChannel(grpc_addr), 2s, &err);
+    h = CheckHealth(MakeChannel(grpc_addr, sec), 2s, &err);
     if (h == Health::kServing || !IsAlive(sched, "ablate-scheduler")) break;
     std::this_thread::sleep_for(200ms);
   }
@@ -323,16 +371,17 @@ int CmdUp(const UpOptions& o) {
     return Fail("the scheduler at " + grpc_addr + " is not SERVING (" + err + "):\n" + Tail(sched_log));
   }
 
-  // 5. Workers.
-  char host[256] = {0};
-  ::gethostname(host, sizeof host - 1);
+  // 6. Workers.
   nlohmann::json worker_pids = nlohmann::json::array();
   for (int i = 0; i < o.workers; ++i) {
     std::string wlog = logs + "/worker-" + std::to_string(i) + ".log";
-    pid_t w = StartDaemon({worker_bin, "--scheduler", grpc_addr, "--worker_id",
-                           std::string(host) + "-w" + std::to_string(i), "--train_bin", train_bin, "--data_root",
-                           data_root, "--work_dir", state + "/work"},
-                          wlog, wlog);
+    const std::string& id = worker_ids[i];
+    std::vector<std::string> argv = {worker_bin, "--scheduler", grpc_addr, "--worker_id", id, "--train_bin",
+                                     train_bin, "--data_root", data_root, "--work_dir", state + "/work"};
+    if (sec.tls())
+      argv.insert(argv.end(), {"--tls_ca", sec.ca_file, "--tls_cert", pki + "/" + id + ".pem", "--tls_key",
+                               pki + "/" + id + "-key.pem", "--tls_server_name", sec.server_name});
+    pid_t w = StartDaemon(argv, wlog, wlog);
     if (w < 0) return Fail("cannot start " + worker_bin);
     worker_pids.push_back(w);
   }
@@ -345,6 +394,7 @@ int CmdUp(const UpOptions& o) {
                        {"state_dir", state},
                        {"data_root", data_root},
                        {"bin_dir", bin_dir},
+                       {"tls", tls_json},
                        {"started_unix_ms", std::chrono::duration_cast<std::chrono::milliseconds>(
                                                std::chrono::system_clock::now().time_since_epoch())
                                                .count()}};
@@ -359,8 +409,14 @@ int CmdUp(const UpOptions& o) {
       std::cerr << "warning: worker pid " << p << " exited at once; see " << logs << "/worker-*.log\n";
   std::cout << "stack up: scheduler " << grpc_addr << " (pid " << sched << "), metrics http://" << metrics_addr
             << "/metrics, " << o.workers << " worker(s)\n"
-            << "  state " << state << ", logs " << logs << ", db " << dsn << "\n"
-            << "  next: ablate submit examples/demo-sweep.yaml --wait\n";
+            << "  state " << state << ", logs " << logs << ", db " << dsn << "\n";
+  if (sec.tls())
+    std::cout << "  TLS on: CA and certificates in " << pki << "; workers use client certificates; `ablate` "
+              << "commands with --state_dir " << o.state_dir << " use the CA and the user token by themselves\n";
+  else
+    std::cout << "  TLS OFF (--insecure): plaintext, no authentication; anyone who can connect to " << grpc_addr
+              << " can submit, cancel and lease jobs\n";
+  std::cout << "  next: ablate submit examples/demo-sweep.yaml --wait\n";
   return 0;
 }
 

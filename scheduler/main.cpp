@@ -52,6 +52,10 @@ int main(int argc, char** argv) {
                     "a multi-rank job whose gang is not complete this long releases its pending slots and waits as "
                     "long before forming again")
       ->envname("ABLATE_GANG_FORM_TIMEOUT_S")->check(CLI::PositiveNumber)->capture_default_str();
+  serve->add_option("--gang_unformable_after", cfg.gang_unformable_after,
+                    "a multi-rank job fails (class unschedulable) after this many formation deadlines in a row at "
+                    "which fewer live workers that fit it were registered than it has ranks; 0: retry forever")
+      ->envname("ABLATE_GANG_UNFORMABLE_AFTER")->check(CLI::NonNegativeNumber)->capture_default_str();
   serve->add_option("--retry_policy", cfg.retry_policy,
                     "retries per failure class, e.g. crash=2,hang=2,infra=5,oom=0,diverged=0 (defaults shown)")
       ->envname("ABLATE_RETRY_POLICY");

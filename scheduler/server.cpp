@@ -115,6 +115,7 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
   s->auth_ = std::move(*auth);
   auto pg_store = std::make_unique<pg::PgJobStore>(config.db_dsn, config.db_pool_size);
   pg_store->set_gang_form_timeout_s(config.gang_form_timeout_s);
+  pg_store->set_gang_unformable_after(config.gang_unformable_after);
   s->store_ = std::move(pg_store);
   s->metrics_ = std::make_unique<metrics::SchedulerMetrics>(&s->registry_);
   s->ctx_ = rpc::ServiceContext{s->store_.get(), s->metrics_.get(), config.lease_ttl_s, config.max_attempts,

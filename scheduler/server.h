@@ -35,6 +35,8 @@ struct SchedulerConfig {
   int heartbeat_interval_ms = 0;                   // 0: lease TTL / 6 (six heartbeats may be lost)
   int progress_timeout_s = 600;                    // hang detection: no new step for this long
   int gang_form_timeout_s = 120;                   // a gang incomplete this long releases its slots (and waits)
+  int gang_unformable_after = 3;                   // ... and fails (unschedulable) after this many such deadlines in
+                                                   // a row with too few live workers that fit it; 0: never
   int max_stream_s = 600;                          // streaming calls end after this (clients reconnect)
   std::string retry_policy;                        // "crash=2,hang=2,infra=5,oom=0,diverged=0" overrides
   int retry_backoff_ms = 10000;

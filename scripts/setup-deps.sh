@@ -57,3 +57,33 @@ if ! .venv/bin/python -c "import yaml, jsonschema, kubernetes_validate" 2>/dev/n
 else
   echo "setup-deps: deploy check tools present"
 fi
+
+# CUDA toolkit (nvcc, cudart, nvrtc, NCCL...; no GPU needed). The torch wheel's CMake config (Caffe2Config.cmake)
+# is a CUDA 13.0 build: it stops with "Your installed Caffe2 version uses CUDA but I cannot find the CUDA libraries"
+# without the toolkit, even for the CPU build; and the ctest cuda_build compiles the CUDA build with its nvcc (it is
+# skipped when there is none). Not installed here: NVIDIA's packages come from NVIDIA's own apt repository.
+torch_has_cuda=0
+if [ -n "${LIBTORCH_DIR:-}" ]; then
+  ls "$LIBTORCH_DIR"/lib/libtorch_cuda.so >/dev/null 2>&1 && torch_has_cuda=1
+elif .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+  torch_has_cuda=1
+fi
+nvcc_found=""
+for c in "${CUDACXX:-}" "${CUDA_HOME:+$CUDA_HOME/bin/nvcc}" /usr/local/cuda/bin/nvcc "$(command -v nvcc || true)"; do
+  if [ -n "$c" ] && [ -x "$c" ]; then nvcc_found=$c; break; fi
+done
+if [ -n "$nvcc_found" ]; then
+  echo "setup-deps: CUDA toolkit present ($nvcc_found)"
+elif [ "$torch_has_cuda" = 1 ]; then
+  cat >&2 <<'MSG'
+setup-deps: WARNING: no CUDA toolkit (no nvcc in $CUDACXX, $CUDA_HOME/bin, /usr/local/cuda/bin or PATH).
+  LibTorch 2.11.0+cu130's CMake config needs CUDA 13.0 (nvcc, cudart, nvrtc, nvtx, cuBLAS/cuFFT/cuRAND/cuSOLVER/
+  cuSPARSE) even for the CPU build, and the ctest cuda_build needs it and NCCL. On Debian 12, as root:
+    curl -fsSLO https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb
+    dpkg -i cuda-keyring_1.1-1_all.deb && apt-get update
+    apt-get install -y cuda-toolkit-13-0 libnccl-dev    # installs to /usr/local/cuda
+  or point LIBTORCH_DIR at a CPU-only LibTorch (the CUDA build check is then skipped).
+MSG
+else
+  echo "setup-deps: no CUDA toolkit and a CPU-only LibTorch: the CUDA build check (ctest cuda_build) will be skipped"
+fi

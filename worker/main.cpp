@@ -8,6 +8,7 @@
 #include <sstream>
 #include <thread>
 
+#include "worker/credentials.h"
 #include "worker/metrics.h"
 #include "worker/util.h"
 #include "worker/worker.h"
@@ -70,7 +71,7 @@ int main(int argc, char** argv) {
   app.add_option("--kill_grace_ms", kill_grace_ms, "SIGTERM -> SIGKILL grace when stopping a child")
       ->capture_default_str();
   int drain_ms = 60000, progress_ms = 0, startup_ms = 30000, outage_ms = 600000, fail_backoff_ms = 60000;
-  std::string tls_ca, tls_cert, tls_key, tls_server_name;
+  SchedulerConnection conn;
   app.add_option("--drain_grace_ms", drain_ms, "SIGTERM -> SIGKILL grace for the child when the worker is drained")
       ->capture_default_str();
   app.add_option("--progress_timeout_ms", progress_ms,
@@ -85,11 +86,21 @@ int main(int argc, char** argv) {
   app.add_option("--failure_backoff_max_ms", fail_backoff_ms, "Cap of the backoff after consecutive failed attempts")
       ->capture_default_str();
   app.add_option("--gpus", opts.gpus_override, "Advertise these GPUs instead of nvidia-smi's: COUNTxMEMG[:CC], e.g. 2x80G:9.0");
-  app.add_option("--tls_ca", tls_ca, "PEM CA that signed the scheduler's certificate (enables TLS)")->envname("ABLATE_TLS_CA");
-  app.add_option("--tls_cert", tls_cert, "PEM client certificate of this worker (mTLS; its CN must be --worker_id)")
+  app.add_option("--tls_ca", conn.tls_ca, "PEM CA that signed the scheduler's certificate (enables TLS)")
+      ->envname("ABLATE_TLS_CA");
+  app.add_option("--tls_cert", conn.tls_cert, "PEM client certificate of this worker (mTLS; its CN must be --worker_id)")
       ->envname("ABLATE_TLS_CERT");
-  app.add_option("--tls_key", tls_key, "PEM private key of --tls_cert")->envname("ABLATE_TLS_KEY");
-  app.add_option("--tls_server_name", tls_server_name, "Expected name in the scheduler's certificate (default: host)");
+  app.add_option("--tls_key", conn.tls_key, "PEM private key of --tls_cert")->envname("ABLATE_TLS_KEY");
+  app.add_option("--tls_server_name", conn.tls_server_name,
+                 "Expected name in the scheduler's certificate (default: host)");
+  app.add_option("--token_file", conn.token_file,
+                 "File with this worker's bearer token (`ablate certs` writes <worker id>.token; the scheduler's "
+                 "--tokens_file maps it to the worker id, which must be --worker_id). Read once at start, sent on "
+                 "every RPC, never logged; needs --tls_ca")
+      ->envname("ABLATE_WORKER_TOKEN_FILE");
+  app.add_flag("--allow_insecure_token", conn.allow_insecure_token,
+               "Send --token_file's token without TLS too (only behind a TLS-terminating proxy: anyone on the path "
+               "can read it)");
   CLI11_PARSE(app, argc, argv);
   opts.drain_grace = std::chrono::milliseconds(drain_ms);
   opts.progress_timeout = std::chrono::milliseconds(progress_ms);
@@ -143,41 +154,21 @@ int main(int argc, char** argv) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
-  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
-  if (!tls_ca.empty()) {
-    auto slurp = [](const std::string& path, std::string* out) {
-      std::ifstream in(path);
-      if (!in) return false;
-      std::stringstream ss;
-      ss << in.rdbuf();
-      *out = ss.str();
-      return true;
-    };
-    grpc::SslCredentialsOptions so;
-    if (!slurp(tls_ca, &so.pem_root_certs)) {
-      Log("error: --tls_ca ", tls_ca, ": cannot read");
-      return 1;
-    }
-    if (!tls_cert.empty() && (!slurp(tls_cert, &so.pem_cert_chain) || !slurp(tls_key, &so.pem_private_key))) {
-      Log("error: --tls_cert/--tls_key: cannot read");
-      return 1;
-    }
-    creds = grpc::SslCredentials(so);
-    if (!tls_server_name.empty()) args.SetSslTargetNameOverride(tls_server_name);
-  } else if (!tls_cert.empty()) {
-    Log("error: --tls_cert needs --tls_ca");
-    return 1;
-  }
-  // Several replicas: "10.0.0.1:50051,10.0.0.2:50051" -> one channel that fails over (pick_first).
-  std::string target = scheduler;
-  if (target.find(',') != std::string::npos && target.find(':') != std::string::npos &&
-      target.rfind("ipv4:", 0) != 0 && target.rfind("dns:", 0) != 0) {
-    target = "ipv4:" + target;
-  }
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
-  auto channel = grpc::CreateCustomChannel(target, creds, args);
-  Log("starting ", opts.worker_id, ": scheduler=", scheduler, " train_bin=", opts.train_bin,
+  // Several replicas: "10.0.0.1:50051,10.0.0.2:50051" -> one channel that fails over (pick_first).
+  conn.target = scheduler;
+  if (conn.target.find(',') != std::string::npos && conn.target.find(':') != std::string::npos &&
+      conn.target.rfind("ipv4:", 0) != 0 && conn.target.rfind("dns:", 0) != 0) {
+    conn.target = "ipv4:" + conn.target;
+  }
+  std::string auth, err;
+  auto channel = BuildSchedulerChannel(conn, args, &auth, &err);
+  if (!channel) {
+    Log("error: ", err);
+    return 2;
+  }
+  Log("starting ", opts.worker_id, ": scheduler=", scheduler, " auth=", auth, " train_bin=", opts.train_bin,
       " data_root=", opts.data_root, " work_dir=", opts.work_dir);
   Worker worker(opts, channel, &metrics, &stop);
   int rc = worker.Run();

@@ -33,7 +33,7 @@ std::string WorkerMetrics::Render() const {
   one("ablate_worker_metric_points_sent_total", "counter", "Metric points written to the scheduler stream.",
       points_sent.load());
   one("ablate_worker_metric_points_dropped_total", "counter",
-      "Metric points dropped (queue full, or undeliverable at job end).", points_dropped.load());
+      "Metric points dropped (over the spill cap, lease lost, or refused by the scheduler).", points_dropped.load());
   one("ablate_worker_malformed_event_lines_total", "counter", "Lines on the events pipe that were not valid events.",
       malformed_event_lines.load());
   one("ablate_worker_self_fences_total", "counter",

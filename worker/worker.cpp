@@ -1,11 +1,13 @@
 #include "worker/worker.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
@@ -83,54 +85,224 @@ grpc::Status SendPoints(v1::WorkerService::Stub* stub, const WorkerOptions& o, c
   return s;
 }
 
-// After a restart: deliver what earlier runs of this worker spilled, with the attempt's lease (accepted while that
-// lease is still current; fenced once the job moved on, then the points are counted as dropped). Left in place
-// when the scheduler cannot be reached (tried again at the next start).
-void ReplaySpills(v1::WorkerService::Stub* stub, const WorkerOptions& o, WorkerMetrics* metrics, Stopper* stop) {
+// Errors that no retry can change (the request itself is refused): the undeliverable data is dropped and counted
+// instead of holding it (and the worker) forever.
+bool IsPermanentRejection(const grpc::Status& s) {
+  switch (s.error_code()) {
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::PERMISSION_DENIED:
+    case grpc::StatusCode::UNAUTHENTICATED:
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// A finished attempt's completion is stored next to its spill (complete.pb, a CompleteJobRequest) until the
+// scheduler accepts it, so that neither a long outage nor a worker restart loses the report or the points before it.
+constexpr const char* kCompletionFile = "complete.pb";
+
+// Writes dir/name through a temporary file, fsync and rename (and fsyncs the directory).
+bool WriteFileDurably(const std::string& dir, const std::string& name, const std::string& bytes) {
+  const std::string tmp = dir + "/." + name + ".tmp", path = dir + "/" + name;
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return false;
+  bool ok = ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()) && ::fsync(fd) == 0;
+  ::close(fd);
+  if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    ::unlink(tmp.c_str());
+    return false;
+  }
+  if (int d = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); d >= 0) {
+    ::fsync(d);
+    ::close(d);
+  }
+  return true;
+}
+
+bool ReadFileBytes(const std::string& path, std::string* out) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return false;
+  out->assign((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  return true;
+}
+
+grpc::Status HeartbeatOnce(v1::WorkerService::Stub* stub, const WorkerOptions& o, const v1::Lease& lease,
+                           int64_t step) {
+  v1::HeartbeatRequest req;
+  req.set_worker_id(o.worker_id);
+  *req.mutable_lease() = lease;
+  req.set_step(step);
+  v1::HeartbeatResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::min<std::chrono::milliseconds>(o.rpc_timeout, 5s));
+  return stub->Heartbeat(&ctx, req, &resp);
+}
+
+enum class Delivery { kDone, kFenced, kRejected, kKept };
+
+// Sleeps d; once the worker is stopping, still sleeps (the caller bounds its own retries then).
+void PauseFor(Stopper* stop, std::chrono::milliseconds d) {
+  if (stop->stopped() || !stop->SleepFor(d)) std::this_thread::sleep_for(std::min<std::chrono::milliseconds>(d, 200ms));
+}
+
+// Sends a finished attempt's completion. While the scheduler (or its database) does not answer it renews the lease
+// between tries (nobody can take the lease while the database is down; once it is back this keeps it ours) and
+// retries: until accepted or fenced, or max_failures tries in a row (0: no limit), or `after_stop` past a stop.
+Delivery DeliverCompletion(v1::WorkerService::Stub* stub, const WorkerOptions& o, WorkerMetrics* metrics,
+                           Stopper* stop, const v1::CompleteJobRequest& req, std::chrono::milliseconds hb_interval,
+                           int max_failures, std::chrono::milliseconds after_stop) {
+  const v1::Lease& lease = req.lease();
+  std::optional<Clock::time_point> stopped_at;
+  for (int failures = 0;;) {
+    v1::CompleteJobResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + o.rpc_timeout);
+    grpc::Status s = stub->CompleteJob(&ctx, req, &resp);
+    if (s.ok()) {
+      Log("job ", lease.job_id(), " attempt ", lease.attempt(), " completed: ", OutcomeLabel(req.outcome()),
+          req.failure_class() != v1::FAILURE_CLASS_UNSPECIFIED ? " (" + v1::FailureClass_Name(req.failure_class()) + ")"
+                                                               : std::string(),
+          " -> job state ", v1::JobState_Name(resp.state()));
+      metrics->JobFinished(OutcomeLabel(req.outcome()));
+      return Delivery::kDone;
+    }
+    if (IsFenced(s)) {
+      Log("job ", lease.job_id(), " attempt ", lease.attempt(), ": completion rejected, lease lost (",
+          s.error_message(), ")");
+      metrics->JobFinished("lease_lost");
+      return Delivery::kFenced;
+    }
+    if (IsPermanentRejection(s)) {
+      Log("job ", lease.job_id(), " attempt ", lease.attempt(), ": completion refused: ", Describe(s));
+      metrics->JobFinished("unreported");
+      return Delivery::kRejected;
+    }
+    ++failures;
+    if (failures == 1 || failures % 10 == 0)
+      Log("job ", lease.job_id(), " attempt ", lease.attempt(), ": CompleteJob failed: ", Describe(s),
+          "; keeping the lease and the report, retrying");
+    if (max_failures > 0 && failures >= max_failures) return Delivery::kKept;
+    if (stop->stopped()) {
+      if (!stopped_at) stopped_at = Clock::now();
+      if (Clock::now() - *stopped_at >= after_stop) return Delivery::kKept;
+    }
+    grpc::Status h = HeartbeatOnce(stub, o, lease, -1);
+    if (IsFenced(h)) {
+      Log("job ", lease.job_id(), " attempt ", lease.attempt(), ": lease lost while reporting (", h.error_message(),
+          ")");
+      metrics->JobFinished("lease_lost");
+      return Delivery::kFenced;
+    }
+    PauseFor(stop, Backoff(failures, 200ms, std::max<std::chrono::milliseconds>(hb_interval, 200ms)));
+  }
+}
+
+// What ReplaySpills left on disk because the scheduler could not be reached.
+struct Leftovers {
+  int kept = 0;           // attempt directories kept
+  int kept_finished = 0;  // of them, finished attempts whose completion is still to be delivered
+};
+
+// Delivers what earlier runs of this worker (or an earlier try of this run) left under its spill root: each attempt
+// directory's points in order with that attempt's lease, then, for a finished attempt (complete.pb), its completion,
+// renewing the lease meanwhile so that it stays ours while the backlog drains. Accepted while the lease is current;
+// fenced once the job moved on (the points are then counted as dropped and the report discarded: the scheduler owns
+// the job). Kept on disk when the scheduler cannot be reached (max_failures failed tries in a row) or we stop.
+Leftovers ReplaySpills(v1::WorkerService::Stub* stub, const WorkerOptions& o, WorkerMetrics* metrics, Stopper* stop,
+                       std::chrono::milliseconds hb_interval, int max_failures) {
+  Leftovers out;
   const std::string root = SpillRoot(o);
   std::error_code ec;
-  if (root.empty() || !std::filesystem::is_directory(root, ec)) return;
-  for (const auto& e : std::filesystem::directory_iterator(root, ec)) {
-    if (stop->stopped()) return;
-    const std::string dir = e.path().string();
+  if (root.empty() || !std::filesystem::is_directory(root, ec)) return out;
+  std::vector<std::string> dirs;
+  for (const auto& e : std::filesystem::directory_iterator(root, ec)) dirs.push_back(e.path().string());
+  std::sort(dirs.begin(), dirs.end());
+  for (const std::string& dir : dirs) {
+    if (stop->stopped()) {
+      ++out.kept;
+      if (std::filesystem::exists(dir + "/" + kCompletionFile, ec)) ++out.kept_finished;
+      continue;
+    }
     v1::Lease lease;
-    std::ifstream lf(dir + "/lease.pb", std::ios::binary);
-    std::string raw((std::istreambuf_iterator<char>(lf)), std::istreambuf_iterator<char>());
+    std::string raw;
     MetricSpill spill(dir, SpillOptions(o));
-    if (!lease.ParseFromString(raw) || lease.job_id() == 0) {
+    if (!ReadFileBytes(dir + "/lease.pb", &raw) || !lease.ParseFromString(raw) || lease.job_id() == 0) {
       Log("metric spill ", dir, ": no readable lease; dropping ", spill.pending(), " points");
       metrics->points_dropped += static_cast<int64_t>(spill.pending());
       spill.Remove();
       continue;
     }
-    Log("metric spill ", dir, ": replaying ", spill.pending(), " points of job ", lease.job_id(), " attempt ",
-        lease.attempt(), spill.torn_tails() > 0 ? " (a torn tail was cut off)" : "");
-    bool fenced = false;
-    int failures = 0;
-    while (spill.pending() > 0 && !stop->stopped()) {
-      auto batch = spill.Peek(4000);
-      if (batch.empty()) break;
-      grpc::Status s = SendPoints(stub, o, lease, batch, 500);
-      if (s.ok()) {
-        spill.Ack(batch.size());
-        metrics->points_sent += static_cast<int64_t>(batch.size());
-        failures = 0;
-      } else if (IsFenced(s)) {
-        fenced = true;
-        break;
-      } else if (++failures > 5) {
-        Log("metric spill ", dir, ": scheduler unreachable (", Describe(s), "); keeping it for the next start");
-        break;
-      } else {
-        std::this_thread::sleep_for(Backoff(failures, 200ms, 5000ms));
-      }
+    v1::CompleteJobRequest report;
+    const bool finished = ReadFileBytes(dir + "/" + kCompletionFile, &raw) && report.ParseFromString(raw) &&
+                          report.lease().job_id() == lease.job_id() && report.lease().attempt() == lease.attempt();
+    if (spill.pending() == 0 && !finished) {
+      spill.Remove();
+      continue;
     }
-    if (fenced && spill.pending() > 0) {
-      Log("metric spill ", dir, ": lease no longer current; dropping ", spill.pending(), " points");
+    Log("metric spill ", dir, ": replaying ", spill.pending(), " points of job ", lease.job_id(), " attempt ",
+        lease.attempt(), finished ? " and its completion (" + OutcomeLabel(report.outcome()) + ")" : std::string(),
+        spill.torn_tails() > 0 ? " (a torn tail was cut off)" : "");
+    Delivery d = Delivery::kDone;
+    int failures = 0;
+    std::optional<Clock::time_point> renewed;
+    while (spill.pending() > 0) {
+      if (stop->stopped()) {
+        d = Delivery::kKept;
+        break;
+      }
+      grpc::Status s;
+      if (finished && (!renewed || Clock::now() - *renewed >= hb_interval)) {
+        // A finished attempt has no heartbeater any more: renew its lease while its backlog is delivered.
+        s = HeartbeatOnce(stub, o, lease, -1);
+        if (s.ok()) renewed = Clock::now();
+      }
+      if (!IsFenced(s)) {
+        auto batch = spill.Peek(4000);
+        if (batch.empty()) break;
+        s = SendPoints(stub, o, lease, batch, 500);
+        if (s.ok()) {
+          spill.Ack(batch.size());
+          metrics->points_sent += static_cast<int64_t>(batch.size());
+          failures = 0;
+          continue;
+        }
+      }
+      if (IsFenced(s)) {
+        d = Delivery::kFenced;
+        break;
+      }
+      if (IsPermanentRejection(s)) {
+        Log("metric spill ", dir, ": points refused (", Describe(s), ")");
+        d = Delivery::kRejected;
+        break;
+      }
+      if (++failures >= max_failures) {
+        Log("metric spill ", dir, ": scheduler unreachable (", Describe(s), "); keeping it");
+        d = Delivery::kKept;
+        break;
+      }
+      PauseFor(stop, Backoff(failures, 200ms, 5000ms));
+    }
+    if (d == Delivery::kDone && finished) {
+      d = DeliverCompletion(stub, o, metrics, stop, report, hb_interval, max_failures, 0ms);
+      if (d == Delivery::kKept) Log("metric spill ", dir, ": completion not delivered yet; keeping it");
+    }
+    if (d == Delivery::kKept) {
+      ++out.kept;
+      if (finished) ++out.kept_finished;
+      continue;
+    }
+    if (spill.pending() > 0) {
+      Log("metric spill ", dir, d == Delivery::kFenced ? ": lease no longer current" : ": refused", "; dropping ",
+          spill.pending(), " points");
       metrics->points_dropped += static_cast<int64_t>(spill.pending());
     }
-    if (fenced || spill.pending() == 0) spill.Remove();
+    if (d == Delivery::kFenced && finished) Log("metric spill ", dir, ": the completion was not accepted (lease lost)");
+    spill.Remove();
   }
+  return out;
 }
 
 // Shared state of one running attempt. Threads: the supervising (job) thread, the event pump, the metric
@@ -145,7 +317,9 @@ struct JobRun {
   std::deque<CheckpointEvent> checkpoints;
   std::optional<FinishedEvent> finished;
   bool events_closed = false;         // the pump saw EOF
-  bool child_exited = false;          // heartbeater stops
+  bool child_exited = false;          // the supervising loop is over (the sender delivers what is left)
+  bool stop_heartbeats = false;       // the attempt is being reported: the heartbeater stops
+  bool kept = false;                  // the sender left undelivered points on disk for the next start (stopping)
   std::atomic<int64_t> latest_step{-1};
   std::atomic<bool> lease_lost{false};
   std::atomic<bool> self_fenced{false};
@@ -270,7 +444,12 @@ bool Worker::Register() {
     }
     if (stop_->stopped()) break;
     // Anything but UNAVAILABLE is unexpected; keep trying slowly rather than exit (the daemon outlives hiccups).
-    Log("RegisterWorker failed: ", Describe(s), "; retrying");
+    if (s.error_code() == grpc::StatusCode::UNAUTHENTICATED || s.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
+      Log("RegisterWorker refused: ", Describe(s), " (check --token_file or --tls_cert/--tls_key, and that "
+          "--worker_id is the identity they were issued for); retrying");
+    } else {
+      Log("RegisterWorker failed: ", Describe(s), "; retrying");
+    }
     stop_->SleepFor(Backoff(attempt, 1000ms, 30000ms));
   }
   return false;
@@ -278,11 +457,25 @@ bool Worker::Register() {
 
 int Worker::Run() {
   if (!Register()) return 0;
-  ReplaySpills(stub_.get(), opts_, metrics_, stop_);
+  Leftovers left = ReplaySpills(stub_.get(), opts_, metrics_, stop_, heartbeat_interval_, 5);
   int64_t jobs_done = 0;
   int poll_attempt = 0;
   int consecutive_failures = 0;
+  int held_polls = 0;
   while (!stop_->stopped()) {
+    if (left.kept > 0) {
+      // Attempts of an earlier run that could not be delivered yet: try again before asking for work.
+      left = ReplaySpills(stub_.get(), opts_, metrics_, stop_, heartbeat_interval_, 1);
+      if (left.kept_finished > 0) {
+        // A finished attempt still waits for the scheduler to take its points and its report. No new work
+        // meanwhile: its lease would go unrenewed (and the scheduler is not answering anyway).
+        if (held_polls++ % 20 == 0)
+          Log(left.kept_finished, " finished attempt(s) not yet delivered; not leasing until they are");
+        stop_->SleepFor(Backoff(std::min(held_polls, 4), 500ms, std::max<std::chrono::milliseconds>(heartbeat_interval_, 500ms)));
+        continue;
+      }
+      held_polls = 0;
+    }
     v1::LeaseJobRequest req;
     req.set_worker_id(opts_.worker_id);
     *req.mutable_free() = resources_;  // one job at a time: all of it is free when we ask
@@ -577,9 +770,13 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   // Metric and checkpoint sender. Each flush is one short client stream that ends with the scheduler's ack, so
   // a batch is only acknowledged in the spill (and its log truncated) once it is stored; a failed flush leaves it
   // there (fsync'ed) and is retried (the scheduler stores points idempotently, keyed (job, name, step)).
-  // Checkpoints go after the metrics of their step.
+  // Checkpoints go after the metrics of their step. After the child exited it goes on until everything is delivered
+  // (the attempt is reported only then, so its lease is still the one to deliver with, however long the scheduler or
+  // its database is away), the lease is lost, or the worker stops: then, after kStopGrace of failed tries, what is
+  // left stays on disk for the next start (counted as dropped when the spill is in memory).
   std::thread sender([&] {
-    std::optional<Clock::time_point> flush_deadline;
+    constexpr auto kStopGrace = 10s;
+    std::optional<Clock::time_point> stopping_since;
     int failures = 0;
     for (;;) {
       std::vector<v1::MetricPoint> batch;
@@ -594,15 +791,30 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
         run.checkpoints.clear();
         closed = run.events_closed;
       }
-      if (closed && !flush_deadline) flush_deadline = Clock::now() + 30s;
-      const bool give_up = run.lease_lost || (flush_deadline && Clock::now() > *flush_deadline);
-      if (give_up) {
+      if (run.lease_lost) {
         std::lock_guard<std::mutex> lk(run.mu);
         int64_t dropped = static_cast<int64_t>(run.spill->pending());
-        if (dropped > 0) Log("job ", job.id(), ": dropping ", dropped, " undelivered metric points");
+        if (dropped > 0) Log("job ", job.id(), ": dropping ", dropped, " undelivered metric points (lease lost)");
         metrics_->points_dropped += dropped;
         run.spill->Remove();
         break;
+      }
+      if (closed && stop_->stopped() && failures > 0) {
+        if (!stopping_since) stopping_since = Clock::now();
+        if (Clock::now() - *stopping_since > kStopGrace) {
+          std::lock_guard<std::mutex> lk(run.mu);
+          const int64_t left = static_cast<int64_t>(run.spill->pending());
+          if (run.spill->on_disk()) {
+            run.spill->Sync();
+            run.kept = true;
+            Log("job ", job.id(), ": stopping with ", left, " undelivered metric points; kept in ", run.spill->dir(),
+                " for the next start");
+          } else {
+            Log("job ", job.id(), ": stopping; dropping ", left, " undelivered metric points (no spill directory)");
+            metrics_->points_dropped += left;
+          }
+          break;
+        }
       }
       bool ok = true;
       if (!batch.empty()) {
@@ -616,6 +828,13 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
         } else if (IsFenced(s)) {
           run.lease_lost = true;
           Log("job ", job.id(), ": metrics rejected, lease lost (", s.error_message(), ")");
+        } else if (IsPermanentRejection(s)) {
+          // No retry can change this answer: drop the batch (counted) rather than hold it forever.
+          Log("job ", job.id(), ": metric batch refused (", Describe(s), "); dropping its ", batch.size(), " points");
+          metrics_->points_dropped += static_cast<int64_t>(batch.size());
+          std::lock_guard<std::mutex> lk(run.mu);
+          run.spill->Ack(batch.size());
+          ok = true;
         } else {
           auto wait = Backoff(failures++, 200ms, 5000ms);
           if (failures == 1 || failures % 10 == 0)
@@ -642,36 +861,42 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
         cc.set_deadline(std::chrono::system_clock::now() + opts_.rpc_timeout);
         grpc::Status s = stub_->ReportCheckpoint(&cc, req, &resp);
         if (s.ok()) {
+          failures = 0;
           ++metrics_->checkpoints_reported;
           Log("job ", job.id(), ": checkpoint step ", c.step, " recorded");
         } else if (IsFenced(s)) {
           run.lease_lost = true;
           Log("job ", job.id(), ": checkpoint rejected, lease lost (", s.error_message(), ")");
           break;
+        } else if (IsPermanentRejection(s)) {
+          Log("job ", job.id(), ": checkpoint step ", c.step, " refused (", Describe(s), "); not recorded");
         } else {
-          Log("job ", job.id(), ": ReportCheckpoint step ", c.step, " failed: ", Describe(s), "; will retry");
-          std::lock_guard<std::mutex> lk(run.mu);
-          for (size_t r = cps.size(); r-- > k;) run.checkpoints.push_front(cps[r]);
+          if (failures++ == 0 || failures % 10 == 0)
+            Log("job ", job.id(), ": ReportCheckpoint step ", c.step, " failed: ", Describe(s), "; will retry");
+          {
+            std::lock_guard<std::mutex> lk(run.mu);
+            for (size_t r = cps.size(); r-- > k;) run.checkpoints.push_front(cps[r]);
+          }
+          std::this_thread::sleep_for(Backoff(failures, 200ms, 5000ms));
           break;
         }
       }
       if (closed) {
         std::lock_guard<std::mutex> lk(run.mu);
-        if (run.spill->pending() == 0 && run.checkpoints.empty()) {
-          run.spill->Remove();  // everything stored: the attempt's spill directory goes
-          break;
-        }
+        // Everything stored; the spill directory goes once the attempt's report is accepted too.
+        if (run.spill->pending() == 0 && run.checkpoints.empty()) break;
       }
     }
   });
 
   // Heartbeater: renews the lease, carries the latest step, learns about cancellation and lost leases. The
-  // renewal time is when the request was sent: the scheduler's expiry is later than sent + TTL, never earlier.
+  // renewal time is when the request was sent: the scheduler's expiry is later than sent + TTL, never earlier. It
+  // goes on after the child exited, while the rest of its points are delivered, until the attempt is reported.
   std::thread heartbeater([&] {
     for (;;) {
       {
         std::unique_lock<std::mutex> lk(run.mu);
-        if (run.cv.wait_for(lk, heartbeat_interval_, [&] { return run.child_exited; })) return;
+        if (run.cv.wait_for(lk, heartbeat_interval_, [&] { return run.stop_heartbeats; })) return;
       }
       if (run.lease_lost) continue;
       v1::HeartbeatRequest req;
@@ -698,7 +923,12 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
         }
       } else if (IsFenced(s)) {
         ++metrics_->heartbeat_failures;
-        Log("job ", job.id(), ": lease lost (", s.error_message(), "); stopping the child");
+        bool exited;
+        {
+          std::lock_guard<std::mutex> lk(run.mu);
+          exited = run.child_exited;
+        }
+        Log("job ", job.id(), ": lease lost (", s.error_message(), ")", exited ? "" : "; stopping the child");
         run.lease_lost = true;
       } else {
         ++metrics_->heartbeat_failures;
@@ -793,9 +1023,6 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
     run.child_exited = true;
     run.cv.notify_all();
   }
-  heartbeater.join();
-  sender.join();
-
   std::optional<FinishedEvent> finished;
   {
     std::lock_guard<std::mutex> lk(run.mu);
@@ -803,22 +1030,75 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   }
   Log("job ", job.id(), ": child exited ",
       status.exited ? "with code " + std::to_string(status.code) : "by signal " + std::to_string(status.signal));
-  if (!run.lease_lost && run.latest_step >= 0) {
-    // One last heartbeat so the scheduler's step is the final one, not the one of the previous tick.
-    v1::HeartbeatRequest req;
-    req.set_worker_id(opts_.worker_id);
-    *req.mutable_lease() = run.CurrentLease();
-    req.set_step(run.latest_step.load());
-    v1::HeartbeatResponse resp;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + 5s);
-    grpc::Status s = stub_->Heartbeat(&ctx, req, &resp);
-    if (s.ok()) {
-      ++metrics_->heartbeats;  // a cancel arriving now is ignored: the run already finished, report what it did
-    } else if (IsFenced(s)) {
-      run.lease_lost = true;
+  auto stop_heartbeats = [&] {
+    {
+      std::lock_guard<std::mutex> lk(run.mu);
+      run.stop_heartbeats = true;
+      run.cv.notify_all();
+    }
+    if (heartbeater.joinable()) heartbeater.join();
+  };
+
+  // The report is decided now, when the child has ended: a cancel that arrives while the rest of its points are
+  // delivered changes nothing (the run already finished; report what it did).
+  v1::CompleteJobRequest report;
+  report.set_worker_id(opts_.worker_id);
+  bool node_failure = false;
+  if (!run.lease_lost) {
+    JobResult r = MapOutcome(status, finished);
+    if (run.cancel_requested) {
+      r.outcome = v1::OUTCOME_CANCELLED;
+      r.failure_class = v1::FAILURE_CLASS_UNSPECIFIED;
+      r.message = "cancelled";
+      r.exit_code = status.exited ? status.code : 0;
+    } else if (draining && !(r.outcome == v1::OUTCOME_SUCCEEDED && finished && finished->succeeded)) {
+      // A drained child may exit 0 without finishing: only its own "succeeded" event makes the attempt a success.
+      Log("job ", job.id(), " attempt ", lease0.attempt(), ": drained; releasing as PREEMPTED (last step ",
+          run.latest_step.load(), ")");
+      r.outcome = v1::OUTCOME_PREEMPTED;
+      r.failure_class = v1::FAILURE_CLASS_UNSPECIFIED;
+      r.message = "worker drained (SIGTERM)";
+    } else if (forced_class != v1::FAILURE_CLASS_UNSPECIFIED) {
+      r.outcome = v1::OUTCOME_FAILED;
+      r.failure_class = forced_class;
+      r.message = forced_message;
+    } else if (r.outcome == v1::OUTCOME_FAILED && r.failure_class == v1::FAILURE_CLASS_CRASH && !run.started &&
+               Clock::now() - spawned_at < opts_.startup_window) {
+      // Died before it could even start: a bad node or image, not the job's fault.
+      r.failure_class = v1::FAILURE_CLASS_INFRA;
+      r.message = "ablate-train died during start-up (before its started event): " + r.message;
+    } else if (run.diverged_at >= 0 &&
+               (r.outcome == v1::OUTCOME_SUCCEEDED || r.failure_class == v1::FAILURE_CLASS_CRASH)) {
+      // A run whose loss went non-finite is not a result, even if the trainer exited 0.
+      r.outcome = v1::OUTCOME_FAILED;
+      r.failure_class = v1::FAILURE_CLASS_DIVERGED;
+      r.message = "non-finite loss at step " + std::to_string(run.diverged_at) + " (worker NaN guard)";
+    }
+    report.set_outcome(r.outcome);
+    report.set_failure_class(r.failure_class);
+    report.set_message(r.message);
+    report.set_exit_code(r.exit_code);
+    node_failure = r.outcome == v1::OUTCOME_FAILED &&
+                   (r.failure_class == v1::FAILURE_CLASS_INFRA || r.failure_class == v1::FAILURE_CLASS_CRASH ||
+                    r.failure_class == v1::FAILURE_CLASS_HANG);
+    // Stored next to the spill until the scheduler accepts it: the points go first, then this report, with this
+    // attempt's lease; a worker restarted meanwhile delivers both (ReplaySpills).
+    std::lock_guard<std::mutex> lk(run.mu);
+    if (run.spill->on_disk() && !run.lease_lost) {
+      *report.mutable_lease() = run.lease;
+      if (!WriteFileDurably(run.spill->dir(), kCompletionFile, report.SerializeAsString()))
+        Log("job ", job.id(), ": cannot store the completion in ", run.spill->dir(), " (kept in memory only)");
     }
   }
+  {
+    std::unique_lock<std::mutex> lk(run.mu);
+    if (run.spill->pending() > 0 || !run.checkpoints.empty())
+      Log("job ", job.id(), ": delivering ", run.spill->pending(), " metric points", run.checkpoints.empty() ? "" : " and checkpoints",
+          " before reporting the attempt");
+  }
+  sender.join();  // everything delivered, the lease lost, or (stopping) kept on disk
+  stop_heartbeats();
+
   const v1::Lease lease = run.CurrentLease();
   if (run.lease_lost) {
     if (run.self_fenced) {
@@ -832,41 +1112,33 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
     }
     Log("job ", job.id(), " attempt ", lease.attempt(), ": not reported (lease lost); the scheduler owns it now");
     metrics_->JobFinished("lease_lost");
+    std::lock_guard<std::mutex> lk(run.mu);
+    run.spill->Remove();
     return false;
   }
-  if (run.cancel_requested) {
-    Complete(lease, v1::OUTCOME_CANCELLED, v1::FAILURE_CLASS_UNSPECIFIED, "cancelled", status.exited ? status.code : 0);
-    return false;
+  if (run.kept) {
+    Log("job ", job.id(), " attempt ", lease.attempt(), ": stopping before the scheduler took its points; its report (",
+        OutcomeLabel(report.outcome()), ") is kept with them for the next start");
+    metrics_->JobFinished("interrupted");
+    return node_failure;
   }
-  JobResult r = MapOutcome(status, finished);
-  // A drained child may exit 0 without finishing: only its own "succeeded" event makes the attempt a success.
-  if (draining && !(r.outcome == v1::OUTCOME_SUCCEEDED && finished && finished->succeeded)) {
-    Log("job ", job.id(), " attempt ", lease.attempt(), ": drained; releasing as PREEMPTED (last step ",
-        run.latest_step.load(), ")");
-    Complete(lease, v1::OUTCOME_PREEMPTED, v1::FAILURE_CLASS_UNSPECIFIED, "worker drained (SIGTERM)",
-             r.exit_code);
-    return false;
+  if (run.latest_step >= 0) {
+    // One last heartbeat so the scheduler's step is the final one, not the one of the previous tick.
+    grpc::Status s = HeartbeatOnce(stub_.get(), opts_, lease, run.latest_step.load());
+    if (s.ok()) ++metrics_->heartbeats;
   }
-  if (forced_class != v1::FAILURE_CLASS_UNSPECIFIED) {
-    r.outcome = v1::OUTCOME_FAILED;
-    r.failure_class = forced_class;
-    r.message = forced_message;
-  } else if (r.outcome == v1::OUTCOME_FAILED && r.failure_class == v1::FAILURE_CLASS_CRASH && !run.started &&
-             Clock::now() - spawned_at < opts_.startup_window) {
-    // Died before it could even start: a bad node or image, not the job's fault.
-    r.failure_class = v1::FAILURE_CLASS_INFRA;
-    r.message = "ablate-train died during start-up (before its started event): " + r.message;
-  } else if (run.diverged_at >= 0 &&
-             (r.outcome == v1::OUTCOME_SUCCEEDED || r.failure_class == v1::FAILURE_CLASS_CRASH)) {
-    // A run whose loss went non-finite is not a result, even if the trainer exited 0.
-    r.outcome = v1::OUTCOME_FAILED;
-    r.failure_class = v1::FAILURE_CLASS_DIVERGED;
-    r.message = "non-finite loss at step " + std::to_string(run.diverged_at) + " (worker NaN guard)";
+  *report.mutable_lease() = lease;
+  // Until accepted or fenced; while stopping, for up to 10 s more (the report stays on disk for the next start).
+  Delivery d = DeliverCompletion(stub_.get(), opts_, metrics_, stop_, report, heartbeat_interval_, 0, 10s);
+  std::lock_guard<std::mutex> lk(run.mu);
+  if (d == Delivery::kKept && run.spill->on_disk()) {
+    Log("job ", job.id(), " attempt ", lease.attempt(), ": report kept in ", run.spill->dir(), " for the next start");
+    metrics_->JobFinished("interrupted");
+  } else {
+    if (d == Delivery::kKept) metrics_->JobFinished("unreported");
+    run.spill->Remove();
   }
-  Complete(lease, r.outcome, r.failure_class, r.message, r.exit_code);
-  return r.outcome == v1::OUTCOME_FAILED &&
-         (r.failure_class == v1::FAILURE_CLASS_INFRA || r.failure_class == v1::FAILURE_CLASS_CRASH ||
-          r.failure_class == v1::FAILURE_CLASS_HANG);
+  return node_failure;
 }
 
 }  // namespace ablate::worker

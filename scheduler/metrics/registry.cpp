@@ -157,6 +157,8 @@ SchedulerMetrics::SchedulerMetrics(Registry* r)
       retries(r->Counter("ablate_scheduler_retries_total", "Failed attempts re-queued, by failure class.",
                          {"failure_class"})),
       quarantines(r->Counter("ablate_scheduler_worker_quarantines_total", "Workers put into quarantine.")),
+      gangs_unschedulable(r->Counter("ablate_scheduler_gangs_unschedulable_total",
+                                     "Gang jobs failed because the fleet cannot hold all their ranks (unschedulable).")),
       workers_quarantined(r->Gauge("ablate_workers_quarantined", "Workers currently quarantined.")),
       is_leader(r->Gauge("ablate_scheduler_is_leader", "1 while this replica holds the leader lock.")),
       leader_epoch(r->Gauge("ablate_scheduler_leader_epoch", "Leader term this replica holds (0: follower).")),

@@ -74,6 +74,7 @@ struct SchedulerMetrics {
   Family* attempts_finished;      // ablate_scheduler_attempts_finished_total{outcome,failure_class}
   Family* retries;                // ablate_scheduler_retries_total{failure_class}
   Family* quarantines;            // ablate_scheduler_worker_quarantines_total
+  Family* gangs_unschedulable;    // ablate_scheduler_gangs_unschedulable_total
   Family* workers_quarantined;    // ablate_workers_quarantined
   Family* is_leader;              // ablate_scheduler_is_leader
   Family* leader_epoch;           // ablate_scheduler_leader_epoch

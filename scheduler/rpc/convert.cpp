@@ -80,6 +80,7 @@ v1::FailureClass ToProto(FailureClass c) {
     case FailureClass::kHang: return v1::FAILURE_CLASS_HANG;
     case FailureClass::kInfra: return v1::FAILURE_CLASS_INFRA;
     case FailureClass::kInvalidConfig: return v1::FAILURE_CLASS_INVALID_CONFIG;
+    case FailureClass::kUnschedulable: return v1::FAILURE_CLASS_UNSCHEDULABLE;
   }
   return v1::FAILURE_CLASS_UNSPECIFIED;
 }

@@ -33,6 +33,28 @@ grpc::Status CheckWorkerAndLease(const Identity& who, const std::string& worker_
   return grpc::Status::OK;
 }
 
+// A worker authenticated by certificate or token writes only to attempts it holds (RELIABILITY F35: a worker may
+// touch only attempts leased to its identity). The lease nonce already keeps workers from guessing each other's
+// leases; this also refuses a leaked one. A lease that is no longer current is left to the fence, which answers
+// FAILED_PRECONDITION, so a worker's lost-lease path runs as before. Anonymous callers (authentication off) and a
+// wildcard worker credential ("*") are not checked.
+bool SameLease(const v1::Lease& a, const v1::Lease& b) {
+  return a.job_id() == b.job_id() && a.attempt() == b.attempt() && a.lease_epoch() == b.lease_epoch() &&
+         a.lease_nonce() == b.lease_nonce();
+}
+
+grpc::Status CheckHolder(ServiceContext* ctx, const Identity& who, const v1::Lease& lease) {
+  if (who.role != Role::kWorker || who.name == "*") return grpc::Status::OK;
+  auto holders = ctx->store->LeaseHolders(FromProto(lease));
+  if (!holders.ok()) return ToGrpc(holders.status());
+  if (holders->empty() || std::find(holders->begin(), holders->end(), who.name) != holders->end()) {
+    return grpc::Status::OK;
+  }
+  return grpc::Status(grpc::PERMISSION_DENIED, "worker '" + who.name + "' does not hold the lease of job " +
+                                                   std::to_string(lease.job_id()) + " attempt " +
+                                                   std::to_string(lease.attempt()));
+}
+
 Capacity CapacityOf(const v1::Resources& r) {
   Capacity c;
   // A worker that advertises nothing (an old worker, or a test client) has unknown capacity: no constraint.
@@ -74,6 +96,13 @@ grpc::Status WorkerServiceImpl::LeaseJob(grpc::ServerContext* sctx, const v1::Le
     cap.rendezvous_addr = req->rendezvous_addr();
     auto g = ctx_->store->LeaseJobFor(req->worker_id(), cap, ctx_->lease_ttl_s);
     if (!g.ok()) return ToGrpc(g.status());
+    for (const auto& u : g->unschedulable) {
+      ctx_->metrics->gangs_unschedulable->Inc();
+      LogWarn("gang_unschedulable", {{"job_id", std::to_string(u.job_id)}, {"sweep_id", std::to_string(u.sweep_id)},
+                                     {"ranks", std::to_string(u.ranks)},
+                                     {"live_workers", std::to_string(u.live_workers)},
+                                     {"deadlines", std::to_string(u.deadlines)}, {"reason", u.reason}});
+    }
     if (g->quarantined_until_unix_ms > 0) {
       resp->set_job_available(false);
       resp->set_quarantined(true);
@@ -120,6 +149,7 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext* sctx, const v1::H
                                           v1::HeartbeatResponse* resp) {
   return Instrumented(ctx_, sctx, "WorkerService", "Heartbeat", [&](const Identity& who) -> grpc::Status {
     if (auto st = CheckWorkerAndLease(who, req->worker_id(), req->lease(), req->has_lease()); !st.ok()) return st;
+    if (auto st = CheckHolder(ctx_, who, req->lease()); !st.ok()) return st;
     auto r = ctx_->store->Heartbeat(req->worker_id(), FromProto(req->lease()), req->step(), ctx_->lease_ttl_s);
     if (!r.ok()) return ToGrpc(r.status());
     ToProto(r->lease, resp->mutable_lease());
@@ -132,6 +162,8 @@ grpc::Status WorkerServiceImpl::ReportMetrics(grpc::ServerContext* sctx, grpc::S
                                               v1::ReportMetricsResponse* resp) {
   return Instrumented(ctx_, sctx, "WorkerService", "ReportMetrics", [&](const Identity& who) -> grpc::Status {
     v1::MetricBatch batch;
+    v1::Lease checked;
+    bool holder_checked = false;
     int64_t accepted = 0;
     auto stream_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(ctx_->max_stream_s);
     // One batch at a time: the next Read happens only after the previous batch is stored (backpressure).
@@ -155,6 +187,12 @@ grpc::Status WorkerServiceImpl::ReportMetrics(grpc::ServerContext* sctx, grpc::S
         points.push_back({p.step(), p.name(), p.value(), p.time_unix_ms()});
       }
       if (points.empty()) continue;
+      // The holder check once per lease of the stream (a stream normally carries one attempt's points).
+      if (!holder_checked || !SameLease(checked, batch.lease())) {
+        if (auto st = CheckHolder(ctx_, who, batch.lease()); !st.ok()) return st;
+        checked = batch.lease();
+        holder_checked = true;
+      }
       auto r = ctx_->store->AppendMetrics(FromProto(batch.lease()), points);
       if (!r.ok()) return ToGrpc(r.status());
       accepted += r->accepted;
@@ -174,6 +212,7 @@ grpc::Status WorkerServiceImpl::ReportCheckpoint(grpc::ServerContext* sctx, cons
     if (req->path().empty()) return Invalid("path: required");
     if (req->path().size() > 4096) return Invalid("path: longer than 4096 characters");
     if (req->step() < 0) return Invalid("step: must be >= 0, got " + std::to_string(req->step()));
+    if (auto st = CheckHolder(ctx_, who, req->lease()); !st.ok()) return st;
     auto st = ctx_->store->RecordCheckpoint(FromProto(req->lease()), req->step(), req->path());
     if (st.ok()) ctx_->metrics->checkpoints->Inc();
     return ToGrpc(st);
@@ -192,6 +231,7 @@ grpc::Status WorkerServiceImpl::CompleteJob(grpc::ServerContext* sctx, const v1:
       case v1::OUTCOME_PREEMPTED: outcome = Outcome::kPreempted; break;
       default: return Invalid("outcome: must be SUCCEEDED, FAILED, CANCELLED or PREEMPTED");
     }
+    if (auto st = CheckHolder(ctx_, who, req->lease()); !st.ok()) return st;
     FailureClass fc = FromProto(req->failure_class());
     if (outcome == Outcome::kFailed && fc == FailureClass::kUnspecified) fc = FailureClass::kCrash;
     std::string message = req->message().substr(0, 4096);

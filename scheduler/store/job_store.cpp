@@ -17,7 +17,7 @@ constexpr std::pair<SweepState, std::string_view> kSweepNames[] = {{SweepState::
 constexpr std::pair<FailureClass, std::string_view> kFailureNames[] = {
     {FailureClass::kUnspecified, ""},  {FailureClass::kOom, "oom"},     {FailureClass::kDiverged, "diverged"},
     {FailureClass::kCrash, "crash"},   {FailureClass::kHang, "hang"},   {FailureClass::kInfra, "infra"},
-    {FailureClass::kInvalidConfig, "invalid_config"}};
+    {FailureClass::kInvalidConfig, "invalid_config"}, {FailureClass::kUnschedulable, "unschedulable"}};
 }  // namespace
 
 std::string_view JobStateName(JobState s) {
@@ -47,7 +47,7 @@ FailureClass FailureClassFromName(std::string_view s) {
 bool IsTerminal(JobState s) {
   return s == JobState::kSucceeded || s == JobState::kFailed || s == JobState::kCancelled;
 }
-bool IsRetryable(FailureClass c) { return c != FailureClass::kInvalidConfig; }
+bool IsRetryable(FailureClass c) { return c != FailureClass::kInvalidConfig && c != FailureClass::kUnschedulable; }
 
 
 RetryPolicy RetryPolicy::Legacy(int max_attempts) {
@@ -84,6 +84,10 @@ absl::StatusOr<RetryPolicy> RetryPolicy::Parse(const std::string& spec, RetryPol
     }
     if (c == FailureClass::kInvalidConfig && n != 0) {
       return absl::InvalidArgumentError("retry policy: invalid_config is never retried");
+    }
+    if (c == FailureClass::kUnschedulable) {
+      return absl::InvalidArgumentError(
+          "retry policy: unschedulable is decided by the scheduler, never retried (see --gang_unformable_after)");
     }
     base.max_retries[c] = static_cast<int>(n);
   }

@@ -18,7 +18,8 @@ namespace ablate::scheduler {
 
 enum class JobState { kQueued, kLeased, kRunning, kSucceeded, kFailed, kCancelled };
 enum class SweepState { kActive, kSucceeded, kFailed, kCancelled };
-enum class FailureClass { kUnspecified, kOom, kDiverged, kCrash, kHang, kInfra, kInvalidConfig };
+// kUnschedulable is the scheduler's own verdict (a gang that cannot form on the fleet); workers never report it.
+enum class FailureClass { kUnspecified, kOom, kDiverged, kCrash, kHang, kInfra, kInvalidConfig, kUnschedulable };
 enum class Outcome { kSucceeded, kFailed, kCancelled, kPreempted };
 
 // Names used in the database and in metric labels ("queued", "running", ..., "invalid_config").
@@ -29,7 +30,7 @@ std::optional<SweepState> SweepStateFromName(std::string_view s);
 std::string_view FailureClassName(FailureClass c);
 FailureClass FailureClassFromName(std::string_view s);
 bool IsTerminal(JobState s);
-// invalid_config is never retried; every other class (including unspecified) may be.
+// invalid_config and unschedulable are never retried; every other class (including unspecified) may be.
 bool IsRetryable(FailureClass c);
 
 inline const std::vector<JobState> kAllJobStates = {JobState::kQueued,    JobState::kLeased, JobState::kRunning,
@@ -166,9 +167,20 @@ struct LeaseGrant {
   std::string master_addr;
 };
 
+// A gang job the scheduler failed because it cannot form (class unschedulable): see PgJobStore::set_gang_unformable_after.
+struct UnschedulableGang {
+  int64_t job_id = 0;
+  int64_t sweep_id = 0;
+  int32_t ranks = 0;
+  int64_t live_workers = 0;  // live registered workers that could hold one of its ranks, at the last deadline
+  int32_t deadlines = 0;     // formation deadlines missed in a row with too few of them
+  std::string reason;        // the job's last_error
+};
+
 struct LeaseAttempt {
   std::optional<LeaseGrant> grant;
   int64_t quarantined_until_unix_ms = 0;  // > 0: the worker is quarantined, no grant
+  std::vector<UnschedulableGang> unschedulable;  // gangs this call failed (for the log; any caller may see them)
 };
 
 struct CompleteResult {
@@ -284,6 +296,9 @@ class JobStore {
                                                     int lease_ttl_s) = 0;
   virtual absl::StatusOr<AppendMetricsResult> AppendMetrics(const Lease& lease,
                                                             const std::vector<MetricSample>& points) = 0;
+  // The workers that hold `lease` now: the job's worker and, for a gang, every rank's worker of that attempt.
+  // Empty when the lease is not current (a write with it is fenced anyway).
+  virtual absl::StatusOr<std::vector<std::string>> LeaseHolders(const Lease& lease) = 0;
   virtual absl::Status RecordCheckpoint(const Lease& lease, int64_t step, const std::string& path) = 0;
   // Returns the job's state afterwards (kQueued when a failed attempt will be retried), per `policy`.
   virtual absl::StatusOr<CompleteResult> Complete(const Lease& lease, Outcome outcome, FailureClass failure_class,

@@ -103,6 +103,15 @@ TEST(Format, JobsTableShowsStepOfTotalAndLatestMetrics) {
   EXPECT_NE(t.find("[#####...............]"), std::string::npos) << t;
 }
 
+TEST(Format, JobsTableNamesTheFailureClassOfAnUnschedulableGang) {
+  v1::Job j;
+  j.set_id(9);
+  j.set_state(v1::JOB_STATE_FAILED);
+  j.set_failure_class(v1::FAILURE_CLASS_UNSCHEDULABLE);
+  std::string t = FormatJobs({j}, false);
+  EXPECT_NE(t.find("failed(unschedulable)"), std::string::npos) << t;
+}
+
 TEST(Format, SweepSummaryOrder) {
   v1::Sweep s;
   s.set_id(4);

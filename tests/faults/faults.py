@@ -697,6 +697,50 @@ def f15(suite, st):
     return pg_outage(suite, st, 2 * L, "f15")
 
 
+def f15b(suite, st):
+    """F15 with the job finishing during the outage: the database goes away a few seconds before the job's last
+    step and stays away longer than the worker's former 30 s bound for a finished attempt's undelivered points. The
+    worker holds the finished attempt (its spill, its report, its lease renewed by heartbeats), and once the database
+    is back delivers every point, then the completion, and only then takes the next job."""
+    down_s, steps = 40, 200
+    s = st.scheduler()
+    st.submit(sweep("f15b", n_cells=2, steps=steps, save=50), s.addr)
+    w = st.worker("w1", s.addr)
+    st.wait_step("true", steps - 80)   # 80 steps of 50 ms left: the job ends about 4 s into the outage
+    first = st.qi("SELECT id FROM jobs WHERE state IN ('leased', 'running')")
+    st.fault_at.append(time.time())
+    t_down = time.monotonic()
+    sh([os.path.join(SRC, "scripts", "pg-local.sh"), "stop", suite.pgdir])
+    st.wait(lambda: ledger_first(st, "end", job=first) is not None, 20, "job %d to finish during the outage" % first)
+    time.sleep(max(0, st.fault_at[0] + down_s - time.time()))
+    t_up = time.monotonic()
+    out = sh([os.path.join(SRC, "scripts", "pg-local.sh"), "start", suite.pgdir])
+    check(out.returncode == 0, "PostgreSQL did not restart")
+    end = ledger_first(st, "end", job=first)
+    check(end["why"] == "done" and t_down < end["mono"] < t_up - 30,
+          "job %d did not finish early in the outage (end %s, outage %.1f..%.1f)" % (first, end, t_down, t_up))
+    st.wait_terminal(90)
+    check(st.qi("SELECT count(*) FROM jobs WHERE state = 'succeeded' AND attempt = 1") == 2, "not all succeeded "
+          "in one attempt: " + st.q("SELECT id, state, attempt, last_error FROM jobs"))
+    check(st.qi("SELECT count(*) FROM job_attempts WHERE outcome = 'expired'") == 0, "spurious requeue")
+    missing = st.qi("SELECT count(*) FROM jobs j, generate_series(1, %d) g WHERE NOT EXISTS (SELECT 1 FROM metrics m "
+                    "WHERE m.job_id = j.id AND m.name = 'train/loss' AND m.step = g)" % steps)
+    check(missing == 0, "%d train/loss points missing after the outage" % missing)
+    # The finished attempt was reported after its points were stored, and the next job was leased only after that.
+    late = st.qi("SELECT count(*) FROM metrics m JOIN job_attempts a ON a.job_id = m.job_id AND a.attempt = m.attempt "
+                 "WHERE m.job_id = %d AND m.ingested_at > a.finished_at" % first)
+    check(late == 0, "%d points of job %d stored after its completion" % (late, first))
+    order = st.qi("SELECT count(*) FROM job_attempts b, job_attempts a WHERE a.job_id = %d AND b.job_id <> %d "
+                  "AND b.acquired_at < a.finished_at" % (first, first))
+    check(order == 0, "the worker took the next job before the finished one was delivered")
+    txt = w.text()
+    check("dropping" not in txt, "the worker dropped points: " + "\n".join(
+        l for l in txt.splitlines() if "dropping" in l)[:1000])
+    finish(st)
+    return "database down %ds, job %d ended %.0fs into it; all %d points of both jobs stored, 0 dropped, 0 requeues" % (
+        down_s, first, end["mono"] - t_down, steps)
+
+
 class Proxy:
     """TCP proxy with a partition switch (blackhole: bytes are dropped, connections stay open)."""
 
@@ -873,25 +917,76 @@ def f31(suite, st):
 
 def f35(suite, st):
     d = os.path.join(st.dir, "pki")
-    r = sh([os.path.join(suite.bin, "ablate"), "certs", "--out", d, "--workers", "wauth"])
+    r = sh([os.path.join(suite.bin, "ablate"), "certs", "--out", d, "--workers", "wauth,wtok-a,wtok-b"])
     check(r.returncode == 0, "ablate certs: " + r.stderr)
     tok = os.path.join(d, "tokens")
     check(os.path.exists(tok), "no tokens file")
+    for f in os.listdir(d):
+        mode = os.stat(os.path.join(d, f)).st_mode & 0o777
+        check(mode == 0o600, "ablate certs wrote %s with mode %o, not 600" % (f, mode))
+    ca = os.path.join(d, "ca.pem")
     s = st.scheduler(["--tls_cert", os.path.join(d, "scheduler.pem"), "--tls_key", os.path.join(d, "scheduler-key.pem"),
-                      "--tls_client_ca", os.path.join(d, "ca.pem"), "--tokens_file", tok])
+                      "--tls_client_ca", ca, "--tokens_file", tok])
     user_token = open(os.path.join(d, "user.token")).read().strip()
-    r = rpc_tool(st, "authz-matrix", s.addr, os.path.join(d, "ca.pem"), user_token, os.path.join(d, "wauth.pem"),
-                 os.path.join(d, "wauth-key.pem"))
+    ta, tb = (open(os.path.join(d, w + ".token")).read().strip() for w in ("wtok-a", "wtok-b"))
+    secrets = [user_token, ta, tb]
+    check(not any(t in open(tok).read() for t in secrets), "the scheduler's tokens file holds a token, not its digest")
+    r = rpc_tool(st, "authz-matrix", s.addr, ca, user_token, os.path.join(d, "wauth.pem"),
+                 os.path.join(d, "wauth-key.pem"), ta)
     check(r.returncode == 0, "authorization matrix: " + r.stdout[-4000:] + r.stderr[-1000:])
-    logs = s.text()
-    check(user_token not in logs, "a bearer token appeared in the scheduler log")
+    notes = [r.stdout.strip().splitlines()[-1]]
+    # Worker tokens at the RPC level: A's token never acts on B's lease; no/wrong token is UNAUTHENTICATED.
+    r = rpc_tool(st, "token-lease", s.addr, ca, user_token, ta, "wtok-a", tb, "wtok-b")
+    check(r.returncode == 0, "worker tokens: " + r.stdout[-4000:] + r.stderr[-1000:])
+    notes.append(r.stdout.strip().splitlines()[-1])
+    # The real ablate-worker with a token over TLS runs a job end to end; the CLI submits with the user token.
+    tls = ["--tls_ca", ca, "--tls_server_name", "localhost"]
+    env = dict(os.environ, ABLATE_CA=ca, ABLATE_TOKEN=user_token, ABLATE_TLS_SERVER_NAME="localhost")
+    path = os.path.join(st.dir, "token-e2e.yaml")
+    open(path, "w").write(sweep("token-e2e", steps=20, save=10))
+    c = sh([os.path.join(suite.bin, "ablate"), "submit", path, "--scheduler", s.addr], env=env)
+    check(c.returncode == 0, "submit over TLS with the user token: " + c.stderr + c.stdout)
+    sid = st.qi("SELECT max(id) FROM sweeps")
+    # Refused workers first, so that only the token worker can take the job: B's token under A's id, no
+    # credential at all, a wrong token; and a token without TLS is refused by the worker itself.
+    wrong = os.path.join(st.dir, "wrong.token")
+    with open(os.open(wrong, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write("0123456789abcdef0123456789abcdef\n")
+    bad = [st.worker("wtok-a", s.addr, extra=tls + ["--token_file", os.path.join(d, "wtok-b.token")]),
+           st.worker("wnone", s.addr, extra=tls),
+           st.worker("wwrong", s.addr, extra=tls + ["--token_file", wrong])]
+    plain = sh([os.path.join(suite.bin, "ablate-worker"), "--scheduler", s.addr, "--worker_id", "wtok-a",
+                "--token_file", os.path.join(d, "wtok-a.token"), "--once"])
+    check(plain.returncode != 0 and "needs TLS" in plain.stdout + plain.stderr,
+          "a worker sent (or tried to send) its token without TLS: rc=%d %s" % (plain.returncode,
+                                                                                plain.stdout + plain.stderr))
+    st.wait(lambda: all(w.text().count("RegisterWorker refused") >= 1 for w in bad), 20,
+            "the three workers without a valid credential to be refused")
+    for w, code in zip(bad, ("7 ", "16 ", "16 ")):  # PERMISSION_DENIED, UNAUTHENTICATED, UNAUTHENTICATED
+        check("RegisterWorker refused: " + code in w.text(), "%s: expected code %s: %s" % (w.wid, code, w.text()[-800:]))
+    check(st.qi("SELECT count(*) FROM jobs WHERE sweep_id = %d AND state <> 'queued'" % sid) == 0,
+          "a job was leased by a worker without a valid credential")
+    for w in bad:
+        w.stop()
+    good = st.worker("wtok-a", s.addr, extra=tls + ["--token_file", os.path.join(d, "wtok-a.token")])
+    st.wait(lambda: st.qi("SELECT count(*) FROM jobs WHERE sweep_id = %d AND state = 'succeeded'" % sid) == 1, 60,
+            "the token worker to finish the job")
+    check(st.q("SELECT a.worker_id FROM job_attempts a JOIN jobs j ON j.id = a.job_id WHERE j.sweep_id = %d" % sid)
+          == "wtok-a", "the job ran on another worker than wtok-a")
+    check(st.qi("SELECT count(*) FROM metrics m JOIN jobs j ON j.id = m.job_id WHERE j.sweep_id = %d" % sid) > 0,
+          "no metric points arrived from the token worker")
+    check("auth=tls+token" in good.text(), "the worker did not report auth=tls+token: " + good.text()[:500])
+    logs = s.text() + "".join(w.text() for w in st.workers) + plain.stdout + plain.stderr + c.stdout + c.stderr
+    for t in secrets:
+        check(t not in logs, "a bearer token appeared in a log")
+    notes.append("token worker ran job end to end over TLS; wrong/missing/other worker's token refused")
     finish(st)
-    return r.stdout.strip().splitlines()[-1]
+    return "; ".join(notes)
 
 
 SCENARIOS = [
     ("F01", f01), ("F02", f02), ("F03", f03), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
-    ("F09", f09), ("F11", f11), ("F14", f14), ("F15", f15), ("F19", f19), ("F24", f24), ("F25", f25), ("F26", f26),
+    ("F09", f09), ("F11", f11), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F19", f19), ("F24", f24), ("F25", f25), ("F26", f26),
     ("F30", tool_scenario("malformed")), ("F31", f31), ("F32", tool_scenario("invalid-specs")),
     ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", tool_scenario("deadlines", "--max_stream_s", "2")),
 ]

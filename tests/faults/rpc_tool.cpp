@@ -1,6 +1,6 @@
 // ablate-fault-rpc: the fault suite's gRPC client for the API-abuse scenarios (F19 stale writes, F30 malformed
-// bytes, F31 oversized messages, F32 invalid specs, F34 duplicate submission, F35 authorization matrix, F36
-// deadlines). Exit 0 when every expectation holds; prints what it saw.
+// bytes, F31 oversized messages, F32 invalid specs, F34 duplicate submission, F35 authorization matrix and worker
+// tokens, F36 deadlines). Exit 0 when every expectation holds; prints what it saw.
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
@@ -364,7 +364,7 @@ int Deadlines(const std::string& addr) {
 // F35: every RPC × {no credentials, bad token, worker certificate, user token}. The expectation table is this
 // test's own: a method of the proto that is missing from it fails the test.
 int AuthzMatrix(const std::string& addr, const std::string& ca, const std::string& user_token,
-                const std::string& wcert, const std::string& wkey) {
+                const std::string& wcert, const std::string& wkey, const std::string& worker_token) {
   const std::map<std::string, std::set<std::string>> allowed = {
       {"SubmitSweep", {"user"}}, {"GetSweep", {"user"}}, {"ListSweeps", {"user"}}, {"CancelSweep", {"user"}},
       {"ListJobs", {"user"}}, {"GetJob", {"user"}}, {"WatchSweep", {"user"}}, {"CompareSweep", {"user"}}, {"GetJobMetrics", {"user"}},
@@ -381,9 +381,11 @@ int AuthzMatrix(const std::string& addr, const std::string& ca, const std::strin
   args.SetSslTargetNameOverride("localhost");
   auto tls = grpc::CreateCustomChannel(addr, grpc::SslCredentials(plain), args);
   auto wtls = grpc::CreateCustomChannel(addr, grpc::SslCredentials(mtls), args);
-  struct Cred { std::string name; std::shared_ptr<grpc::Channel> ch; std::string token; };
-  std::vector<Cred> creds = {{"none", tls, ""}, {"bad_token", tls, "not-a-valid-token-0123456789"},
-                             {"worker", wtls, ""}, {"user", tls, user_token}};
+  struct Cred { std::string name; std::shared_ptr<grpc::Channel> ch; std::string token; std::string role; };
+  // A worker authenticates with its client certificate (mTLS) or with its bearer token over TLS: same role.
+  std::vector<Cred> creds = {{"none", tls, "", "none"}, {"bad_token", tls, "not-a-valid-token-0123456789", "none"},
+                             {"worker_cert", wtls, "", "worker"}, {"user", tls, user_token, "user"}};
+  if (!worker_token.empty()) creds.push_back({"worker_token", tls, worker_token, "worker"});
   int unexpected_ok = 0, unexpected_deny = 0, cells = 0, missing = 0;
   for (const auto* m : AllMethods()) {
     auto it = allowed.find(m->name());
@@ -423,7 +425,7 @@ int AuthzMatrix(const std::string& addr, const std::string& ca, const std::strin
       }
       ++cells;
       bool denied = s.error_code() == grpc::UNAUTHENTICATED || s.error_code() == grpc::PERMISSION_DENIED;
-      bool should = it->second.count(cr.name) > 0;
+      bool should = it->second.count(cr.role) > 0;
       if (!should && !denied) {
         ++unexpected_ok;
         std::cout << "UNEXPECTED SUCCESS " << m->name() << " as " << cr.name << ": " << s.error_code() << "\n";
@@ -434,10 +436,139 @@ int AuthzMatrix(const std::string& addr, const std::string& ca, const std::strin
       }
     }
   }
-  std::cout << "authorization matrix: " << AllMethods().size() << " RPCs x 4 credentials = " << cells
+  std::cout << "authorization matrix: " << AllMethods().size() << " RPCs x " << creds.size()
+            << " credentials = " << cells
             << " calls, " << unexpected_ok << " unexpected successes, " << unexpected_deny
             << " unexpected denials, " << missing << " methods without a policy\n";
   return unexpected_ok == 0 && unexpected_deny == 0 && missing == 0 ? 0 : 1;
+}
+
+// F35, worker bearer tokens: worker B leases a job with its token; worker A's (valid) token must not act for
+// B's lease, neither under B's worker id nor under its own; no token / a wrong token is UNAUTHENTICATED. B keeps
+// its lease throughout, and once B completed the job A's writes are fenced (stale lease), not refused.
+int TokenLease(const std::string& addr, const std::string& ca, const std::string& user_token,
+               const std::string& token_a, const std::string& id_a, const std::string& token_b,
+               const std::string& id_b) {
+  grpc::SslCredentialsOptions o;
+  o.pem_root_certs = Slurp(ca);
+  grpc::ChannelArguments args;
+  args.SetSslTargetNameOverride("localhost");
+  auto ch = grpc::CreateCustomChannel(addr, grpc::SslCredentials(o), args);
+  auto sweeps = v1::SweepService::NewStub(ch);
+  auto workers = v1::WorkerService::NewStub(ch);
+  auto ctx = [](const std::string& token) {
+    auto c = std::make_unique<grpc::ClientContext>();
+    c->set_deadline(std::chrono::system_clock::now() + 10s);
+    if (!token.empty()) c->AddMetadata("authorization", "Bearer " + token);
+    return c;
+  };
+  int bad = 0, checks = 0;
+  auto expect = [&](const std::string& what, const grpc::Status& s, grpc::StatusCode want) {
+    ++checks;
+    if (s.error_code() != want) {
+      ++bad;
+      std::cout << what << ": expected code " << want << ", got " << s.error_code() << " " << s.error_message()
+                << "\n";
+    }
+  };
+  {
+    v1::SubmitSweepRequest r;
+    r.set_spec_yaml("name: token-lease\ngrid:\n  model_size: [tiny]\n  context_length: [64]\n");
+    v1::SubmitSweepResponse resp;
+    auto s = sweeps->SubmitSweep(ctx(user_token).get(), r, &resp);
+    if (!s.ok()) {
+      std::cout << "submit as user: " << s.error_code() << " " << s.error_message() << "\n";
+      return 1;
+    }
+  }
+  for (const auto& [id, tok] : {std::pair{id_a, token_a}, std::pair{id_b, token_b}}) {
+    v1::RegisterWorkerRequest r;
+    r.set_worker_id(id);
+    v1::RegisterWorkerResponse resp;
+    expect("RegisterWorker " + id + " with its own token", workers->RegisterWorker(ctx(tok).get(), r, &resp),
+           grpc::OK);
+  }
+  v1::Lease lease;
+  {
+    v1::LeaseJobRequest r;
+    r.set_worker_id(id_a);
+    v1::LeaseJobResponse resp;
+    expect("LeaseJob as " + id_a + " with " + id_b + "'s token", workers->LeaseJob(ctx(token_b).get(), r, &resp),
+           grpc::PERMISSION_DENIED);
+    r.set_worker_id(id_b);
+    auto s = workers->LeaseJob(ctx(token_b).get(), r, &resp);
+    if (!s.ok() || !resp.job_available()) {
+      std::cout << "LeaseJob as " << id_b << ": " << s.error_code() << " " << s.error_message() << " available="
+                << resp.job_available() << "\n";
+      return 1;
+    }
+    lease = resp.lease();
+  }
+  auto heartbeat = [&](const std::string& token, const std::string& id) {
+    v1::HeartbeatRequest r;
+    r.set_worker_id(id);
+    *r.mutable_lease() = lease;
+    r.set_step(1);
+    v1::HeartbeatResponse resp;
+    return workers->Heartbeat(ctx(token).get(), r, &resp);
+  };
+  auto checkpoint = [&](const std::string& token, const std::string& id) {
+    v1::ReportCheckpointRequest r;
+    r.set_worker_id(id);
+    *r.mutable_lease() = lease;
+    r.set_step(1);
+    r.set_path("/stolen");
+    v1::ReportCheckpointResponse resp;
+    return workers->ReportCheckpoint(ctx(token).get(), r, &resp);
+  };
+  auto metrics = [&](const std::string& token, const std::string& id) {
+    auto c = ctx(token);
+    v1::ReportMetricsResponse resp;
+    auto w = workers->ReportMetrics(c.get(), &resp);
+    v1::MetricBatch b;
+    b.set_worker_id(id);
+    *b.mutable_lease() = lease;
+    auto* p = b.add_points();
+    p->set_step(1);
+    p->set_name("train/loss");
+    p->set_value(id == id_b ? 1.0 : 666.0);
+    w->Write(b);
+    w->WritesDone();
+    return w->Finish();
+  };
+  auto complete = [&](const std::string& token, const std::string& id) {
+    v1::CompleteJobRequest r;
+    r.set_worker_id(id);
+    *r.mutable_lease() = lease;
+    r.set_outcome(v1::OUTCOME_SUCCEEDED);
+    v1::CompleteJobResponse resp;
+    return workers->CompleteJob(ctx(token).get(), r, &resp);
+  };
+  // A's valid token, B's lease: under B's id (impersonation) and under A's own id (a leaked lease).
+  for (const auto& as : {id_b, id_a}) {
+    const std::string who = id_a + "'s token as " + as + " on " + id_b + "'s lease: ";
+    expect(who + "Heartbeat", heartbeat(token_a, as), grpc::PERMISSION_DENIED);
+    expect(who + "ReportMetrics", metrics(token_a, as), grpc::PERMISSION_DENIED);
+    expect(who + "ReportCheckpoint", checkpoint(token_a, as), grpc::PERMISSION_DENIED);
+    expect(who + "CompleteJob", complete(token_a, as), grpc::PERMISSION_DENIED);
+  }
+  for (const auto& [name, tok] : {std::pair<std::string, std::string>{"no token", ""},
+                                  std::pair<std::string, std::string>{"a wrong token", "0123456789abcdef-wrong-token"}}) {
+    expect(name + ": Heartbeat of " + id_b + "'s lease", heartbeat(tok, id_b), grpc::UNAUTHENTICATED);
+    expect(name + ": CompleteJob of " + id_b + "'s lease", complete(tok, id_b), grpc::UNAUTHENTICATED);
+    v1::RegisterWorkerRequest r;
+    r.set_worker_id(id_b);
+    v1::RegisterWorkerResponse resp;
+    expect(name + ": RegisterWorker", workers->RegisterWorker(ctx(tok).get(), r, &resp), grpc::UNAUTHENTICATED);
+  }
+  // B still holds its lease and finishes the job; afterwards A's writes meet the fence.
+  expect(id_b + ": Heartbeat of its own lease", heartbeat(token_b, id_b), grpc::OK);
+  expect(id_b + ": ReportMetrics of its own lease", metrics(token_b, id_b), grpc::OK);
+  expect(id_b + ": CompleteJob of its own lease", complete(token_b, id_b), grpc::OK);
+  expect(id_a + "'s token on the ended lease: Heartbeat", heartbeat(token_a, id_a), grpc::FAILED_PRECONDITION);
+  std::cout << "worker tokens: " << checks - bad << "/" << checks << " expectations held (another worker's token "
+            << "refused on a lease, no/wrong token UNAUTHENTICATED, the holder unaffected)\n";
+  return bad == 0 ? 0 : 1;
 }
 
 }  // namespace
@@ -453,9 +584,11 @@ int main(int argc, char** argv) {
     if (cmd == "invalid-specs") return InvalidSpecs(a[1]);
     if (cmd == "dup-submit") return DupSubmit(a[1]);
     if (cmd == "deadlines") return Deadlines(a[1]);
-    if (cmd == "authz-matrix" && a.size() == 6) return AuthzMatrix(a[1], a[2], a[3], a[4], a[5]);
+    if (cmd == "authz-matrix" && (a.size() == 6 || a.size() == 7))
+      return AuthzMatrix(a[1], a[2], a[3], a[4], a[5], a.size() == 7 ? a[6] : "");
+    if (cmd == "token-lease" && a.size() == 8) return TokenLease(a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
   }
   std::cerr << "usage: ablate-fault-rpc stale-write|malformed|oversize|invalid-specs|dup-submit|deadlines|"
-               "authz-matrix ADDR ...\n";
+               "authz-matrix|token-lease ADDR ...\n";
   return 2;
 }

@@ -5,6 +5,7 @@
 #include <httplib.h>
 
 #include <cmath>
+#include <thread>
 
 #include "ablate/v1/ablate.grpc.pb.h"
 #include "scheduler/server.h"
@@ -221,6 +222,75 @@ TEST_F(RpcTest, SubmitLeaseHeartbeatMetricsCompleteCompare) {
   auto health = http.Get("/healthz");
   ASSERT_TRUE(health);
   EXPECT_EQ(health->status, 200);
+}
+
+// A gang larger than the fleet fails by itself, visibly: the job and the sweep are failed with class unschedulable
+// and a reason in last_error (what `ablate status` and `ablate watch` print), the scheduler logs gang_unschedulable
+// and counts it in /metrics.
+TEST_F(RpcTest, GangLargerThanTheFleetFailsVisiblyThroughTheApi) {
+  server_->Shutdown();
+  SchedulerConfig cfg;
+  cfg.db_dsn = db_->dsn();
+  cfg.listen = "127.0.0.1:0";
+  cfg.metrics_listen = "127.0.0.1:0";
+  cfg.lease_ttl_s = 30;
+  cfg.gang_form_timeout_s = 1;
+  cfg.gang_unformable_after = 1;
+  auto s = SchedulerServer::Start(cfg);
+  ASSERT_TRUE(s.ok()) << s.status();
+  server_ = std::move(*s);
+  auto channel = grpc::CreateChannel(server_->grpc_address(), grpc::InsecureChannelCredentials());
+  sweeps_ = v1::SweepService::NewStub(channel);
+  workers_ = v1::WorkerService::NewStub(channel);
+
+  v1::SubmitSweepRequest req;
+  req.set_spec_yaml("name: gang3\ngrid:\n  model_size: [tiny]\ntrain:\n  num_train_steps: 20\nresources:\n  ranks: 3\n");
+  v1::SubmitSweepResponse sub;
+  ASSERT_TRUE(sweeps_->SubmitSweep(Ctx().get(), req, &sub).ok());
+  ASSERT_EQ(sub.jobs_size(), 1);
+  const int64_t job_id = sub.jobs(0).id();
+  for (const char* w : {"w1", "w2"}) {
+    v1::RegisterWorkerRequest reg;
+    reg.set_worker_id(w);
+    reg.mutable_resources()->set_cpu_cores(2);  // advertises no GPU and no memory: fits anything
+    v1::RegisterWorkerResponse rr;
+    ASSERT_TRUE(workers_->RegisterWorker(Ctx().get(), reg, &rr).ok());
+  }
+  auto lease = [&](const char* w) {
+    v1::LeaseJobRequest lr;
+    lr.set_worker_id(w);
+    lr.set_rendezvous_addr("127.0.0.1:29500");
+    v1::LeaseJobResponse resp;
+    EXPECT_TRUE(workers_->LeaseJob(Ctx().get(), lr, &resp).ok());
+    return resp.job_available();
+  };
+  EXPECT_FALSE(lease("w1"));
+  EXPECT_FALSE(lease("w2"));  // 2 of 3 ranks: pending
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  ::testing::internal::CaptureStderr();
+  EXPECT_FALSE(lease("w1"));  // the deadline, with 2 live workers for 3 ranks: failed
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_THAT(log, HasSubstr("event=gang_unschedulable job_id=" + std::to_string(job_id)));
+  EXPECT_THAT(log, HasSubstr("live_workers=2"));
+
+  v1::GetJobRequest gj;
+  gj.set_job_id(job_id);
+  v1::Job job;
+  ASSERT_TRUE(sweeps_->GetJob(Ctx().get(), gj, &job).ok());
+  EXPECT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.failure_class(), v1::FAILURE_CLASS_UNSCHEDULABLE);
+  EXPECT_THAT(job.last_error(), HasSubstr("unschedulable: this gang needs 3 workers"));
+  EXPECT_THAT(job.last_error(), HasSubstr("add workers or lower resources.ranks"));
+  v1::GetSweepRequest gs;
+  gs.set_sweep_id(sub.sweep().id());
+  v1::Sweep sweep;
+  ASSERT_TRUE(sweeps_->GetSweep(Ctx().get(), gs, &sweep).ok());
+  EXPECT_EQ(sweep.state(), v1::SWEEP_STATE_FAILED);
+
+  httplib::Client http("127.0.0.1", server_->metrics_port());
+  auto res = http.Get("/metrics");
+  ASSERT_TRUE(res);
+  EXPECT_THAT(res->body, HasSubstr("ablate_scheduler_gangs_unschedulable_total 1\n"));
 }
 
 TEST_F(RpcTest, CancelSweepReachesTheRunningJobsHeartbeat) {

@@ -469,7 +469,8 @@ namespace {
 // took) a slot of a gang still forming: it must not take another job meanwhile. See docs/control-plane.md.
 absl::StatusOr<std::optional<LeaseGrant>> LeaseGangSlot(PGconn* c, const std::string& worker_id, const Capacity& free,
                                                        int lease_ttl_s, const std::string& mems, int form_timeout_s,
-                                                       bool* pending) {
+                                                       int unformable_after, bool* pending,
+                                                       std::vector<UnschedulableGang>* failed) {
   *pending = false;
   const std::string ttl = std::to_string(lease_ttl_s);
   PgTransaction tx(c);
@@ -482,15 +483,54 @@ absl::StatusOr<std::optional<LeaseGrant>> LeaseGangSlot(PGconn* c, const std::st
   if (!gc.ok()) return gc.status();
   // Formation deadline: a gang still incomplete that long after its first slot releases every slot and is held
   // back as long (not_before), so its members take other work instead of waiting for workers that may never come.
+  // At each deadline it also counts the live registered workers (seen within max(TTL, deadline)) that could hold
+  // one of its ranks (the same fit as placement: `gpus` devices with its per-GPU memory; a worker that advertises
+  // nothing fits anything). Fewer than its ranks: one more miss in a row; enough: the count starts again (the fleet
+  // is big enough, only busy). See docs/control-plane.md, "Gangs".
   auto late = Exec(c, "release late gangs",
-                   "WITH late AS (SELECT s.job_id FROM gang_slots s JOIN jobs j ON j.id = s.job_id "
+                   "WITH late AS (SELECT s.job_id, count(*) AS joined FROM gang_slots s JOIN jobs j ON j.id = s.job_id "
                    "  WHERE j.state = 'queued' GROUP BY s.job_id "
                    "  HAVING min(s.joined_at) < now() - make_interval(secs => $1::int)), "
-                   "held AS (UPDATE jobs SET not_before = now() + make_interval(secs => $1::int) "
-                   "  WHERE id IN (SELECT job_id FROM late) AND state = 'queued' RETURNING id) "
-                   "DELETE FROM gang_slots WHERE job_id IN (SELECT id FROM held)",
-                   {std::to_string(form_timeout_s)});
+                   "fit AS (SELECT l.job_id, l.joined, (SELECT count(*) FROM workers w "
+                   "    WHERE w.last_seen > now() - make_interval(secs => $2::int) AND CASE "
+                   "      WHEN jsonb_typeof(w.resources->'gpus') = 'array' AND jsonb_array_length(w.resources->'gpus') > 0 "
+                   "      THEN (SELECT count(*) FROM jsonb_array_elements(w.resources->'gpus') g "
+                   "            WHERE coalesce((g->>'memoryBytes')::bigint, 0) >= j.mem_estimate_bytes) >= j.gpus "
+                   "      ELSE coalesce((w.resources->>'memoryBytes')::bigint, 0) <= 0 "
+                   "        OR (j.gpus <= 1 AND (w.resources->>'memoryBytes')::bigint >= j.mem_estimate_bytes) END) AS live "
+                   "  FROM late l JOIN jobs j ON j.id = l.job_id), "
+                   "held AS (UPDATE jobs j SET not_before = now() + make_interval(secs => $1::int), "
+                   "  gang_form_misses = CASE WHEN j.ranks > f.live THEN j.gang_form_misses + 1 ELSE 0 END "
+                   "  FROM fit f WHERE j.id = f.job_id AND j.state = 'queued' "
+                   "  RETURNING j.id, j.sweep_id, j.ranks, j.gang_form_misses, f.joined, f.live), "
+                   "gone AS (DELETE FROM gang_slots WHERE job_id IN (SELECT id FROM held)) "
+                   "SELECT id, sweep_id, ranks, gang_form_misses, joined, live FROM held",
+                   {std::to_string(form_timeout_s), std::to_string(std::max(lease_ttl_s, form_timeout_s))});
   if (!late.ok()) return late.status();
+  // A gang that missed `unformable_after` deadlines in a row, each with fewer such workers than ranks, fails by
+  // itself (class unschedulable, never retried) instead of forming and releasing forever.
+  for (int i = 0; unformable_after > 0 && i < late->rows(); ++i) {
+    const int32_t misses = static_cast<int32_t>(late->Int(i, 3));
+    if (misses < unformable_after) continue;
+    UnschedulableGang u;
+    u.job_id = late->Int(i, 0);
+    u.sweep_id = late->Int(i, 1);
+    u.ranks = static_cast<int32_t>(late->Int(i, 2));
+    u.live_workers = late->Int(i, 5);
+    u.deadlines = misses;
+    u.reason = "unschedulable: this gang needs " + Num(u.ranks) + " workers that can each hold one rank, but only " +
+               Num(u.live_workers) + " live worker(s) that fit were registered at " + Num(misses) +
+               " formation deadline(s) in a row (" + Num(late->Int(i, 4)) + " of " + Num(u.ranks) +
+               " ranks joined within --gang_form_timeout_s " + Num(form_timeout_s) +
+               " s); add workers or lower resources.ranks, then resubmit";
+    auto f = Exec(c, "fail unformable gang",
+                  "UPDATE jobs SET state = 'failed', failure_class = 'unschedulable', last_error = $2, "
+                  "  finished_at = now() WHERE id = $1 AND state = 'queued'",
+                  {Num(u.job_id), u.reason});
+    if (!f.ok()) return f.status();
+    if (auto st = RefreshSweep(c, u.sweep_id); !st.ok()) return st;
+    failed->push_back(std::move(u));
+  }
   // This worker's slot, if any (at most one live: a member never joins a second gang).
   auto mine = Exec(c, "my gang slot",
                    "SELECT s.job_id, s.rank, j.state FROM gang_slots s JOIN jobs j ON j.id = s.job_id "
@@ -553,7 +593,7 @@ absl::StatusOr<std::optional<LeaseGrant>> LeaseGangSlot(PGconn* c, const std::st
     auto up = Exec(c, "lease gang",
                    "UPDATE jobs j SET state = 'leased', attempt = j.attempt + 1, lease_epoch = j.lease_epoch + 1, "
                    "  lease_nonce = replace(gen_random_uuid()::text, '-', ''), "
-                   "  lease_expires_at = now() + make_interval(secs => $2::int), "
+                   "  lease_expires_at = now() + make_interval(secs => $2::int), gang_form_misses = 0, "
                    "  worker_id = (SELECT worker_id FROM gang_slots WHERE job_id = $1 AND rank = 0), "
                    "  started_at = coalesce(j.started_at, now()) WHERE j.id = $1 RETURNING attempt",
                    {Num(job_id), ttl});
@@ -622,7 +662,8 @@ absl::StatusOr<LeaseAttempt> PgJobStore::LeaseJobFor(const std::string& worker_i
   arr += "}";
   {
     bool pending = false;
-    auto gang = LeaseGangSlot(c, worker_id, free, lease_ttl_s, arr, gang_form_timeout_s_, &pending);
+    auto gang = LeaseGangSlot(c, worker_id, free, lease_ttl_s, arr, gang_form_timeout_s_, gang_unformable_after_,
+                              &pending, &out.unschedulable);
     if (!gang.ok()) return gang.status();
     if (gang->has_value()) {
       out.grant = std::move(**gang);
@@ -727,6 +768,21 @@ absl::StatusOr<AppendMetricsResult> PgJobStore::AppendMetrics(const Lease& lease
   if (!r.ok()) return r.status();
   if (r->Int(0, 0) == 0) return FenceError(c, lease, "metrics");
   return AppendMetricsResult{static_cast<int64_t>(points.size()), r->Int(0, 1)};
+}
+
+absl::StatusOr<std::vector<std::string>> PgJobStore::LeaseHolders(const Lease& lease) {
+  auto conn = pool_.Acquire();
+  if (!conn.ok()) return conn.status();
+  auto r = Exec(conn->get(), "lease holders",
+                "WITH cur AS (SELECT id, attempt, worker_id FROM jobs WHERE " ABLATE_FENCE("$1", "$2", "$3", "$4") ") "
+                "SELECT coalesce(worker_id, '') FROM cur "
+                "UNION SELECT s.worker_id FROM gang_slots s JOIN cur ON s.job_id = cur.id AND s.attempt = cur.attempt",
+                {Num(lease.job_id), Num(lease.attempt), Num(lease.lease_epoch), lease.lease_nonce});
+  if (!r.ok()) return r.status();
+  std::vector<std::string> out;
+  for (int i = 0; i < r->rows(); ++i)
+    if (!r->Str(i, 0).empty()) out.push_back(r->Str(i, 0));
+  return out;
 }
 
 absl::Status PgJobStore::RecordCheckpoint(const Lease& lease, int64_t step, const std::string& path) {

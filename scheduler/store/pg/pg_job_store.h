@@ -15,6 +15,9 @@ class PgJobStore final : public JobStore {
   // A forming gang not complete this long after its oldest pending slot was taken releases its slots and is not
   // offered again for as long (its members take other jobs meanwhile). Set before serving.
   void set_gang_form_timeout_s(int s) { gang_form_timeout_s_ = s; }
+  // A gang that reaches this many formation deadlines in a row, each time with fewer live registered workers that
+  // could hold one of its ranks than it has ranks, fails (class unschedulable) instead of forming again; 0: never.
+  void set_gang_unformable_after(int n) { gang_unformable_after_ = n; }
 
   absl::StatusOr<CreateSweepResult> CreateSweep(const NewSweep& sweep) override;
   absl::StatusOr<SweepRecord> GetSweep(int64_t sweep_id) override;
@@ -36,6 +39,7 @@ class PgJobStore final : public JobStore {
                                             int lease_ttl_s) override;
   absl::StatusOr<AppendMetricsResult> AppendMetrics(const Lease& lease,
                                                     const std::vector<MetricSample>& points) override;
+  absl::StatusOr<std::vector<std::string>> LeaseHolders(const Lease& lease) override;
   absl::Status RecordCheckpoint(const Lease& lease, int64_t step, const std::string& path) override;
   absl::StatusOr<CompleteResult> Complete(const Lease& lease, Outcome outcome, FailureClass failure_class,
                                           const std::string& message, int32_t exit_code, int64_t last_step,
@@ -59,6 +63,7 @@ class PgJobStore final : public JobStore {
  private:
   PgPool pool_;
   int gang_form_timeout_s_ = 120;
+  int gang_unformable_after_ = 3;
 };
 
 }  // namespace ablate::scheduler::pg

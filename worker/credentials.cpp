@@ -1,0 +1,158 @@
+#include "worker/credentials.h"
+
+#include <sys/stat.h>
+
+#include <fstream>
+#include <sstream>
+
+#include <grpcpp/support/client_interceptor.h>
+
+namespace ablate::worker {
+namespace {
+
+bool Slurp(const std::string& path, std::string* out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  *out = ss.str();
+  return true;
+}
+
+// Call credentials: gRPC attaches them only on channels with privacy and integrity (TLS).
+class BearerPlugin : public grpc::MetadataCredentialsPlugin {
+ public:
+  explicit BearerPlugin(std::string header) : header_(std::move(header)) {}
+  bool IsBlocking() const override { return false; }  // the header is in memory: no I/O
+  const char* GetType() const override { return "ablate-bearer"; }
+  grpc::Status GetMetadata(grpc::string_ref, grpc::string_ref, const grpc::AuthContext&,
+                           std::multimap<grpc::string, grpc::string>* md) override {
+    md->insert({"authorization", header_});
+    return grpc::Status::OK;
+  }
+  grpc::string DebugString() override { return "ablate bearer token (redacted)"; }
+
+ private:
+  std::string header_;
+};
+
+// --allow_insecure_token only: the same header on a plaintext channel (gRPC would drop call credentials there).
+class BearerInterceptor : public grpc::experimental::Interceptor {
+ public:
+  explicit BearerInterceptor(const std::string* header) : header_(header) {}
+  void Intercept(grpc::experimental::InterceptorBatchMethods* m) override {
+    if (m->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
+      m->GetSendInitialMetadata()->insert({"authorization", *header_});
+    }
+    m->Proceed();
+  }
+
+ private:
+  const std::string* header_;
+};
+
+class BearerInterceptorFactory : public grpc::experimental::ClientInterceptorFactoryInterface {
+ public:
+  explicit BearerInterceptorFactory(std::string header) : header_(std::move(header)) {}
+  grpc::experimental::Interceptor* CreateClientInterceptor(grpc::experimental::ClientRpcInfo*) override {
+    return new BearerInterceptor(&header_);
+  }
+
+ private:
+  std::string header_;  // lives as long as the channel, which owns this factory
+};
+
+}  // namespace
+
+bool ReadTokenFile(const std::string& path, std::string* token, std::string* warning, std::string* error) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+    *error = "--token_file " + path + ": not a readable file";
+    return false;
+  }
+  if (st.st_size > 4096) {
+    *error = "--token_file " + path + ": larger than 4 KiB (not a token file?)";
+    return false;
+  }
+  std::string all;
+  if (!Slurp(path, &all)) {
+    *error = "--token_file " + path + ": cannot read";
+    return false;
+  }
+  std::string line = all.substr(0, all.find('\n'));
+  auto blank = [](char c) { return c == ' ' || c == '\t' || c == '\r'; };
+  while (!line.empty() && blank(line.back())) line.pop_back();
+  size_t b = 0;
+  while (b < line.size() && blank(line[b])) ++b;
+  line.erase(0, b);
+  if (line.empty()) {
+    *error = "--token_file " + path + ": empty";
+    return false;
+  }
+  for (unsigned char ch : line) {
+    if (ch <= 0x20 || ch >= 0x7f) {
+      *error = "--token_file " + path + ": the token has blanks or non-printable characters inside";
+      return false;
+    }
+  }
+  if (st.st_mode & (S_IRWXG | S_IRWXO)) {
+    *warning = "--token_file " + path + " is readable by group or others (chmod 600 it)";
+  }
+  *token = std::move(line);
+  return true;
+}
+
+std::shared_ptr<grpc::Channel> BuildSchedulerChannel(const SchedulerConnection& c, grpc::ChannelArguments args,
+                                                     std::string* auth, std::string* error) {
+  std::string token;
+  if (!c.token_file.empty()) {
+    if (c.tls_ca.empty() && !c.allow_insecure_token) {
+      *error = "--token_file needs TLS (--tls_ca): a bearer token is never sent over a plaintext connection; "
+               "pass --allow_insecure_token only when a TLS-terminating proxy sits between this worker and the "
+               "scheduler";
+      return nullptr;
+    }
+    std::string warning;
+    if (!ReadTokenFile(c.token_file, &token, &warning, error)) return nullptr;
+    if (!warning.empty()) std::fprintf(stderr, "warning: %s\n", warning.c_str());
+  }
+  if (c.tls_ca.empty() && (!c.tls_cert.empty() || !c.tls_key.empty())) {
+    *error = "--tls_cert/--tls_key need --tls_ca";
+    return nullptr;
+  }
+  if (c.tls_cert.empty() != c.tls_key.empty()) {
+    *error = "--tls_cert and --tls_key go together";
+    return nullptr;
+  }
+  std::shared_ptr<grpc::ChannelCredentials> creds;
+  if (!c.tls_ca.empty()) {
+    grpc::SslCredentialsOptions so;
+    if (!Slurp(c.tls_ca, &so.pem_root_certs)) {
+      *error = "--tls_ca " + c.tls_ca + ": cannot read";
+      return nullptr;
+    }
+    if (!c.tls_cert.empty() && (!Slurp(c.tls_cert, &so.pem_cert_chain) || !Slurp(c.tls_key, &so.pem_private_key))) {
+      *error = "--tls_cert/--tls_key: cannot read";
+      return nullptr;
+    }
+    creds = grpc::SslCredentials(so);
+    if (!c.tls_server_name.empty()) args.SetSslTargetNameOverride(c.tls_server_name);
+    *auth = c.tls_cert.empty() ? "tls" : "mtls";
+    if (!token.empty()) {
+      creds = grpc::CompositeChannelCredentials(
+          creds, grpc::MetadataCredentialsFromPlugin(std::make_unique<BearerPlugin>("Bearer " + token)));
+      *auth += "+token";
+    }
+  } else {
+    creds = grpc::InsecureChannelCredentials();
+    *auth = token.empty() ? "plaintext" : "plaintext+token (--allow_insecure_token)";
+  }
+  if (!token.empty() && c.tls_ca.empty()) {
+    std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> f;
+    f.push_back(std::make_unique<BearerInterceptorFactory>("Bearer " + token));
+    return grpc::experimental::CreateCustomChannelWithInterceptors(c.target, creds, args, std::move(f));
+  }
+  return grpc::CreateCustomChannel(c.target, creds, args);
+}
+
+}  // namespace ablate::worker

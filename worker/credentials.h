@@ -1,0 +1,37 @@
+// How ablate-worker authenticates to the scheduler: TLS (server certificate checked against --tls_ca), and either a
+// client certificate (mTLS, CN = worker id) or a bearer token (--token_file, `ablate certs` writes <id>.token).
+// The token is read once at start, kept in memory only, never logged, and sent as gRPC call credentials
+// (`authorization: Bearer <token>`) on every RPC. gRPC itself refuses to attach call credentials to a channel
+// without privacy and integrity, and BuildSchedulerChannel refuses a token without TLS unless
+// allow_insecure_token says so (then an interceptor adds the same header over plaintext; for a TLS-terminating
+// proxy in front of the scheduler only).
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+
+namespace ablate::worker {
+
+struct SchedulerConnection {
+  std::string target;           // --scheduler (a comma list of replicas becomes ipv4:a,b)
+  std::string tls_ca;           // PEM CA of the scheduler certificate; empty: plaintext
+  std::string tls_cert, tls_key;  // client certificate (mTLS)
+  std::string tls_server_name;  // name expected in the scheduler certificate (default: the host of target)
+  std::string token_file;       // bearer token
+  bool allow_insecure_token = false;
+};
+
+// Reads a bearer token: the file's first line without surrounding blanks. Refuses an empty token, one with
+// blanks or control characters inside, or one over 4 KiB. *warning is set when the file is readable by group or
+// others. Errors never quote the file's content.
+bool ReadTokenFile(const std::string& path, std::string* token, std::string* warning, std::string* error);
+
+// The channel to the scheduler with the credentials the options ask for. nullptr and *error when they do not fit
+// together (a token or client certificate without TLS, unreadable files). *auth describes them for the start-up
+// log line ("tls+token", "mtls", "plaintext", ...), never the token.
+std::shared_ptr<grpc::Channel> BuildSchedulerChannel(const SchedulerConnection& c, grpc::ChannelArguments args,
+                                                     std::string* auth, std::string* error);
+
+}  // namespace ablate::worker
