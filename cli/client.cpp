@@ -1,15 +1,19 @@
 #include "cli/client.h"
 
 #include <grpcpp/generic/generic_stub.h>
+#include <sys/stat.h>
 
 #include <condition_variable>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <cctype>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
+
+#include "cli/token.h"
 
 namespace ablate::cli {
 
@@ -52,8 +56,60 @@ ClientSecurity FromEnvironment() {
   s.ca_file = EnvOr("ABLATE_CA");
   s.server_name = EnvOr("ABLATE_TLS_SERVER_NAME");
   s.token = EnvOr("ABLATE_TOKEN");
+  if (s.token.empty()) s.token_file = EnvOr("ABLATE_TOKEN_FILE");
   s.source = s.ca_file.empty() ? "none" : "environment";
   return s;
+}
+
+// The first line of a token file, trimmed; false (and *why) when it is missing, empty, too large or has blanks or
+// control characters inside. Never quotes the content.
+bool ReadTokenLine(const std::string& path, std::string* token, std::string* why) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+    *why = "token file " + path + ": not a readable file";
+    return false;
+  }
+  if (st.st_size > 4096) {
+    *why = "token file " + path + ": larger than 4 KiB";
+    return false;
+  }
+  std::ifstream in(path);
+  std::string line;
+  if (!in || !std::getline(in, line)) {
+    *why = "token file " + path + ": cannot read (or empty)";
+    return false;
+  }
+  auto blank = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+  while (!line.empty() && blank(line.back())) line.pop_back();
+  size_t b = 0;
+  while (b < line.size() && blank(line[b])) ++b;
+  line.erase(0, b);
+  if (line.empty()) {
+    *why = "token file " + path + ": empty";
+    return false;
+  }
+  for (unsigned char c : line) {
+    if (c <= 0x20 || c >= 0x7f) {
+      *why = "token file " + path + ": the token has blanks or non-printable characters inside";
+      return false;
+    }
+  }
+  *token = std::move(line);
+  return true;
+}
+
+// The explicit token sources, in order: --token_file, $ABLATE_TOKEN, $ABLATE_TOKEN_FILE. False when none is set.
+bool ExplicitToken(const ClientSecurity& env, const std::string& flag_file, ClientSecurity* s) {
+  std::string file = flag_file;
+  if (file.empty() && !env.token.empty()) {
+    s->token = env.token;
+    return true;
+  }
+  if (file.empty()) file = env.token_file;
+  if (file.empty()) return false;
+  s->token_file = file;
+  if (!ReadTokenLine(file, &s->token, &s->warning)) s->token.clear();
+  return true;
 }
 
 std::mutex g_security_mu;
@@ -65,31 +121,73 @@ ClientSecurity Current() {
 }
 }  // namespace
 
-ClientSecurity ResolveClientSecurity(const std::string& address, const std::string& state_dir) {
-  ClientSecurity env = FromEnvironment();
-  if (env.tls()) return env;
+ClientSecurity ResolveClientSecurity(const std::string& address, const std::string& state_dir,
+                                     const std::string& token_file) {
+  const ClientSecurity env = FromEnvironment();
+  ClientSecurity plain = env;
+  plain.token.clear();
+  plain.token_file.clear();
+  ExplicitToken(env, token_file, &plain);
+  if (env.tls()) return plain;
   const std::string path = state_dir + "/stack.json";
   std::ifstream in(path);
-  if (!in) return env;
+  if (!in) return plain;
   auto j = nlohmann::json::parse(in, nullptr, false);
   if (j.is_discarded() || !j.is_object() || j.value("scheduler", "") != address || !j.contains("tls") ||
       !j["tls"].is_object()) {
-    return env;
+    return plain;
   }
   const auto& t = j["tls"];
   ClientSecurity s;
   s.ca_file = t.value("ca", "");
   s.server_name = t.value("server_name", "");
   s.source = path;
-  if (!env.token.empty()) {
-    s.token = env.token;
-  } else if (std::string tf = t.value("token_file", ""); !tf.empty()) {
-    std::ifstream tin(tf);
-    std::getline(tin, s.token);
-    while (!s.token.empty() && std::isspace(static_cast<unsigned char>(s.token.back()))) s.token.pop_back();
-    if (s.token.empty()) s.warning = "cannot read the local stack's token file " + tf + " (named in " + path + ")";
+  if (ExplicitToken(env, token_file, &s)) return s;
+  if (std::string key = t.value("token_signing_key", ""); !key.empty()) {
+    // `ablate up`'s signing key: a fresh short-lived token for every call (cli/token.h).
+    s.signing_key_file = key;
+    std::string probe, err;
+    if (!MintLocalToken(key, &probe, &err)) s.warning = "cannot use the local stack's token signing key: " + err;
+    return s;
+  }
+  if (std::string tf = t.value("token_file", ""); !tf.empty()) {
+    std::string why;
+    if (!ReadTokenLine(tf, &s.token, &why)) {
+      s.token.clear();
+      s.warning = "cannot read the local stack's token file " + tf + " (named in " + path + ")";
+    }
   }
   return s;
+}
+
+std::string CallToken(const ClientSecurity& s, std::string* warning) {
+  if (!s.signing_key_file.empty()) {
+    std::string token, err;
+    if (MintLocalToken(s.signing_key_file, &token, &err)) return token;
+    if (warning) *warning = "cannot mint a token with " + s.signing_key_file + ": " + err;
+    return "";
+  }
+  if (s.token_file.empty()) return s.token;
+  // Re-read when the file changed (mtime, size or inode); a file that cannot be used keeps the last good token.
+  static std::mutex mu;
+  static std::map<std::string, std::pair<std::string, std::string>> cache;  // path -> (signature, token)
+  struct stat st {};
+  std::string sig;
+  if (::stat(s.token_file.c_str(), &st) == 0) {
+    sig = std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec) + "/" +
+          std::to_string(st.st_size) + "/" + std::to_string(st.st_ino);
+  }
+  std::lock_guard<std::mutex> l(mu);
+  auto it = cache.find(s.token_file);
+  if (it != cache.end() && !sig.empty() && it->second.first == sig) return it->second.second;
+  std::string token, why;
+  if (!sig.empty() && ReadTokenLine(s.token_file, &token, &why)) {
+    cache[s.token_file] = {sig, token};
+    return token;
+  }
+  if (warning) *warning = why.empty() ? "token file " + s.token_file + ": not a readable file" : why;
+  if (it != cache.end()) return it->second.second;
+  return s.token;
 }
 
 void UseClientSecurity(const ClientSecurity& s) {
@@ -113,10 +211,10 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, const Cli
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) { return MakeChannel(address, Current()); }
 
 std::shared_ptr<grpc::Channel> OpenSchedulerChannel(const std::string& flag, const std::string& state_dir,
-                                                    std::string* address) {
+                                                    std::string* address, const std::string& token_file) {
   std::string source;
   *address = ResolveSchedulerAddress(flag, state_dir, &source);
-  ClientSecurity sec = ResolveClientSecurity(*address, state_dir);
+  ClientSecurity sec = ResolveClientSecurity(*address, state_dir, token_file);
   if (!sec.warning.empty()) std::cerr << "warning: " << sec.warning << "\n";
   UseClientSecurity(sec);
   return MakeChannel(*address, sec);
@@ -185,8 +283,9 @@ int ReportRpcError(const std::string& what, const grpc::Status& status, const st
       return 1;
     case grpc::StatusCode::UNAUTHENTICATED:
       std::cerr << "error: " << what << ": not authenticated (" << status.error_message()
-                << "): set $ABLATE_TOKEN (and $ABLATE_CA for TLS); for a stack started by `ablate up`, pass its "
-                   "--state_dir (the CLI then uses the stack's TLS settings and token)\n";
+                << "): pass --token_file or set $ABLATE_TOKEN (and $ABLATE_CA for TLS); for a stack started by "
+                   "`ablate up`, pass its --state_dir (the CLI then uses the stack's TLS settings and mints its own "
+                   "token); an expired token needs a new one (`ablate token issue`)\n";
       return 1;
     case grpc::StatusCode::PERMISSION_DENIED:
       std::cerr << "error: " << what << ": permission denied: " << status.error_message() << "\n";
@@ -204,7 +303,12 @@ int ReportRpcError(const std::string& what, const grpc::Status& status, const st
 void AddAuth(grpc::ClientContext* ctx) {
   // A bearer token only ever travels over TLS.
   ClientSecurity s = Current();
-  if (s.tls() && !s.token.empty()) ctx->AddMetadata("authorization", "Bearer " + s.token);
+  if (!s.tls()) return;
+  std::string warning;
+  std::string token = CallToken(s, &warning);
+  static std::once_flag warned;
+  if (!warning.empty()) std::call_once(warned, [&] { std::cerr << "warning: " << warning << "\n"; });
+  if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
 }
 
 std::unique_ptr<grpc::ClientContext> CallContext(std::chrono::milliseconds timeout) {

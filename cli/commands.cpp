@@ -28,7 +28,7 @@ struct Session {
 
 Session Open(const Conn& c) {
   Session s;
-  s.stub = v1::SweepService::NewStub(OpenSchedulerChannel(c.scheduler_flag, c.state_dir, &s.address));
+  s.stub = v1::SweepService::NewStub(OpenSchedulerChannel(c.scheduler_flag, c.state_dir, &s.address, c.token_file));
   return s;
 }
 
@@ -319,10 +319,13 @@ int CmdCerts(const std::string& out, const std::vector<std::string>& workers,
   std::cout << "ablate certs: " << out << " (files 0600): made " << join(rep.made) << "; kept " << join(rep.kept)
             << "\n"
             << "  scheduler: --tls_cert " << out << "/scheduler.pem --tls_key " << out << "/scheduler-key.pem"
-            << " --tls_client_ca " << out << "/ca.pem --tokens_file " << out << "/tokens\n"
+            << " --tls_client_ca " << out << "/ca.pem --token_signing_key_file " << out << "/token-signing.key"
+            << " (legacy static tokens: --tokens_file " << out << "/tokens)\n"
             << "  worker W:  --tls_ca " << out << "/ca.pem and either --tls_cert " << out << "/W.pem --tls_key "
-            << out << "/W-key.pem or --token_file " << out << "/W.token\n"
-            << "  CLI:       ABLATE_CA=" << out << "/ca.pem ABLATE_TOKEN=$(cat " << out << "/user.token)\n";
+            << out << "/W-key.pem or --token_file FILE (ablate token issue --key " << out
+            << "/token-signing.key --role worker --subject W --tenant T --out FILE)\n"
+            << "  CLI:       ABLATE_CA=" << out << "/ca.pem ablate ... --token_file FILE (ablate token issue --key "
+            << out << "/token-signing.key --role user --tenant T --out FILE)\n";
   return 0;
 }
 

@@ -12,6 +12,7 @@ namespace ablate::cli {
 struct Conn {
   std::string scheduler_flag;  // --scheduler
   std::string state_dir = ".ablate";
+  std::string token_file;      // --token_file ($ABLATE_TOKEN_FILE): re-read before each call when it changed
 };
 
 int CmdSubmit(const Conn& c, const std::string& file, bool wait, const std::string& idempotency_key, bool dry_run);
@@ -24,7 +25,7 @@ int CmdScheduleAdd(const Conn& c, const std::string& cron, const std::string& na
 int CmdScheduleList(const Conn& c);
 int CmdScheduleRm(const Conn& c, int64_t id);
 // Makes what is missing of the local PKI in `out` (cli/pki.h): CA, scheduler certificate, per-worker client
-// certificates and tokens, user/admin tokens, the scheduler's tokens file.
+// certificates and tokens, user/admin tokens, the scheduler's tokens file, the token signing key.
 int CmdCerts(const std::string& out, const std::vector<std::string>& workers,
              const std::vector<std::string>& scheduler_names = {});
 

@@ -6,15 +6,18 @@
 
 #include "cli/commands.h"
 #include "cli/report.h"
+#include "cli/token.h"
 
 int main(int argc, char** argv) {
   using namespace ablate::cli;
   CLI::App app{"ablate: run LLM ablation sweeps.\n"
                "Scheduler address: --scheduler, else $ABLATE_SCHEDULER, else <state_dir>/stack.json (written by "
                "`ablate up`), else 127.0.0.1:50051.\n"
-               "TLS: $ABLATE_CA (CA of the scheduler certificate; $ABLATE_TLS_SERVER_NAME, $ABLATE_TOKEN bearer "
-               "token), else, for the scheduler of <state_dir>/stack.json, that stack's CA and user token; else "
-               "plaintext (a token is never sent without TLS)."};
+               "TLS: $ABLATE_CA (CA of the scheduler certificate; $ABLATE_TLS_SERVER_NAME), else, for the scheduler "
+               "of <state_dir>/stack.json, that stack's CA; else plaintext (a token is never sent without TLS).\n"
+               "Token: --token_file (re-read when it changes), $ABLATE_TOKEN, $ABLATE_TOKEN_FILE; else, for the "
+               "local stack, a short-lived token minted for each call from its signing key (`ablate token issue` "
+               "makes one by hand)."};
   app.require_subcommand(1);
   Conn conn;
   // Every subcommand takes these, so that `--help` of each one lists them.
@@ -22,6 +25,10 @@ int main(int argc, char** argv) {
     sub->add_option("--scheduler", conn.scheduler_flag, "Scheduler gRPC address HOST:PORT");
     sub->add_option("--state_dir", conn.state_dir, "Local stack state directory (for stack.json)")
         ->capture_default_str();
+    sub->add_option("--token_file", conn.token_file,
+                    "File whose first line is the bearer token (signed, from `ablate token issue`, or a legacy "
+                    "static one); re-read before each call when it changed")
+        ->envname("ABLATE_TOKEN_FILE");
   };
   int rc = 0;
 
@@ -173,6 +180,7 @@ int main(int argc, char** argv) {
   certs->add_option("--scheduler_names", certs_names,
                     "Comma list of extra DNS names / IP addresses for the scheduler certificate (always: localhost, "
                     "127.0.0.1, ::1)");
+
   certs->callback([&] {
     auto split = [](const std::string& s) {
       std::vector<std::string> v;
@@ -183,6 +191,39 @@ int main(int argc, char** argv) {
     };
     rc = CmdCerts(certs_out, split(certs_workers), split(certs_names));
   });
+
+  auto* token = app.add_subcommand(
+      "token", "Signed short-lived bearer tokens (JWS HS256): the scheduler accepts them with "
+               "--token_signing_key_file, checks their expiry and refuses the ids in --revoked_tokens_file");
+  token->require_subcommand(1);
+  TokenIssueOptions ti;
+  auto* issue = token->add_subcommand(
+      "issue", "Print a token (or write it to --out, 0600) for --role user|admin|worker in --tenant, valid --ttl "
+               "(default 1h, at most 24h without --allow_long_ttl); its id (jti) and expiry go to stderr");
+  issue->add_option("--tenant", ti.tenant, "Tenant claim")->required();
+  issue->add_option("--role", ti.role, "user, admin or worker")
+      ->required()->check(CLI::IsMember({"user", "admin", "worker"}));
+  issue->add_option("--ttl", ti.ttl, "Lifetime: 90s, 15m, 1h, 2d")->capture_default_str();
+  issue->add_option("--key", ti.key_file, "Signing key file (the scheduler's --token_signing_key_file; default: the "
+                                          "local stack's in <state_dir>/pki)");
+  issue->add_option("--state_dir", ti.state_dir, "Local stack state directory (for its signing key)")
+      ->capture_default_str();
+  issue->add_option("--subject", ti.subject, "Subject: a person's name (default $USER), or for role worker the "
+                                             "worker id (required)");
+  issue->add_option("--out", ti.out, "Write the token to this file (0600, atomically: a running worker or CLI "
+                                     "with --token_file picks the new one up) instead of printing it");
+  issue->add_option("--backdate", ti.backdate, "Shift the validity this far into the past (clock-skew and expiry "
+                                               "tests; --ttl 1m --backdate 2h is an expired token)");
+  issue->add_flag("--allow_long_ttl", ti.allow_long_ttl, "Allow --ttl over 24h");
+  issue->callback([&] { rc = CmdTokenIssue(ti); });
+  std::string keygen_out;
+  bool keygen_force = false;
+  auto* keygen = token->add_subcommand(
+      "keygen", "Write a new signing key (32 random bytes as 64 hex digits, file 0600) for the scheduler's "
+                "--token_signing_key_file");
+  keygen->add_option("--out", keygen_out, "Key file")->required();
+  keygen->add_flag("--force", keygen_force, "Replace an existing key (every token it signed stops working)");
+  keygen->callback([&] { rc = CmdTokenKeygen(keygen_out, keygen_force); });
 
   CLI11_PARSE(app, argc, argv);
   return rc;

@@ -25,6 +25,8 @@
 #include <set>
 #include <sstream>
 
+#include "scheduler/rpc/jwt.h"
+
 namespace ablate::cli {
 namespace {
 
@@ -255,6 +257,10 @@ std::string TokenDigestHex(const std::string& token) {
 
 }  // namespace
 
+bool WritePrivateFile(const std::string& path, const std::string& data, std::string* error) {
+  return WritePrivate(path, data, error);
+}
+
 bool ValidPkiWorkerId(const std::string& id, std::string* why) {
   if (id.empty() || id.size() > 128) {
     *why = "worker id '" + id + "': 1 to 128 characters";
@@ -328,6 +334,26 @@ bool EnsurePki(const std::string& dir, const PkiOptions& opts, PkiReport* rep, s
   if (!EnsureLeaf(dir, "scheduler", "localhost", true, names, ca, new_ca, rep, error)) return false;
   for (const auto& w : workers)
     if (!EnsureLeaf(dir, w, w, false, {}, ca, new_ca, rep, error)) return false;
+
+  // The key that signs short-lived bearer tokens (scheduler --token_signing_key_file); kept while it parses.
+  {
+    const std::string path = dir + "/token-signing.key";
+    std::vector<std::string> keys;
+    std::string warning, why;
+    if (jwt::ReadKeyFile(path, &keys, &warning, &why)) {
+      ::chmod(path.c_str(), 0600);
+      rep->kept.push_back("token-signing.key");
+    } else {
+      std::string key = jwt::NewKeyFileContent();
+      bool ok = !key.empty() && WritePrivate(path, key, error);
+      OPENSSL_cleanse(key.data(), key.size());
+      if (!ok) {
+        if (error->empty()) *error = "cannot make a random token signing key";
+        return false;
+      }
+      rep->made.push_back("token-signing.key");
+    }
+  }
 
   // Tokens: people's and one per worker; an existing good one is kept.
   std::vector<std::string> token_names = {"user", "admin"};

@@ -9,7 +9,10 @@
 //   <worker>.token                     the same worker's bearer token (ablate-worker --token_file)
 //   user.token, admin.token            bearer tokens for people (the CLI: $ABLATE_TOKEN, or `ablate up`'s config)
 //   tokens                             ablate-scheduler --tokens_file: `<role> <name> sha256:<digest>` for every
-//                                      *.token here (digests only: the scheduler never holds a token)
+//                                      *.token here (digests only: the scheduler never holds a token). These
+//                                      static tokens never expire: the legacy path, kept for compatibility.
+//   token-signing.key                  ablate-scheduler --token_signing_key_file: signs short-lived tokens
+//                                      (`ablate token issue`; the CLI of `ablate up` mints one per call)
 //
 // Idempotent: what exists and is still good is kept (a leaf that the CA signed, whose key matches, with more than
 // a day to live); what is missing, broken or about to expire is made again. A new CA re-issues every leaf.
@@ -34,5 +37,8 @@ struct PkiReport {
 bool ValidPkiWorkerId(const std::string& id, std::string* why);
 
 bool EnsurePki(const std::string& dir, const PkiOptions& opts, PkiReport* report, std::string* error);
+
+// Writes `data` to `path` created 0600 whatever the umask: tmp + fsync + rename (never follows a link).
+bool WritePrivateFile(const std::string& path, const std::string& data, std::string* error);
 
 }  // namespace ablate::cli

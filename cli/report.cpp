@@ -323,7 +323,7 @@ std::string RenderReportHtml(const ReportData& d) {
 
 int CmdReport(const Conn& c, int64_t sweep_id, const std::string& out) {
   std::string address;
-  auto stub = v1::SweepService::NewStub(OpenSchedulerChannel(c.scheduler_flag, c.state_dir, &address));
+  auto stub = v1::SweepService::NewStub(OpenSchedulerChannel(c.scheduler_flag, c.state_dir, &address, c.token_file));
   ReportData d;
   {
     v1::GetSweepRequest req;

@@ -314,9 +314,10 @@ int CmdUp(const UpOptions& o) {
   if (RunLogged({sched_bin, "migrate", "--db", dsn}, logs + "/migrate.log") != 0)
     return Fail("ablate-scheduler migrate failed:\n" + Tail(logs + "/migrate.log"));
 
-  // 4. TLS (unless --insecure): a local CA, the scheduler's certificate, a client certificate per worker and the
-  // people's tokens, made once in <state>/pki and kept (cli/pki.h); workers authenticate with their certificates,
-  // the CLI with the user token (stack.json names the files, never their content).
+  // 4. TLS (unless --insecure): a local CA, the scheduler's certificate, a client certificate per worker, the token
+  // signing key and the (legacy) static tokens, made once in <state>/pki and kept (cli/pki.h); workers
+  // authenticate with their certificates, the CLI with a short-lived token it mints per call from the signing key
+  // (stack.json names the files, never their content). An empty revocation list is made for `ablate token` ids.
   char host[256] = {0};
   ::gethostname(host, sizeof host - 1);
   std::vector<std::string> worker_ids;
@@ -333,12 +334,19 @@ int CmdUp(const UpOptions& o) {
     PkiReport rep;
     if (!EnsurePki(pki, po, &rep, &err)) return Fail("cannot make the stack's certificates in " + pki + ": " + err);
     if (!rep.made.empty()) std::cout << "TLS: made " << Join(rep.made) << " in " << pki << " (files 0600)\n";
+    const std::string revoked = pki + "/revoked-tokens";
+    if (::access(revoked.c_str(), F_OK) != 0 &&
+        !WritePrivateFile(revoked, "# ids (jti) of revoked tokens, one per line; the scheduler re-reads this file\n",
+                          &err))
+      return Fail("cannot write " + revoked + ": " + err);
     sched_argv.insert(sched_argv.end(), {"--tls_cert", pki + "/scheduler.pem", "--tls_key", pki + "/scheduler-key.pem",
-                                         "--tls_client_ca", pki + "/ca.pem", "--tokens_file", pki + "/tokens"});
+                                         "--tls_client_ca", pki + "/ca.pem", "--tokens_file", pki + "/tokens",
+                                         "--token_signing_key_file", pki + "/token-signing.key",
+                                         "--revoked_tokens_file", revoked});
     sec.ca_file = pki + "/ca.pem";
     sec.server_name = "localhost";
     tls_json = {{"ca", sec.ca_file}, {"server_name", sec.server_name}, {"token_file", pki + "/user.token"},
-                {"pki", pki}};
+                {"token_signing_key", pki + "/token-signing.key"}, {"revoked_tokens", revoked}, {"pki", pki}};
   }
 
   // 5. Scheduler on free ports; it prints "listening grpc=ADDR metrics=ADDR" on stdout.
@@ -412,7 +420,8 @@ int CmdUp(const UpOptions& o) {
             << "  state " << state << ", logs " << logs << ", db " << dsn << "\n";
   if (sec.tls())
     std::cout << "  TLS on: CA and certificates in " << pki << "; workers use client certificates; `ablate` "
-              << "commands with --state_dir " << o.state_dir << " use the CA and the user token by themselves\n";
+              << "commands with --state_dir " << o.state_dir << " use the CA and mint a short-lived user token "
+              << "for each call by themselves (signing key " << pki << "/token-signing.key)\n";
   else
     std::cout << "  TLS OFF (--insecure): plaintext, no authentication; anyone who can connect to " << grpc_addr
               << " can submit, cancel and lease jobs\n";

@@ -85,8 +85,17 @@ int main(int argc, char** argv) {
   serve->add_option("--tls_client_ca", cfg.tls_client_ca,
                     "PEM CA that signs worker client certificates (mTLS; enables authorization)")
       ->envname("ABLATE_TLS_CLIENT_CA");
+  serve->add_option("--token_signing_key_file", cfg.token_signing_key_file,
+                    "accept signed short-lived bearer tokens (JWS HS256, `ablate token issue`) verified with these "
+                    "keys: one per line, each >= 32 bytes (`ablate token keygen`); re-read when it changes "
+                    "(enables authorization)")
+      ->envname("ABLATE_TOKEN_SIGNING_KEY_FILE");
+  serve->add_option("--revoked_tokens_file", cfg.revoked_tokens_file,
+                    "ids (jti) of revoked signed tokens, one per line; re-read when it changes (at most once a second)")
+      ->envname("ABLATE_REVOKED_TOKENS_FILE");
   serve->add_option("--tokens_file", cfg.tokens_file,
-                    "bearer tokens: lines `<user|admin|worker> <name> <token or sha256:hex>` (enables authorization)")
+                    "legacy static bearer tokens (they never expire): lines `<user|admin|worker> <name> <token or "
+                    "sha256:hex>`; re-read when it changes (enables authorization)")
       ->envname("ABLATE_TOKENS_FILE");
   bool no_migrate = false;
   serve->add_flag("--no_migrate", no_migrate, "don't apply migrations at startup (refuse to serve if behind)");
@@ -116,7 +125,9 @@ int main(int argc, char** argv) {
                                  {"max_attempts", std::to_string(cfg.max_attempts)},
                                  {"tls", cfg.tls_cert.empty() ? "off" : "on"},
                                  {"client_ca", cfg.tls_client_ca.empty() ? "off" : "on"},
-                                 {"tokens_file", cfg.tokens_file.empty() ? "off" : "on"}});
+                                 {"tokens_file", cfg.tokens_file.empty() ? "off" : "on"},
+                                 {"signed_tokens", cfg.token_signing_key_file.empty() ? "off" : "on"},
+                                 {"revoked_tokens_file", cfg.revoked_tokens_file.empty() ? "off" : "on"}});
   auto server = SchedulerServer::Start(cfg);
   if (!server.ok()) {
     LogError("scheduler_start_failed", {{"error", server.status().ToString()}});

@@ -71,6 +71,7 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
     return ss.str();
   };
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  const bool token_auth = !config.tokens_file.empty() || !config.token_signing_key_file.empty();
   if (!config.tls_cert.empty() || !config.tls_key.empty()) {
     if (config.tls_cert.empty() || config.tls_key.empty()) {
       return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
@@ -90,15 +91,28 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
     }
     opts.pem_key_cert_pairs.push_back({*key, *cert});
     creds = grpc::SslServerCredentials(opts);
-  } else if (!config.tokens_file.empty() || !config.tls_client_ca.empty()) {
-    return absl::InvalidArgumentError("--tokens_file/--tls_client_ca need TLS (--tls_cert, --tls_key): bearer tokens "
-                                      "must never travel in plaintext");
+  } else if (token_auth || !config.tls_client_ca.empty()) {
+    return absl::InvalidArgumentError("--tokens_file/--token_signing_key_file/--tls_client_ca need TLS (--tls_cert, "
+                                      "--tls_key): bearer tokens must never travel in plaintext");
   }
-  bool auth_on = !config.tokens_file.empty() || !config.tls_client_ca.empty();
-  auto auth = rpc::Authenticator::Create(auth_on, config.tokens_file);
+  if (!config.revoked_tokens_file.empty() && config.token_signing_key_file.empty()) {
+    return absl::InvalidArgumentError("--revoked_tokens_file lists ids of signed tokens: it needs "
+                                      "--token_signing_key_file");
+  }
+  bool auth_on = token_auth || !config.tls_client_ca.empty();
+  rpc::AuthOptions auth_opts;
+  auth_opts.enabled = auth_on;
+  auth_opts.tokens_file = config.tokens_file;
+  auth_opts.revoked_tokens_file = config.revoked_tokens_file;
+  auth_opts.signing_key_file = config.token_signing_key_file;
+  auto auth = rpc::Authenticator::Create(auth_opts);
   if (!auth.ok()) return auth.status();
-  if (!auth_on) LogWarn("authentication_disabled", {{"hint", "pass --tls_cert/--tls_key with --tokens_file and "
-                                                              "--tls_client_ca in production"}});
+  if (!auth_on) LogWarn("authentication_disabled", {{"hint", "pass --tls_cert/--tls_key with --token_signing_key_file "
+                                                              "and --tls_client_ca in production"}});
+  if (!config.tokens_file.empty()) {
+    LogInfo("static_tokens_enabled", {{"note", "--tokens_file holds legacy static bearer tokens that never expire; "
+                                               "prefer signed short-lived tokens (--token_signing_key_file)"}});
+  }
 
   {
     std::stringstream ks(config.extra_train_keys);

@@ -44,10 +44,14 @@ struct SchedulerConfig {
   int quarantine_after = 3;
   int quarantine_s = 600;
   int64_t now_override_unix_ms = 0;                // tests: the cron "now"
-  std::string replica_id;
-  std::string extra_train_keys;                    // comma list of extra train: keys passed through                          // leader-election holder name; default host-pid
-  // Security: TLS for the gRPC port; client certificates (workers) verified against tls_client_ca; bearer tokens.
+  std::string replica_id;                          // leader-election holder name; default host-pid
+  std::string extra_train_keys;                    // comma list of extra train: keys passed through
+  // Security: TLS for the gRPC port; client certificates (workers) verified against tls_client_ca; bearer tokens
+  // (legacy static ones in tokens_file; signed, short-lived ones verified with token_signing_key_file and
+  // revocable by jti in revoked_tokens_file). The three token files are re-read when they change (at most once a
+  // second).
   std::string tls_cert, tls_key, tls_client_ca, tokens_file;
+  std::string token_signing_key_file, revoked_tokens_file;
 };
 
 class SchedulerServer {

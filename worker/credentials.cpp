@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include <grpcpp/support/client_interceptor.h>
+#include <openssl/crypto.h>
 
 namespace ablate::worker {
 namespace {
@@ -19,50 +20,88 @@ bool Slurp(const std::string& path, std::string* out) {
   return true;
 }
 
+std::string FileSignature(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return "";
+  return std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec) + "/" +
+         std::to_string(st.st_size) + "/" + std::to_string(st.st_ino);
+}
+
 // Call credentials: gRPC attaches them only on channels with privacy and integrity (TLS).
 class BearerPlugin : public grpc::MetadataCredentialsPlugin {
  public:
-  explicit BearerPlugin(std::string header) : header_(std::move(header)) {}
-  bool IsBlocking() const override { return false; }  // the header is in memory: no I/O
+  explicit BearerPlugin(std::shared_ptr<TokenSource> source) : source_(std::move(source)) {}
+  bool IsBlocking() const override { return true; }  // may stat and read the token file
   const char* GetType() const override { return "ablate-bearer"; }
   grpc::Status GetMetadata(grpc::string_ref, grpc::string_ref, const grpc::AuthContext&,
                            std::multimap<grpc::string, grpc::string>* md) override {
-    md->insert({"authorization", header_});
+    md->insert({"authorization", "Bearer " + source_->Get()});
     return grpc::Status::OK;
   }
   grpc::string DebugString() override { return "ablate bearer token (redacted)"; }
 
  private:
-  std::string header_;
+  std::shared_ptr<TokenSource> source_;
 };
 
 // --allow_insecure_token only: the same header on a plaintext channel (gRPC would drop call credentials there).
 class BearerInterceptor : public grpc::experimental::Interceptor {
  public:
-  explicit BearerInterceptor(const std::string* header) : header_(header) {}
+  explicit BearerInterceptor(TokenSource* source) : source_(source) {}
   void Intercept(grpc::experimental::InterceptorBatchMethods* m) override {
     if (m->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
-      m->GetSendInitialMetadata()->insert({"authorization", *header_});
+      m->GetSendInitialMetadata()->insert({"authorization", "Bearer " + source_->Get()});
     }
     m->Proceed();
   }
 
  private:
-  const std::string* header_;
+  TokenSource* source_;
 };
 
 class BearerInterceptorFactory : public grpc::experimental::ClientInterceptorFactoryInterface {
  public:
-  explicit BearerInterceptorFactory(std::string header) : header_(std::move(header)) {}
+  explicit BearerInterceptorFactory(std::shared_ptr<TokenSource> source) : source_(std::move(source)) {}
   grpc::experimental::Interceptor* CreateClientInterceptor(grpc::experimental::ClientRpcInfo*) override {
-    return new BearerInterceptor(&header_);
+    return new BearerInterceptor(source_.get());
   }
 
  private:
-  std::string header_;  // lives as long as the channel, which owns this factory
+  std::shared_ptr<TokenSource> source_;  // lives as long as the channel, which owns this factory
 };
 
 }  // namespace
+
+TokenSource::TokenSource(std::string path, std::string token)
+    : path_(std::move(path)), token_(std::move(token)), sig_(FileSignature(path_)) {}
+
+int TokenSource::reloads() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return reloads_;
+}
+
+std::string TokenSource::Get() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (path_.empty()) return token_;
+  const std::string sig = FileSignature(path_);
+  if (sig == sig_ || sig == bad_sig_) return token_;
+  std::string token, warning, error;
+  if (sig.empty() || !ReadTokenFile(path_, &token, &warning, &error)) {
+    // Keep the last good token; say so once per state of the file.
+    bad_sig_ = sig;
+    std::fprintf(stderr, "warning: %s; keeping the previous token\n",
+                 error.empty() ? ("--token_file " + path_ + ": not a readable file").c_str() : error.c_str());
+    return token_;
+  }
+  sig_ = sig;
+  bad_sig_.clear();
+  if (token != token_) {
+    token_ = std::move(token);
+    ++reloads_;
+    std::fprintf(stderr, "--token_file %s changed: using the new token from now on\n", path_.c_str());
+  }
+  return token_;
+}
 
 bool ReadTokenFile(const std::string& path, std::string* token, std::string* warning, std::string* error) {
   struct stat st {};
@@ -124,6 +163,7 @@ std::shared_ptr<grpc::Channel> BuildSchedulerChannel(const SchedulerConnection& 
     *error = "--tls_cert and --tls_key go together";
     return nullptr;
   }
+  auto source = token.empty() ? nullptr : std::make_shared<TokenSource>(c.token_file, token);
   std::shared_ptr<grpc::ChannelCredentials> creds;
   if (!c.tls_ca.empty()) {
     grpc::SslCredentialsOptions so;
@@ -136,20 +176,22 @@ std::shared_ptr<grpc::Channel> BuildSchedulerChannel(const SchedulerConnection& 
       return nullptr;
     }
     creds = grpc::SslCredentials(so);
+    OPENSSL_cleanse(so.pem_private_key.data(), so.pem_private_key.size());
     if (!c.tls_server_name.empty()) args.SetSslTargetNameOverride(c.tls_server_name);
     *auth = c.tls_cert.empty() ? "tls" : "mtls";
-    if (!token.empty()) {
+    if (source) {
       creds = grpc::CompositeChannelCredentials(
-          creds, grpc::MetadataCredentialsFromPlugin(std::make_unique<BearerPlugin>("Bearer " + token)));
+          creds, grpc::MetadataCredentialsFromPlugin(std::make_unique<BearerPlugin>(source)));
       *auth += "+token";
     }
   } else {
     creds = grpc::InsecureChannelCredentials();
     *auth = token.empty() ? "plaintext" : "plaintext+token (--allow_insecure_token)";
   }
-  if (!token.empty() && c.tls_ca.empty()) {
+  OPENSSL_cleanse(token.data(), token.size());
+  if (source && c.tls_ca.empty()) {
     std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> f;
-    f.push_back(std::make_unique<BearerInterceptorFactory>("Bearer " + token));
+    f.push_back(std::make_unique<BearerInterceptorFactory>(source));
     return grpc::experimental::CreateCustomChannelWithInterceptors(c.target, creds, args, std::move(f));
   }
   return grpc::CreateCustomChannel(c.target, creds, args);

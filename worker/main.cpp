@@ -94,9 +94,11 @@ int main(int argc, char** argv) {
   app.add_option("--tls_server_name", conn.tls_server_name,
                  "Expected name in the scheduler's certificate (default: host)");
   app.add_option("--token_file", conn.token_file,
-                 "File with this worker's bearer token (`ablate certs` writes <worker id>.token; the scheduler's "
-                 "--tokens_file maps it to the worker id, which must be --worker_id). Read once at start, sent on "
-                 "every RPC, never logged; needs --tls_ca")
+                 "File with this worker's bearer token: a signed short-lived one (`ablate token issue --role worker "
+                 "--subject <worker id>`) or a legacy static one (`ablate certs` writes <worker id>.token); its "
+                 "subject / name must be --worker_id. Re-read before a call whenever it changed (an external "
+                 "refresher may rotate it; a file that cannot be used keeps the previous token), sent on every RPC, "
+                 "never logged; needs --tls_ca")
       ->envname("ABLATE_WORKER_TOKEN_FILE");
   app.add_flag("--allow_insecure_token", conn.allow_insecure_token,
                "Send --token_file's token without TLS too (only behind a TLS-terminating proxy: anyone on the path "

@@ -67,8 +67,8 @@ TEST_F(PkiTest, MakesEverythingPrivateAndSignedByItsCa) {
     ASSERT_EQ(::stat(e.path().c_str(), &st), 0);
     EXPECT_EQ(st.st_mode & 0777, 0600u) << e.path();
   }
-  // ca, scheduler, 2 workers (cert + key each), user/admin/2 worker tokens, tokens.
-  EXPECT_EQ(files, 2 + 2 + 4 + 4 + 1);
+  // ca, scheduler, 2 workers (cert + key each), user/admin/2 worker tokens, tokens, token-signing.key.
+  EXPECT_EQ(files, 2 + 2 + 4 + 4 + 1 + 1);
   X509* ca = LoadCert(dir_ + "/ca.pem");
   ASSERT_NE(ca, nullptr);
   for (const char* leaf : {"scheduler", "w-1", "w.2"}) {
@@ -150,6 +150,7 @@ TEST_F(PkiTest, WorkerIdsThatCannotBeFilesOrCommonNamesAreRefused) {
 TEST_F(PkiTest, ClientUsesTheLocalStacksTlsOnlyForItsAddress) {
   unsetenv("ABLATE_CA");
   unsetenv("ABLATE_TOKEN");
+  unsetenv("ABLATE_TOKEN_FILE");
   unsetenv("ABLATE_TLS_SERVER_NAME");
   fs::create_directories(root_);
   std::ofstream(root_ + "/user.token") << "tok-of-the-local-stack-0123\n";

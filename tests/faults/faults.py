@@ -916,23 +916,92 @@ def f31(suite, st):
 
 
 def f35(suite, st):
+    import base64
     d = os.path.join(st.dir, "pki")
-    r = sh([os.path.join(suite.bin, "ablate"), "certs", "--out", d, "--workers", "wauth,wtok-a,wtok-b"])
+    ablate = os.path.join(suite.bin, "ablate")
+    r = sh([ablate, "certs", "--out", d, "--workers", "wauth,wtok-a,wtok-b"])
     check(r.returncode == 0, "ablate certs: " + r.stderr)
     tok = os.path.join(d, "tokens")
+    key = os.path.join(d, "token-signing.key")
     check(os.path.exists(tok), "no tokens file")
+    check(os.path.exists(key), "ablate certs made no token signing key")
     for f in os.listdir(d):
         mode = os.stat(os.path.join(d, f)).st_mode & 0o777
         check(mode == 0o600, "ablate certs wrote %s with mode %o, not 600" % (f, mode))
+    revoked = os.path.join(st.dir, "revoked-tokens")
+    with open(os.open(revoked, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write("# ids (jti) of revoked tokens\n")
     ca = os.path.join(d, "ca.pem")
     s = st.scheduler(["--tls_cert", os.path.join(d, "scheduler.pem"), "--tls_key", os.path.join(d, "scheduler-key.pem"),
-                      "--tls_client_ca", ca, "--tokens_file", tok])
+                      "--tls_client_ca", ca, "--tokens_file", tok, "--token_signing_key_file", key,
+                      "--revoked_tokens_file", revoked])
     user_token = open(os.path.join(d, "user.token")).read().strip()
     ta, tb = (open(os.path.join(d, w + ".token")).read().strip() for w in ("wtok-a", "wtok-b"))
     secrets = [user_token, ta, tb]
     check(not any(t in open(tok).read() for t in secrets), "the scheduler's tokens file holds a token, not its digest")
+
+    # Signed short-lived tokens (`ablate token issue`): valid ones per role, an expired one, one signed with another
+    # key, one revoked while the scheduler runs, and an unsigned alg "none" one.
+    def issue(role, subject, key_file=key, ttl="1h", backdate=None):
+        argv = [ablate, "token", "issue", "--key", key_file, "--tenant", "t1", "--role", role, "--subject", subject,
+                "--ttl", ttl] + (["--backdate", backdate] if backdate else [])
+        c = sh(argv)
+        check(c.returncode == 0 and c.stdout.count(".") == 2, "ablate token issue %s: %s" % (role, c.stderr))
+        check("jti " in c.stderr and c.stdout.strip() not in c.stderr, "token issue: jti on stderr, token on stdout")
+        return c.stdout.strip()
+
+    def claims(t):
+        p = t.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
+
+    def b64(b):
+        return base64.urlsafe_b64encode(b.encode()).rstrip(b"=").decode()
+
+    long_ttl = sh([ablate, "token", "issue", "--key", key, "--tenant", "t1", "--role", "user", "--ttl", "48h"])
+    check(long_ttl.returncode == 2 and "24h" in long_ttl.stderr, "a 48h token was issued without --allow_long_ttl")
+    other_key = os.path.join(st.dir, "other-signing.key")
+    c = sh([ablate, "token", "keygen", "--out", other_key])
+    check(c.returncode == 0 and os.stat(other_key).st_mode & 0o777 == 0o600, "token keygen: " + c.stderr)
+    jwt_user, jwt_admin, jwt_worker = issue("user", "alice"), issue("admin", "root"), issue("worker", "wauth")
+    check(claims(jwt_user)["exp"] - claims(jwt_user)["iat"] == 3600, "the default TTL is not 1h")
+    expired = issue("user", "alice", ttl="1m", backdate="2h")
+    wrong_key = issue("admin", "mallory", key_file=other_key)
+    to_revoke = issue("admin", "leaver")
+    alg_none = b64('{"alg":"none","typ":"JWT"}') + "." + b64(json.dumps(
+        {"sub": "root", "tenant": "t1", "role": "admin", "jti": "x", "exp": int(time.time()) + 3600})) + "."
+    secrets += [jwt_user, jwt_admin, jwt_worker, expired, wrong_key, to_revoke]
+    # Revocation without a restart: the token works, its jti goes into --revoked_tokens_file, and about a second
+    # later the same call is UNAUTHENTICATED "token revoked". The static tokens file is re-read the same way.
+    env = dict(os.environ, ABLATE_CA=ca, ABLATE_TLS_SERVER_NAME="localhost")
+    env.pop("ABLATE_TOKEN", None)
+    tf = os.path.join(st.dir, "cli.token")
+    with open(os.open(tf, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(to_revoke + "\n")
+    c = sh([ablate, "list", "--scheduler", s.addr, "--token_file", tf], env=env)
+    check(c.returncode == 0, "a fresh signed admin token was refused: " + c.stderr)
+    with open(revoked, "a") as f:
+        f.write(claims(to_revoke)["jti"] + "\n")
+    time.sleep(1.5)
+    c = sh([ablate, "list", "--scheduler", s.addr, "--token_file", tf], env=env)
+    check(c.returncode == 1 and "token revoked" in c.stderr, "a revoked token still works: rc=%d %s" % (c.returncode, c.stderr))
+    c = sh([ablate, "list", "--scheduler", s.addr], env=dict(env, ABLATE_TOKEN=expired))
+    check(c.returncode == 1 and "token expired" in c.stderr, "an expired token: rc=%d %s" % (c.returncode, c.stderr))
+    new_static = "fresh-static-token-0123456789abcdef"
+    with open(tok, "a") as f:
+        f.write("user late-user %s\n" % new_static)
+    time.sleep(1.5)
+    c = sh([ablate, "list", "--scheduler", s.addr], env=dict(env, ABLATE_TOKEN=new_static))
+    check(c.returncode == 0, "a static token added to --tokens_file was not picked up without a restart: " + c.stderr)
+    secrets.append(new_static)
+    check("auth_reloaded" in s.text(), "the scheduler did not log the reload of its token files")
+
     r = rpc_tool(st, "authz-matrix", s.addr, ca, user_token, os.path.join(d, "wauth.pem"),
-                 os.path.join(d, "wauth-key.pem"), ta)
+                 os.path.join(d, "wauth-key.pem"), ta,
+                 "jwt_user:user:" + jwt_user, "jwt_admin:admin:" + jwt_admin, "jwt_worker:worker:" + jwt_worker,
+                 "jwt_expired:none:" + expired + ":token expired",
+                 "jwt_wrong_key:none:" + wrong_key + ":invalid token signature",
+                 "jwt_revoked:none:" + to_revoke + ":token revoked",
+                 "jwt_alg_none:none:" + alg_none + ":algorithm")
     check(r.returncode == 0, "authorization matrix: " + r.stdout[-4000:] + r.stderr[-1000:])
     notes = [r.stdout.strip().splitlines()[-1]]
     # Worker tokens at the RPC level: A's token never acts on B's lease; no/wrong token is UNAUTHENTICATED.
@@ -943,43 +1012,71 @@ def f35(suite, st):
     tls = ["--tls_ca", ca, "--tls_server_name", "localhost"]
     env = dict(os.environ, ABLATE_CA=ca, ABLATE_TOKEN=user_token, ABLATE_TLS_SERVER_NAME="localhost")
     path = os.path.join(st.dir, "token-e2e.yaml")
-    open(path, "w").write(sweep("token-e2e", steps=20, save=10))
-    c = sh([os.path.join(suite.bin, "ablate"), "submit", path, "--scheduler", s.addr], env=env)
+    open(path, "w").write(sweep("token-e2e", steps=60, save=10, step_ms=100))
+    c = sh([ablate, "submit", path, "--scheduler", s.addr], env=env)
     check(c.returncode == 0, "submit over TLS with the user token: " + c.stderr + c.stdout)
     sid = st.qi("SELECT max(id) FROM sweeps")
     # Refused workers first, so that only the token worker can take the job: B's token under A's id, no
-    # credential at all, a wrong token; and a token without TLS is refused by the worker itself.
+    # credential at all, a wrong token, an expired signed token; and a token without TLS is refused by the worker.
     wrong = os.path.join(st.dir, "wrong.token")
     with open(os.open(wrong, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
         f.write("0123456789abcdef0123456789abcdef\n")
+    expired_w = os.path.join(st.dir, "expired-worker.token")
+    with open(os.open(expired_w, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(issue("worker", "wexp", ttl="1m", backdate="2h") + "\n")
     bad = [st.worker("wtok-a", s.addr, extra=tls + ["--token_file", os.path.join(d, "wtok-b.token")]),
            st.worker("wnone", s.addr, extra=tls),
-           st.worker("wwrong", s.addr, extra=tls + ["--token_file", wrong])]
+           st.worker("wwrong", s.addr, extra=tls + ["--token_file", wrong]),
+           st.worker("wexp", s.addr, extra=tls + ["--token_file", expired_w])]
     plain = sh([os.path.join(suite.bin, "ablate-worker"), "--scheduler", s.addr, "--worker_id", "wtok-a",
                 "--token_file", os.path.join(d, "wtok-a.token"), "--once"])
     check(plain.returncode != 0 and "needs TLS" in plain.stdout + plain.stderr,
           "a worker sent (or tried to send) its token without TLS: rc=%d %s" % (plain.returncode,
                                                                                 plain.stdout + plain.stderr))
     st.wait(lambda: all(w.text().count("RegisterWorker refused") >= 1 for w in bad), 20,
-            "the three workers without a valid credential to be refused")
-    for w, code in zip(bad, ("7 ", "16 ", "16 ")):  # PERMISSION_DENIED, UNAUTHENTICATED, UNAUTHENTICATED
+            "the four workers without a valid credential to be refused")
+    # PERMISSION_DENIED, UNAUTHENTICATED, UNAUTHENTICATED, UNAUTHENTICATED (token expired)
+    for w, code in zip(bad, ("7 ", "16 ", "16 ", "16 token expired")):
         check("RegisterWorker refused: " + code in w.text(), "%s: expected code %s: %s" % (w.wid, code, w.text()[-800:]))
     check(st.qi("SELECT count(*) FROM jobs WHERE sweep_id = %d AND state <> 'queued'" % sid) == 0,
           "a job was leased by a worker without a valid credential")
     for w in bad:
         w.stop()
-    good = st.worker("wtok-a", s.addr, extra=tls + ["--token_file", os.path.join(d, "wtok-a.token")])
+    # The token worker runs on a signed short-lived token in a file; mid-job an external refresher replaces the
+    # file with a new token and revokes the old one. The worker re-reads the file: the job is not disturbed.
+    wt = os.path.join(st.dir, "wtok-a.jwt")
+
+    def put_token(t):
+        tmp = wt + ".tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(t + "\n")
+        os.rename(tmp, wt)
+
+    first = issue("worker", "wtok-a", ttl="10m")
+    put_token(first)
+    good = st.worker("wtok-a", s.addr, extra=tls + ["--token_file", wt])
+    st.wait(lambda: st.qi("SELECT count(*) FROM metrics m JOIN jobs j ON j.id = m.job_id WHERE j.sweep_id = %d" % sid) > 0,
+            30, "the token worker to start the job")
+    second = issue("worker", "wtok-a", ttl="10m")
+    put_token(second)
+    time.sleep(0.5)
+    with open(revoked, "a") as f:
+        f.write(claims(first)["jti"] + "\n")
+    secrets += [first, second]
     st.wait(lambda: st.qi("SELECT count(*) FROM jobs WHERE sweep_id = %d AND state = 'succeeded'" % sid) == 1, 60,
             "the token worker to finish the job")
     check(st.q("SELECT a.worker_id FROM job_attempts a JOIN jobs j ON j.id = a.job_id WHERE j.sweep_id = %d" % sid)
-          == "wtok-a", "the job ran on another worker than wtok-a")
+          == "wtok-a", "the job ran on another worker than wtok-a (or more than once)")
     check(st.qi("SELECT count(*) FROM metrics m JOIN jobs j ON j.id = m.job_id WHERE j.sweep_id = %d" % sid) > 0,
           "no metric points arrived from the token worker")
     check("auth=tls+token" in good.text(), "the worker did not report auth=tls+token: " + good.text()[:500])
+    check("changed: using the new token" in good.text(), "the worker did not pick up the refreshed token file")
     logs = s.text() + "".join(w.text() for w in st.workers) + plain.stdout + plain.stderr + c.stdout + c.stderr
     for t in secrets:
         check(t not in logs, "a bearer token appeared in a log")
-    notes.append("token worker ran job end to end over TLS; wrong/missing/other worker's token refused")
+    notes.append("token worker ran job end to end over TLS on a signed token refreshed (and the old one revoked) "
+                 "mid-job; wrong/missing/expired/other worker's token refused; revocation and --tokens_file changes "
+                 "took effect without a restart")
     finish(st)
     return "; ".join(notes)
 

@@ -361,15 +361,23 @@ int Deadlines(const std::string& addr) {
   return secs <= 4.0 ? 0 : 1;
 }
 
-// F35: every RPC × {no credentials, bad token, worker certificate, user token}. The expectation table is this
-// test's own: a method of the proto that is missing from it fails the test.
+// F35: every RPC × {no credentials, bad token, worker certificate, user token, worker token, and the extra
+// credentials given as NAME:ROLE:TOKEN[:MESSAGE] (signed tokens: valid ones, expired, signed with a wrong key,
+// revoked, alg none)}. ROLE none must be refused with UNAUTHENTICATED (and MESSAGE in the error, when given). The
+// expectation table is this test's own: a method of the proto that is missing from it fails the test.
+struct ExtraCred {
+  std::string name, role, token, message;
+};
+
 int AuthzMatrix(const std::string& addr, const std::string& ca, const std::string& user_token,
-                const std::string& wcert, const std::string& wkey, const std::string& worker_token) {
+                const std::string& wcert, const std::string& wkey, const std::string& worker_token,
+                const std::vector<ExtraCred>& extra) {
+  const std::set<std::string> people = {"user", "admin"};
   const std::map<std::string, std::set<std::string>> allowed = {
-      {"SubmitSweep", {"user"}}, {"GetSweep", {"user"}}, {"ListSweeps", {"user"}}, {"CancelSweep", {"user"}},
-      {"ListJobs", {"user"}}, {"GetJob", {"user"}}, {"WatchSweep", {"user"}}, {"CompareSweep", {"user"}}, {"GetJobMetrics", {"user"}},
-      {"CancelJob", {"user"}}, {"ExtendSweep", {"user"}}, {"CreateSchedule", {"user"}}, {"ListSchedules", {"user"}},
-      {"DeleteSchedule", {"user"}}, {"QuarantineWorker", {}},  // admin only
+      {"SubmitSweep", people}, {"GetSweep", people}, {"ListSweeps", people}, {"CancelSweep", people},
+      {"ListJobs", people}, {"GetJob", people}, {"WatchSweep", people}, {"CompareSweep", people},
+      {"GetJobMetrics", people}, {"CancelJob", people}, {"ExtendSweep", people}, {"CreateSchedule", people},
+      {"ListSchedules", people}, {"DeleteSchedule", people}, {"QuarantineWorker", {"admin"}},
       {"RegisterWorker", {"worker"}}, {"LeaseJob", {"worker"}}, {"Heartbeat", {"worker"}},
       {"ReportMetrics", {"worker"}}, {"ReportCheckpoint", {"worker"}}, {"CompleteJob", {"worker"}}};
   grpc::SslCredentialsOptions plain;
@@ -381,12 +389,22 @@ int AuthzMatrix(const std::string& addr, const std::string& ca, const std::strin
   args.SetSslTargetNameOverride("localhost");
   auto tls = grpc::CreateCustomChannel(addr, grpc::SslCredentials(plain), args);
   auto wtls = grpc::CreateCustomChannel(addr, grpc::SslCredentials(mtls), args);
-  struct Cred { std::string name; std::shared_ptr<grpc::Channel> ch; std::string token; std::string role; };
+  struct Cred {
+    std::string name;
+    std::shared_ptr<grpc::Channel> ch;
+    std::string token;
+    std::string role;
+    std::string message;  // expected in the error of a refused call (role none)
+  };
   // A worker authenticates with its client certificate (mTLS) or with its bearer token over TLS: same role.
-  std::vector<Cred> creds = {{"none", tls, "", "none"}, {"bad_token", tls, "not-a-valid-token-0123456789", "none"},
-                             {"worker_cert", wtls, "", "worker"}, {"user", tls, user_token, "user"}};
-  if (!worker_token.empty()) creds.push_back({"worker_token", tls, worker_token, "worker"});
-  int unexpected_ok = 0, unexpected_deny = 0, cells = 0, missing = 0;
+  std::vector<Cred> creds = {{"none", tls, "", "none", ""},
+                             {"bad_token", tls, "not-a-valid-token-0123456789", "none", ""},
+                             {"worker_cert", wtls, "", "worker", ""},
+                             {"user", tls, user_token, "user", ""}};
+  if (!worker_token.empty()) creds.push_back({"worker_token", tls, worker_token, "worker", ""});
+  for (const auto& e : extra) creds.push_back({e.name, tls, e.token, e.role, e.message});
+  int unexpected_ok = 0, unexpected_deny = 0, cells = 0, missing = 0, wrong_code = 0;
+  std::map<std::string, int> refused_by_cred;
   for (const auto* m : AllMethods()) {
     auto it = allowed.find(m->name());
     if (it == allowed.end()) {
@@ -434,13 +452,30 @@ int AuthzMatrix(const std::string& addr, const std::string& ca, const std::strin
         ++unexpected_deny;
         std::cout << "unexpected denial " << m->name() << " as " << cr.name << ": " << s.error_message() << "\n";
       }
+      // No valid credential: exactly UNAUTHENTICATED, with the reason when one is expected (e.g. "token expired").
+      if (cr.role == "none" && (s.error_code() != grpc::UNAUTHENTICATED ||
+                                (!cr.message.empty() && s.error_message().find(cr.message) == std::string::npos))) {
+        ++wrong_code;
+        std::cout << "wrong refusal " << m->name() << " as " << cr.name << ": code " << s.error_code() << " \""
+                  << s.error_message() << "\" (expected UNAUTHENTICATED"
+                  << (cr.message.empty() ? "" : " \"" + cr.message + "\"") << ")\n";
+      }
+      if (denied) ++refused_by_cred[cr.name];
     }
   }
+  std::string names;
+  for (const auto& cr : creds) {
+    names += (names.empty() ? "" : ", ") + cr.name + (cr.role == "none" ? " (refused " : " (") +
+             std::to_string(cr.role == "none" ? refused_by_cred[cr.name] : cells / static_cast<int>(creds.size())) +
+             ")";
+  }
+  std::cout << "credentials: " << names << "\n";
   std::cout << "authorization matrix: " << AllMethods().size() << " RPCs x " << creds.size()
             << " credentials = " << cells
             << " calls, " << unexpected_ok << " unexpected successes, " << unexpected_deny
-            << " unexpected denials, " << missing << " methods without a policy\n";
-  return unexpected_ok == 0 && unexpected_deny == 0 && missing == 0 ? 0 : 1;
+            << " unexpected denials, " << wrong_code << " wrong refusal codes, " << missing
+            << " methods without a policy\n";
+  return unexpected_ok == 0 && unexpected_deny == 0 && wrong_code == 0 && missing == 0 ? 0 : 1;
 }
 
 // F35, worker bearer tokens: worker B leases a job with its token; worker A's (valid) token must not act for
@@ -584,8 +619,30 @@ int main(int argc, char** argv) {
     if (cmd == "invalid-specs") return InvalidSpecs(a[1]);
     if (cmd == "dup-submit") return DupSubmit(a[1]);
     if (cmd == "deadlines") return Deadlines(a[1]);
-    if (cmd == "authz-matrix" && (a.size() == 6 || a.size() == 7))
-      return AuthzMatrix(a[1], a[2], a[3], a[4], a[5], a.size() == 7 ? a[6] : "");
+    if (cmd == "authz-matrix" && a.size() >= 6) {
+      // authz-matrix ADDR CA USER_TOKEN WCERT WKEY [WORKER_TOKEN] [NAME:ROLE:TOKEN[:MESSAGE] ...]
+      std::string worker_token;
+      std::vector<ExtraCred> extra;
+      for (size_t i = 6; i < a.size(); ++i) {
+        if (i == 6 && a[i].find(':') == std::string::npos) {
+          worker_token = a[i];
+          continue;
+        }
+        ExtraCred e;
+        std::stringstream ss(a[i]);
+        std::getline(ss, e.name, ':');
+        std::getline(ss, e.role, ':');
+        std::getline(ss, e.token, ':');
+        std::getline(ss, e.message);
+        if (e.name.empty() || e.token.empty() ||
+            (e.role != "none" && e.role != "user" && e.role != "admin" && e.role != "worker")) {
+          std::cerr << "authz-matrix: bad credential spec #" << i << " (NAME:ROLE:TOKEN[:MESSAGE])\n";
+          return 2;
+        }
+        extra.push_back(e);
+      }
+      return AuthzMatrix(a[1], a[2], a[3], a[4], a[5], worker_token, extra);
+    }
     if (cmd == "token-lease" && a.size() == 8) return TokenLease(a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
   }
   std::cerr << "usage: ablate-fault-rpc stale-write|malformed|oversize|invalid-specs|dup-submit|deadlines|"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `ablate up` end to end: TLS is on by default. The first start makes a local CA, the scheduler's and the workers'
-# certificates and tokens in <state>/pki (files 0600); the scheduler requires them, workers use mTLS, and the CLI
-# finds the CA and the user token through <state>/stack.json. Without them a call is refused. Keys and tokens
-# appear in no log. A restart keeps the PKI; `ablate up --insecure` is plaintext.
+# certificates, a token signing key and (legacy) tokens in <state>/pki (files 0600); the scheduler requires them,
+# workers use mTLS, and the CLI finds the CA and the signing key through <state>/stack.json and mints a short-lived
+# token per call. Without them a call is refused; so is an expired signed token. Keys and tokens appear in no log.
+# A restart keeps the PKI; `ablate up --insecure` is plaintext.
 #   up_tls.sh BIN_DIR WORK_DIR
 set -euo pipefail
 bin=$(cd "$1" && pwd); work=$2
@@ -40,12 +41,14 @@ grep -q "TLS on" "$work/up1.out" || fail "ablate up did not turn TLS on"
 grep -q "TLS: made ca.pem" "$work/up1.out" || fail "the first start did not make the PKI"
 [ "$(mode "$pki")" = 700 ] || fail "$pki has mode $(mode "$pki")"
 wid="$(hostname)-w0"
-for f in ca.pem ca-key.pem scheduler.pem scheduler-key.pem "$wid.pem" "$wid-key.pem" user.token admin.token tokens; do
+for f in ca.pem ca-key.pem scheduler.pem scheduler-key.pem "$wid.pem" "$wid-key.pem" user.token admin.token tokens \
+         token-signing.key revoked-tokens; do
   [ -f "$pki/$f" ] || fail "$pki/$f missing"
 done
 for f in "$pki"/*; do [ "$(mode "$f")" = 600 ] || fail "$f has mode $(mode "$f")"; done
 a=$(addr)
-grep -q "tls=on client_ca=on tokens_file=on" "$st/logs/scheduler.log" || fail "the scheduler runs without TLS/authentication"
+grep -q "tls=on client_ca=on tokens_file=on signed_tokens=on revoked_tokens_file=on" "$st/logs/scheduler.log" \
+  || fail "the scheduler runs without TLS/authentication/signed tokens"
 grep -q "auth=mtls" "$st/logs/worker-0.log" || fail "the worker does not use its client certificate"
 echo "stack up with TLS at $a; PKI in $pki"
 
@@ -66,14 +69,26 @@ set -e
 [ "$rc1" = 1 ] && grep -q "cannot reach" "$work/plain.out" || fail "a plaintext call got through (rc $rc1)"
 [ "$rc2" = 1 ] && grep -q "not authenticated" "$work/notoken.out" || fail "a call without a token got through (rc $rc2)"
 [ "$rc3" = 1 ] && grep -q "not authenticated" "$work/wrongtoken.out" || fail "a wrong token got through (rc $rc3)"
-echo "plaintext, no token, wrong token: refused"
+# Signed tokens issued by hand with the stack's key: an admin token works; an expired one is refused, saying so.
+"$bin/ablate" token issue --state_dir "$st" --tenant local --role admin --ttl 10m --out "$work/admin.jwt" \
+  > "$work/issue.out" 2>&1 || fail "ablate token issue: $(cat "$work/issue.out")"
+"$bin/ablate" token issue --state_dir "$st" --tenant local --role admin --ttl 1m --backdate 1h \
+  --out "$work/expired.jwt" > "$work/issue2.out" 2>&1 || fail "ablate token issue (expired)"
+ABLATE_CA="$pki/ca.pem" "$bin/ablate" status --scheduler "$a" --state_dir "$elsewhere" --token_file "$work/admin.jwt" \
+  > "$work/admin.out" 2>&1 || fail "a signed admin token was refused: $(cat "$work/admin.out")"
+set +e
+ABLATE_CA="$pki/ca.pem" "$bin/ablate" status --scheduler "$a" --state_dir "$elsewhere" --token_file "$work/expired.jwt" \
+  > "$work/expired.out" 2>&1; rc4=$?
+set -e
+[ "$rc4" = 1 ] && grep -q "token expired" "$work/expired.out" || fail "an expired token got through (rc $rc4)"
+echo "plaintext, no token, wrong token, expired signed token: refused; signed admin token: ok"
 
 # 4. No token and no private key in any log or output.
 # A token is its first line; of a P-256 key (PKCS#8) the 32-byte private scalar follows a 36-byte header common
 # to every such key, so base64 characters 49-90 are the secret ones.
-for f in "$pki"/*.token "$pki"/*-key.pem; do
+for f in "$pki"/*.token "$pki"/*-key.pem "$pki"/token-signing.key "$work"/*.jwt; do
   case "$f" in
-    *.token) secret=$(head -n1 "$f") ;;
+    *.token|*.key|*.jwt) secret=$(head -n1 "$f") ;;
     *) secret=$(grep -v -- '-----' "$f" | tr -d '\n' | cut -c49-90) ;;
   esac
   [ "${#secret}" -ge 40 ] || fail "could not read the secret part of $f"

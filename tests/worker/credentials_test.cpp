@@ -1,5 +1,6 @@
-// ablate-worker's scheduler credentials: the token file is read strictly, and a token (or a client certificate)
-// never goes over a plaintext channel unless --allow_insecure_token says so.
+// ablate-worker's scheduler credentials: the token file is read strictly and re-read when it changes (a broken
+// replacement keeps the previous token), and a token (or a client certificate) never goes over a plaintext
+// channel unless --allow_insecure_token says so.
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
@@ -25,6 +26,12 @@ class CredentialsTest : public ::testing::Test {
     std::ofstream(p) << content;
     ::chmod(p.c_str(), mode);
     return p;
+  }
+  // A new file renamed over the old one (what a token refresher should do).
+  std::string Replace(const std::string& name, const std::string& content) {
+    Write(name + ".tmp", content);
+    std::filesystem::rename(dir_ + "/" + name + ".tmp", dir_ + "/" + name);
+    return dir_ + "/" + name;
   }
   std::string dir_;
 };
@@ -69,6 +76,26 @@ TEST_F(CredentialsTest, TokenWithoutTlsIsRefusedUnlessAllowed) {
   EXPECT_NE(BuildSchedulerChannel(c, grpc::ChannelArguments(), &auth, &err), nullptr) << err;
   EXPECT_EQ(auth.rfind("plaintext+token", 0), 0u) << auth;
   EXPECT_EQ(auth.find("abcdef"), std::string::npos);
+}
+
+TEST_F(CredentialsTest, TokenFileIsReReadWhenItChanges) {
+  const std::string p = Replace("t", "first-token-0123456789\n");
+  TokenSource src(p, "first-token-0123456789");
+  EXPECT_EQ(src.Get(), "first-token-0123456789");
+  EXPECT_EQ(src.reloads(), 0);
+  Replace("t", "second-token-0123456789\n");
+  EXPECT_EQ(src.Get(), "second-token-0123456789");
+  EXPECT_EQ(src.reloads(), 1);
+  Replace("t", "bad token with blanks\n");  // refused: the previous token stays
+  EXPECT_EQ(src.Get(), "second-token-0123456789");
+  std::filesystem::remove(p);  // gone: the previous token stays
+  EXPECT_EQ(src.Get(), "second-token-0123456789");
+  Replace("t", "third-token-0123456789\n");
+  EXPECT_EQ(src.Get(), "third-token-0123456789");
+  EXPECT_EQ(src.reloads(), 2);
+  // In place (same inode), a different length: seen too.
+  Write("t", "fourth-token-0123456789-longer\n");
+  EXPECT_EQ(src.Get(), "fourth-token-0123456789-longer");
 }
 
 TEST_F(CredentialsTest, TlsWithTokenAndCertificateChecks) {
