@@ -5,7 +5,9 @@
 //                              is_causal) and, as a second row, SDPA with enable_gqa (no K/V copy)
 //   K2 NSA                     core/mixers/nsa.h public functions: "cmp+slc" = compress_keys/values (the module's
 //                              MLPs) + nsa_compressed_attention (with top-n selection) + nsa_selected_attention;
-//                              "swa" = nsa_window_attention; paper config l=32, d=16, l'=64, n=16, w=512
+//                              "swa" = nsa_window_attention; paper config l=32, d=16, l'=64, n=16, w=512;
+//                              "cmp" / "slc" = the two halves of cmp+slc alone, "cmp_fused" = "cmp" on the fused
+//                              CUDA kernels of kernels/nsa_compress.h (nsa_set_cmp_fused_enabled; CUDA only)
 //   K3 Mamba2 SSD              core/mixers/ssd.h ssd_chunked, chunk 256
 //   K4 Gated DeltaNet          core/mixers/delta_rule.h gated_delta_rule_chunked, chunk 64
 //
@@ -358,6 +360,13 @@ void bench_k1() {
 }
 
 // ================================================================================================ K2 NSA
+// The fused compressed-branch kernels on or off for a scope (they are off by default).
+struct CmpFused {
+  explicit CmpFused(bool on) : prev(core::nsa_cmp_fused_enabled()) { core::nsa_set_cmp_fused_enabled(on); }
+  ~CmpFused() { core::nsa_set_cmp_fused_enabled(prev); }
+  bool prev;
+};
+
 core::NsaAttentionOptions nsa_options(int64_t H, int64_t KV, int64_t d) {
   auto o = core::NsaAttentionOptions(H * d, H, KV, d);  // defaults: l=32, d=16, l'=64, n=16, w=512
   if (g_opt.smoke) {
@@ -414,13 +423,26 @@ void check_k2(int64_t H, int64_t KV) {
                                                 m32->compress_values(v32.detach()), o);
       const double same = c32.block_idx.eq(rb.block_idx).to(torch::kFloat64).mean().item<double>();
       check_result("K2", "selection (fp32) == reference " + tag, same >= 0.99, fmt("%.5f of block ids equal", same));
+      if (g_dev.is_cuda()) {
+        CmpFused fused(true);
+        auto f32 = core::nsa_compressed_attention(q32.detach(), m32->compress_keys(k32.detach()),
+                                                  m32->compress_values(v32.detach()), o);
+        const double fsame = f32.block_idx.eq(rb.block_idx).to(torch::kFloat64).mean().item<double>();
+        check_result("K2", "cmp_fused selection (fp32) == reference " + tag, fsame >= 0.99,
+                     fmt("%.5f of block ids equal", fsame));
+      }
     }
     auto qb = q.clone().requires_grad_(true), kb = k.clone().requires_grad_(true), vb = v.clone().requires_grad_(true);
     auto cmp = core::nsa_compressed_attention(qb, m16->compress_keys(kb), m16->compress_values(vb), o);
-    const std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>> branches = {
+    std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>> branches = {
         {"cmp", {cmp.out, rb.o_cmp}},
         {"slc", {core::nsa_selected_attention(qb, kb, vb, rb.block_idx, o), rb.o_slc}},
         {"swa", {core::nsa_window_attention(qb, kb, vb, o), rb.o_swa}}};
+    if (g_dev.is_cuda()) {
+      CmpFused fused(true);
+      auto f = core::nsa_compressed_attention(qb, m16->compress_keys(kb), m16->compress_values(vb), o);
+      branches.push_back({"cmp_fused", {f.out, rb.o_cmp}});
+    }
     for (const auto& [name, pr] : branches) {
       const auto& [ours, want] = pr;
       const double eo = rel_rms(ours, want);
@@ -446,7 +468,7 @@ void check_k2(int64_t H, int64_t KV) {
 
 void bench_k2() {
   header("K2 NSA, bf16, d=128 (cmp+slc = compression MLPs + compressed attn + top-n + selected attn; swa = window; "
-         "cmp / slc alone up to 32K)");
+         "cmp / cmp_fused / slc alone up to 32K)");
   struct S {
     int64_t B, H, KV, T;
   };
@@ -496,6 +518,13 @@ void bench_k2() {
           "K2", shape, "cmp",
           [&] { return core::nsa_compressed_attention(q, m->compress_keys(k), m->compress_values(v), o).out; },
           {q, k, v}, gy, per_key * keys.cmp + mlp, 3.5, bytes, 2.5 * bytes, "passed");
+      if (g_dev.is_cuda()) {
+        CmpFused fused(true);
+        time_fwd_bwd(
+            "K2", shape, "cmp_fused",
+            [&] { return core::nsa_compressed_attention(q, m->compress_keys(k), m->compress_values(v), o).out; },
+            {q, k, v}, gy, per_key * keys.cmp + mlp, 3.5, bytes, 2.5 * bytes, "passed");
+      }
       Tensor idx;
       {
         torch::NoGradGuard no_grad;

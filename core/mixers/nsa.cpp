@@ -11,7 +11,11 @@
 // - On CUDA the selected branch runs the kernels of kernels/nsa_select.h instead (no gathered K/V at all):
 //   query-centric forward and dq, key-centric dk/dv over an inverse index built here with sort/bincount/cumsum.
 // - On CUDA the sliding-window branch goes through SDPA's fused kernels (chunked, band mask, autograd) when SDPA
-//   picks a fused backend for it; the compressed branch stays the LibTorch Function (it needs the probabilities).
+//   picks a fused backend for it.
+// - The compressed branch is the LibTorch Function below unless the fused kernels of kernels/nsa_compress.h are
+//   switched on (ABLATE_NSA_CMP_FUSED=1 / nsa_set_cmp_fused_enabled; off by default until validated on a GPU):
+//   online-softmax forward writing o and lse, then per query chunk the importance recomputed from lse and the same
+//   nsa_select_blocks top-n; backward dq query-centric and dkc/dvc key-centric from the saved lse.
 #include "core/mixers/nsa.h"
 #include "core/mixers/param_init.h"
 
@@ -19,6 +23,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -26,6 +32,7 @@
 #include <ATen/SDPBackend.h>
 
 #include "core/ops/kernel_dispatch.h"
+#include "kernels/nsa_compress.h"
 #include "kernels/nsa_select.h"
 
 #if ABLATE_WITH_CUDA
@@ -45,6 +52,16 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 std::atomic<int64_t> g_max_chunk_numel{0};
 std::atomic<bool> g_slc_kernels{true};
 std::atomic<bool> g_swa_sdpa{true};
+std::atomic<int64_t> g_cmp_fused_calls{0};
+
+// The fused compressed-branch kernels: off unless ABLATE_NSA_CMP_FUSED=1 (read once) or nsa_set_cmp_fused_enabled.
+std::atomic<bool>& cmp_fused_switch() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("ABLATE_NSA_CMP_FUSED");
+    return e != nullptr && std::strcmp(e, "1") == 0;
+  }()};
+  return on;
+}
 
 void note_chunk(const Tensor& t) {
   const int64_t n = t.numel();
@@ -173,9 +190,143 @@ int64_t cmp_chunk(int64_t B, int64_t H, int64_t nc, const NsaAttentionOptions& o
   return pick_chunk(B * H * std::max<int64_t>(nc, 1), o, T);
 }
 
+// ---- compressed branch on the fused CUDA kernels (kernels/nsa_compress.h; CUDA build only) ----
+#if ABLATE_WITH_CUDA
+
+Tensor kernel_operand(const Tensor& t);  // selected branch, below
+
+kernels::NsaDtype nsa_dtype(c10::ScalarType t) {
+  return t == torch::kBFloat16 ? kernels::NsaDtype::kBF16
+         : t == torch::kHalf   ? kernels::NsaDtype::kF16
+                               : kernels::NsaDtype::kF32;
+}
+
+// Switch on, CUDA build, CUDA tensors of one fp32/bf16/fp16 dtype, head_dim 64/128, G <= 16, a device that runs them.
+bool cmp_kernel_takes(const Tensor& q, const Tensor& kc, const Tensor& vc, const NsaAttentionOptions& o) {
+  if (!ops::kHaveCudaKernels || !q.is_cuda() || !cmp_fused_switch().load()) return false;
+  const auto st = q.scalar_type();
+  if (st != torch::kFloat && st != torch::kBFloat16 && st != torch::kHalf) return false;
+  if (kc.scalar_type() != st || vc.scalar_type() != st || kc.device() != q.device() || vc.device() != q.device()) {
+    return false;
+  }
+  if (q.size(1) >= (int64_t{1} << 31)) return false;
+  if (!kernels::nsa_cmp_cuda_supports(o.head_dim(), o.num_heads() / o.num_kv_heads())) return false;
+  const c10::cuda::CUDAGuard guard(q.device());
+  return kernels::nsa_cmp_cuda_device_ok(nsa_dtype(st));
+}
+
+kernels::NsaCmpShape cmp_shape(const Tensor& q, const Tensor& kc, const NsaAttentionOptions& o) {
+  kernels::NsaCmpShape s;
+  s.B = q.size(0);
+  s.T = q.size(1);
+  s.H = o.num_heads();
+  s.KV = o.num_kv_heads();
+  s.head_dim = o.head_dim();
+  s.num_cmp = kc.size(1);
+  s.cmp_block = o.cmp_block();
+  s.cmp_stride = o.cmp_stride();
+  s.slc_block = o.slc_block();
+  s.scale = static_cast<float>(o.scale());
+  s.dtype = nsa_dtype(q.scalar_type());
+  return s;
+}
+
+void cmp_check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "nsa_compressed_attention ", what, " CUDA kernel: ", cudaGetErrorString(err));
+}
+
+// Queries per importance chunk: the (B, KV, C, Ns) fp32 importance (and nsa_select_blocks' temporaries of that size)
+// within the chunk budget; whole multiples of 64 queries when the budget allows.
+int64_t cmp_importance_chunk(int64_t per_query, const NsaAttentionOptions& o, int64_t T) {
+  int64_t c = o.chunk_budget() / std::max<int64_t>(1, per_query);
+  if (c >= 64) c -= c % 64;
+  return std::clamp<int64_t>(c, 1, std::max<int64_t>(T, 1));
+}
+
+// CmpFn's forward on the kernels: o and lse for all queries, then per chunk the importance and the unchanged top-n.
+// Saves the kernel operands, o and lse (fp32, B*T*H) for the backward.
+variable_list cmp_fused_forward(AutogradContext* ctx, const Tensor& q_in, const Tensor& kc_in, const Tensor& vc_in,
+                                const NsaAttentionOptions& o) {
+  auto q = kernel_operand(q_in), kc = kernel_operand(kc_in), vc = kernel_operand(vc_in);
+  const auto B = q.size(0), T = q.size(1), H = q.size(2), KV = o.num_kv_heads();
+  const int64_t ns = o.num_slc_blocks(T);
+  auto out = torch::empty(q.sizes(), q.options());
+  auto lse = torch::empty({B, T, H}, q.options().dtype(torch::kFloat));
+  auto idx = torch::empty({B, T, KV, o.num_selected()}, q.options().dtype(torch::kLong));
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  kernels::NsaCmpFwdArgs a;
+  a.s = cmp_shape(q, kc, o);
+  a.q = q.data_ptr();
+  a.kc = kc.data_ptr();
+  a.vc = vc.data_ptr();
+  a.o = out.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  cmp_check(kernels::nsa_cmp_forward_cuda(a, stream), "forward");
+  const int64_t C = cmp_importance_chunk(B * KV * std::max<int64_t>(ns, 1), o, T);
+  for (int64_t t0 = 0; t0 < T; t0 += C) {
+    const int64_t t1 = std::min(T, t0 + C);
+    const int64_t ns_c = std::min(ns, (t1 - 1) / o.slc_block() + 1);
+    auto imp = torch::zeros({B, KV, t1 - t0, ns_c}, q.options().dtype(torch::kFloat));
+    note_chunk(imp);
+    kernels::NsaCmpImportanceArgs ia;
+    ia.s = a.s;
+    ia.q = a.q;
+    ia.kc = a.kc;
+    ia.lse = a.lse;
+    ia.t0 = t0;
+    ia.t1 = t1;
+    ia.num_cols = ns_c;
+    ia.importance = imp.data_ptr<float>();
+    cmp_check(kernels::nsa_cmp_importance_cuda(ia, stream), "importance");
+    auto tpos = torch::arange(t0, t1, q.options().dtype(torch::kLong));
+    idx.slice(1, t0, t1).copy_(nsa_select_blocks(imp, tpos, o).permute({0, 2, 1, 3}));
+  }
+  g_cmp_fused_calls.fetch_add(1);
+  save_options(ctx, o);
+  ctx->saved_data["fused"] = true;
+  ctx->save_for_backward({q, kc, vc, out, lse});
+  ctx->mark_non_differentiable({idx});
+  return {out, idx};
+}
+
+variable_list cmp_fused_backward(AutogradContext* ctx, const variable_list& grads) {
+  const auto o = load_options(ctx);
+  const auto saved = ctx->get_saved_variables();
+  const auto &q = saved[0], &kc = saved[1], &vc = saved[2], &out = saved[3], &lse = saved[4];
+  if (!grads[0].defined()) {
+    return {torch::zeros(q.sizes(), q.options()), torch::zeros(kc.sizes(), kc.options()),
+            torch::zeros(vc.sizes(), vc.options()), Tensor()};
+  }
+  auto dout = kernel_operand(grads[0].to(q.scalar_type()));
+  auto delta = (dout.to(torch::kFloat) * out.to(torch::kFloat)).sum(-1).contiguous();  // (B, T, H)
+  auto dq = torch::empty(q.sizes(), q.options());
+  auto dkc = torch::zeros(kc.sizes(), kc.options().dtype(torch::kFloat));
+  auto dvc = torch::zeros(vc.sizes(), vc.options().dtype(torch::kFloat));
+  kernels::NsaCmpBwdArgs a;
+  a.s = cmp_shape(q, kc, o);
+  a.q = q.data_ptr();
+  a.kc = kc.data_ptr();
+  a.vc = vc.data_ptr();
+  a.dout = dout.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  a.delta = delta.data_ptr<float>();
+  a.dq = dq.data_ptr();
+  a.dkc = dkc.data_ptr<float>();
+  a.dvc = dvc.data_ptr<float>();
+  const c10::cuda::CUDAGuard guard(q.device());
+  cmp_check(kernels::nsa_cmp_backward_cuda(a, c10::cuda::getCurrentCUDAStream()), "backward");
+  return {dq, dkc.to(kc.scalar_type()), dvc.to(vc.scalar_type()), Tensor()};
+}
+
+#endif  // ABLATE_WITH_CUDA
+
 struct CmpFn : torch::autograd::Function<CmpFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& kc, const Tensor& vc,
                                const NsaAttentionOptions& o) {
+#if ABLATE_WITH_CUDA
+    if (cmp_kernel_takes(q, kc, vc, o)) return cmp_fused_forward(ctx, q, kc, vc, o);
+#endif
     const auto B = q.size(0), T = q.size(1), H = q.size(2);
     const auto KV = kc.size(2), nc = kc.size(1);
     const auto ns = o.num_slc_blocks(T);
@@ -209,6 +360,9 @@ struct CmpFn : torch::autograd::Function<CmpFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+#if ABLATE_WITH_CUDA
+    if (ctx->saved_data.count("fused") != 0) return cmp_fused_backward(ctx, grads);
+#endif
     const auto o = load_options(ctx);
     const auto saved = ctx->get_saved_variables();
     const auto &q = saved[0], &kc = saved[1], &vc = saved[2];
@@ -875,5 +1029,11 @@ bool nsa_slc_kernels_enabled() { return g_slc_kernels.load(); }
 void nsa_set_swa_sdpa_enabled(bool enabled) { g_swa_sdpa.store(enabled); }
 
 bool nsa_swa_sdpa_enabled() { return g_swa_sdpa.load(); }
+
+void nsa_set_cmp_fused_enabled(bool enabled) { cmp_fused_switch().store(enabled); }
+
+bool nsa_cmp_fused_enabled() { return cmp_fused_switch().load(); }
+
+int64_t nsa_cmp_fused_calls() { return g_cmp_fused_calls.load(); }
 
 }  // namespace ablate::core
