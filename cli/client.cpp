@@ -1,6 +1,9 @@
 #include "cli/client.h"
 
 #include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <sys/stat.h>
 
 #include <condition_variable>
@@ -200,9 +203,17 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, const Cli
   args.SetMaxReceiveMessageSize(64 << 20);
   args.SetMaxSendMessageSize(64 << 20);  // the scheduler decides what is too large, and says so
   if (sec.tls()) {
-    grpc::SslCredentialsOptions o;
-    o.pem_root_certs = SlurpFile(sec.ca_file);
     if (!sec.server_name.empty()) args.SetSslTargetNameOverride(sec.server_name);
+    if (SlurpFile(sec.ca_file).find("-----BEGIN ") != std::string::npos) {
+      // The CA bundle is watched: a call made after a CA rotation (e.g. during a long --wait) trusts the new one.
+      auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(sec.ca_file, 60);
+      grpc::experimental::TlsChannelCredentialsOptions o;
+      o.set_certificate_provider(provider);
+      o.watch_root_certs();
+      if (auto creds = grpc::experimental::TlsCredentials(o)) return grpc::CreateCustomChannel(address, creds, args);
+    }
+    grpc::SslCredentialsOptions o;  // unreadable CA: the handshake fails and says so
+    o.pem_root_certs = SlurpFile(sec.ca_file);
     return grpc::CreateCustomChannel(address, grpc::SslCredentials(o), args);
   }
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);

@@ -44,6 +44,7 @@ void UseClientSecurity(const ClientSecurity& s);
 std::shared_ptr<grpc::Channel> OpenSchedulerChannel(const std::string& flag, const std::string& state_dir,
                                                     std::string* address, const std::string& token_file = "");
 
+// TLS channels watch the CA file (gRPC's file watcher, every 60 s): a long `--wait` follows a CA rotation.
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address, const ClientSecurity& s);
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
 

@@ -301,10 +301,12 @@ int CmdScheduleRm(const Conn& c, int64_t id) {
 }
 
 int CmdCerts(const std::string& out, const std::vector<std::string>& workers,
-             const std::vector<std::string>& scheduler_names) {
+             const std::vector<std::string>& scheduler_names, const std::vector<std::string>& renew, int leaf_days) {
   PkiOptions o;
   o.workers = workers;
   o.scheduler_names = scheduler_names;
+  o.renew = renew;
+  o.leaf_days = leaf_days;
   PkiReport rep;
   std::string err;
   if (!EnsurePki(out, o, &rep, &err)) {

@@ -25,9 +25,11 @@ int CmdScheduleAdd(const Conn& c, const std::string& cron, const std::string& na
 int CmdScheduleList(const Conn& c);
 int CmdScheduleRm(const Conn& c, int64_t id);
 // Makes what is missing of the local PKI in `out` (cli/pki.h): CA, scheduler certificate, per-worker client
-// certificates and tokens, user/admin tokens, the scheduler's tokens file, the token signing key.
+// certificates and tokens, user/admin tokens, the scheduler's tokens file, the token signing key. `renew`
+// re-issues those leaves ("scheduler", worker ids); leaf_days is the validity of the leaves issued now.
 int CmdCerts(const std::string& out, const std::vector<std::string>& workers,
-             const std::vector<std::string>& scheduler_names = {});
+             const std::vector<std::string>& scheduler_names = {}, const std::vector<std::string>& renew = {},
+             int leaf_days = 365);
 
 struct UpOptions {
   std::string state_dir = ".ablate";

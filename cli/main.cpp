@@ -169,7 +169,8 @@ int main(int argc, char** argv) {
   add_conn(srm);
   srm->callback([&] { rc = CmdScheduleRm(conn, sched_id); });
 
-  std::string certs_out = ".ablate/pki", certs_workers, certs_names;
+  std::string certs_out = ".ablate/pki", certs_workers, certs_names, certs_renew;
+  int certs_leaf_days = 365;
   auto* certs = app.add_subcommand(
       "certs", "Make a local CA, the scheduler's certificate, per-worker client certificates (CN = worker id) and "
                "bearer tokens (<worker>.token, user.token, admin.token), and the scheduler's --tokens_file (digests "
@@ -180,7 +181,14 @@ int main(int argc, char** argv) {
   certs->add_option("--scheduler_names", certs_names,
                     "Comma list of extra DNS names / IP addresses for the scheduler certificate (always: localhost, "
                     "127.0.0.1, ::1)");
-
+  certs->add_option("--renew", certs_renew,
+                    "Comma list of leaves to re-issue now, even if still good: 'scheduler' and/or worker ids (new "
+                    "key and serial, same CA; a scheduler and workers running with --tls_reload_interval_s pick the "
+                    "replaced files up without a restart)");
+  certs->add_option("--leaf_days", certs_leaf_days,
+                    "Validity in days of the leaf certificates issued by this run; a negative number issues an "
+                    "already expired one (notAfter that many days ago), for testing expiry handling")
+      ->capture_default_str();
   certs->callback([&] {
     auto split = [](const std::string& s) {
       std::vector<std::string> v;
@@ -189,7 +197,7 @@ int main(int argc, char** argv) {
         if (!x.empty()) v.push_back(x);
       return v;
     };
-    rc = CmdCerts(certs_out, split(certs_workers), split(certs_names));
+    rc = CmdCerts(certs_out, split(certs_workers), split(certs_names), split(certs_renew), certs_leaf_days);
   });
 
   auto* token = app.add_subcommand(

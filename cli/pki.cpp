@@ -140,8 +140,9 @@ std::string CommonName(X509* x) {
 }
 
 // A certificate for `key` with subject CN=cn, signed by (issuer, issuer_key); self-signed when issuer is null.
+// Valid from not_before_s (an offset from now; an hour back by default) to `days` from now.
 X509Ptr MakeCert(EVP_PKEY* key, const std::string& cn, X509* issuer, EVP_PKEY* issuer_key, long days,
-                 const std::vector<std::pair<int, std::string>>& exts) {
+                 const std::vector<std::pair<int, std::string>>& exts, long not_before_s = -3600) {
   X509Ptr x(X509_new());
   if (!x) return nullptr;
   X509_set_version(x.get(), 2);  // v3
@@ -149,7 +150,7 @@ X509Ptr MakeCert(EVP_PKEY* key, const std::string& cn, X509* issuer, EVP_PKEY* i
   if (!serial || BN_rand(serial.get(), 127, BN_RAND_TOP_ANY, BN_RAND_BOTTOM_ODD) != 1 ||
       !BN_to_ASN1_INTEGER(serial.get(), X509_get_serialNumber(x.get())))
     return nullptr;
-  X509_gmtime_adj(X509_getm_notBefore(x.get()), -3600);  // an hour of clock skew between hosts
+  X509_gmtime_adj(X509_getm_notBefore(x.get()), not_before_s);  // an hour of clock skew between hosts
   X509_gmtime_adj(X509_getm_notAfter(x.get()), days * kDay);
   X509_set_pubkey(x.get(), key);
   X509_NAME* name = X509_get_subject_name(x.get());
@@ -187,7 +188,8 @@ struct Ca {
 
 // Keeps a leaf (cert + key) that this CA signed, for this CN and these names, with a day left; else makes one.
 bool EnsureLeaf(const std::string& dir, const std::string& file, const std::string& cn, bool server,
-                const std::vector<std::string>& names, const Ca& ca, bool force, PkiReport* rep, std::string* error) {
+                const std::vector<std::string>& names, const Ca& ca, bool force, int days, PkiReport* rep,
+                std::string* error) {
   const std::string cert_path = dir + "/" + file + ".pem", key_path = dir + "/" + file + "-key.pem";
   if (!force) {
     X509Ptr cert = LoadCert(cert_path);
@@ -219,7 +221,9 @@ bool EnsureLeaf(const std::string& dir, const std::string& file, const std::stri
     for (const auto& n : names) san += (san.empty() ? "" : ",") + std::string(IsIp(n) ? "IP:" : "DNS:") + n;
     exts.push_back({NID_subject_alt_name, san});
   }
-  X509Ptr cert = MakeCert(key.get(), cn, ca.cert.get(), ca.key.get(), 365, exts);
+  // days < 0: an already expired certificate (valid for one day, ending |days| days ago).
+  X509Ptr cert = MakeCert(key.get(), cn, ca.cert.get(), ca.key.get(), days, exts,
+                          days > 0 ? -3600 : (static_cast<long>(days) - 1) * kDay);
   std::string key_pem = key ? KeyPem(key.get()) : "";
   if (!cert || key_pem.empty()) {
     *error = "cannot issue the certificate " + file + ".pem";
@@ -280,7 +284,24 @@ bool ValidPkiWorkerId(const std::string& id, std::string* why) {
 
 bool EnsurePki(const std::string& dir, const PkiOptions& opts, PkiReport* rep, std::string* error) {
   std::vector<std::string> workers;
-  for (const auto& w : opts.workers) {
+  bool renew_scheduler = false;
+  std::set<std::string> renew;
+  for (const auto& r : opts.renew) {
+    if (r == "scheduler") {
+      renew_scheduler = true;
+      continue;
+    }
+    if (!ValidPkiWorkerId(r, error)) return false;
+    renew.insert(r);
+  }
+  if (opts.leaf_days == 0 || opts.leaf_days > 3650 || opts.leaf_days < -3650) {
+    *error = "leaf validity: 1 to 3650 days, or a negative number of days for an already expired certificate";
+    return false;
+  }
+  std::vector<std::string> all = opts.workers;
+  all.insert(all.end(), opts.renew.begin(), opts.renew.end());
+  for (const auto& w : all) {
+    if (w == "scheduler" && !std::count(opts.workers.begin(), opts.workers.end(), w)) continue;
     if (!ValidPkiWorkerId(w, error)) return false;
     if (std::find(workers.begin(), workers.end(), w) == workers.end()) workers.push_back(w);
   }
@@ -331,9 +352,11 @@ bool EnsurePki(const std::string& dir, const PkiOptions& opts, PkiReport* rep, s
     rep->kept.push_back("ca.pem");
   }
 
-  if (!EnsureLeaf(dir, "scheduler", "localhost", true, names, ca, new_ca, rep, error)) return false;
+  if (!EnsureLeaf(dir, "scheduler", "localhost", true, names, ca, new_ca || renew_scheduler, opts.leaf_days, rep,
+                  error))
+    return false;
   for (const auto& w : workers)
-    if (!EnsureLeaf(dir, w, w, false, {}, ca, new_ca, rep, error)) return false;
+    if (!EnsureLeaf(dir, w, w, false, {}, ca, new_ca || renew.count(w) > 0, opts.leaf_days, rep, error)) return false;
 
   // The key that signs short-lived bearer tokens (scheduler --token_signing_key_file); kept while it parses.
   {

@@ -16,6 +16,8 @@
 //
 // Idempotent: what exists and is still good is kept (a leaf that the CA signed, whose key matches, with more than
 // a day to live); what is missing, broken or about to expire is made again. A new CA re-issues every leaf.
+// Rotation: `renew` re-issues the named leaves (new key and serial, same CA) even when they are good; the
+// scheduler and workers pick up replaced files without a restart (--tls_reload_interval_s).
 #pragma once
 
 #include <string>
@@ -26,6 +28,9 @@ namespace ablate::cli {
 struct PkiOptions {
   std::vector<std::string> workers;          // worker ids: a certificate and a token each
   std::vector<std::string> scheduler_names;  // extra DNS names / IP addresses in the scheduler certificate
+  std::vector<std::string> renew;            // "scheduler" and/or worker ids: re-issue these leaves now
+  int leaf_days = 365;                       // validity of the leaves issued by this run; < 0: already expired
+                                             // (notAfter that many days ago; for tests of expiry handling)
 };
 
 struct PkiReport {

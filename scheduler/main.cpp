@@ -85,6 +85,10 @@ int main(int argc, char** argv) {
   serve->add_option("--tls_client_ca", cfg.tls_client_ca,
                     "PEM CA that signs worker client certificates (mTLS; enables authorization)")
       ->envname("ABLATE_TLS_CLIENT_CA");
+  serve->add_option("--tls_reload_interval_s", cfg.tls_reload_interval_s,
+                    "re-read --tls_cert, --tls_key and --tls_client_ca this often (certificate rotation without a "
+                    "restart; new connections use the new files); 0: read them once at start")
+      ->envname("ABLATE_TLS_RELOAD_INTERVAL_S")->check(CLI::NonNegativeNumber)->capture_default_str();
   serve->add_option("--token_signing_key_file", cfg.token_signing_key_file,
                     "accept signed short-lived bearer tokens (JWS HS256, `ablate token issue`) verified with these "
                     "keys: one per line, each >= 32 bytes (`ablate token keygen`); re-read when it changes "
@@ -127,7 +131,8 @@ int main(int argc, char** argv) {
                                  {"client_ca", cfg.tls_client_ca.empty() ? "off" : "on"},
                                  {"tokens_file", cfg.tokens_file.empty() ? "off" : "on"},
                                  {"signed_tokens", cfg.token_signing_key_file.empty() ? "off" : "on"},
-                                 {"revoked_tokens_file", cfg.revoked_tokens_file.empty() ? "off" : "on"}});
+                                 {"revoked_tokens_file", cfg.revoked_tokens_file.empty() ? "off" : "on"},
+                                 {"tls_reload_interval_s", std::to_string(cfg.tls_reload_interval_s)}});
   auto server = SchedulerServer::Start(cfg);
   if (!server.ok()) {
     LogError("scheduler_start_failed", {{"error", server.status().ToString()}});

@@ -3,6 +3,9 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <httplib.h>
 
 #include "absl/status/status.h"
@@ -68,29 +71,57 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
     if (!in) return absl::InvalidArgumentError(std::string(flag) + " " + path + ": cannot read");
     std::stringstream ss;
     ss << in.rdbuf();
+    if (ss.str().find("-----BEGIN ") == std::string::npos) {
+      return absl::InvalidArgumentError(std::string(flag) + " " + path + ": not a PEM file");
+    }
     return ss.str();
   };
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  std::shared_ptr<grpc::experimental::FileWatcherCertificateProvider> tls_provider;
   const bool token_auth = !config.tokens_file.empty() || !config.token_signing_key_file.empty();
   if (!config.tls_cert.empty() || !config.tls_key.empty()) {
     if (config.tls_cert.empty() || config.tls_key.empty()) {
       return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
     }
+    if (config.tls_reload_interval_s < 0) return absl::InvalidArgumentError("--tls_reload_interval_s: must be >= 0");
+    // Read once here in any case, so that a wrong path fails the start instead of every handshake.
     auto cert = read_file(config.tls_cert, "--tls_cert");
     if (!cert.ok()) return cert.status();
     auto key = read_file(config.tls_key, "--tls_key");
     if (!key.ok()) return key.status();
-    grpc::SslServerCredentialsOptions opts(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    absl::StatusOr<std::string> ca = std::string();
     if (!config.tls_client_ca.empty()) {
-      auto ca = read_file(config.tls_client_ca, "--tls_client_ca");
+      ca = read_file(config.tls_client_ca, "--tls_client_ca");
       if (!ca.ok()) return ca.status();
-      opts.pem_root_certs = *ca;
-      // Workers must present a certificate signed by this CA; people authenticate with bearer tokens instead, so
-      // a certificate is verified when present rather than required of every connection.
-      opts.client_certificate_request = GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY;
     }
-    opts.pem_key_cert_pairs.push_back({*key, *cert});
-    creds = grpc::SslServerCredentials(opts);
+    // Workers must present a certificate signed by the client CA; people authenticate with bearer tokens instead,
+    // so a certificate is verified when present (an expired one, or one of an unknown CA, fails the handshake)
+    // rather than required of every connection.
+    if (config.tls_reload_interval_s > 0) {
+      // Hot reload (F23): gRPC's file watcher re-reads the key, certificate and client CA bundle every interval;
+      // new handshakes use what it read last, established connections are left alone.
+      tls_provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+          config.tls_key, config.tls_cert, config.tls_client_ca,
+          static_cast<unsigned int>(config.tls_reload_interval_s));
+      grpc::experimental::TlsServerCredentialsOptions opts(tls_provider);
+      opts.watch_identity_key_cert_pairs();
+      if (!config.tls_client_ca.empty()) {
+        opts.watch_root_certs();
+        opts.set_cert_request_type(GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY);
+      } else {
+        opts.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+      }
+      creds = grpc::experimental::TlsServerCredentials(opts);
+    } else {
+      grpc::SslServerCredentialsOptions opts(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+      if (!config.tls_client_ca.empty()) {
+        opts.pem_root_certs = *ca;
+        opts.client_certificate_request = GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY;
+      }
+      opts.pem_key_cert_pairs.push_back({*key, *cert});
+      creds = grpc::SslServerCredentials(opts);
+    }
+    if (!creds) return absl::InvalidArgumentError("cannot make the TLS server credentials (see the log above)");
   } else if (token_auth || !config.tls_client_ca.empty()) {
     return absl::InvalidArgumentError("--tokens_file/--token_signing_key_file/--tls_client_ca need TLS (--tls_cert, "
                                       "--tls_key): bearer tokens must never travel in plaintext");
@@ -127,6 +158,7 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
     s->config_.replica_id = std::string(host) + "-" + std::to_string(::getpid());
   }
   s->auth_ = std::move(*auth);
+  s->tls_provider_ = tls_provider;
   auto pg_store = std::make_unique<pg::PgJobStore>(config.db_dsn, config.db_pool_size);
   pg_store->set_gang_form_timeout_s(config.gang_form_timeout_s);
   pg_store->set_gang_unformable_after(config.gang_unformable_after);

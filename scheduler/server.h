@@ -49,9 +49,10 @@ struct SchedulerConfig {
   // Security: TLS for the gRPC port; client certificates (workers) verified against tls_client_ca; bearer tokens
   // (legacy static ones in tokens_file; signed, short-lived ones verified with token_signing_key_file and
   // revocable by jti in revoked_tokens_file). The three token files are re-read when they change (at most once a
-  // second).
+  // second); the certificate, key and client CA files every tls_reload_interval_s (0: read once at start).
   std::string tls_cert, tls_key, tls_client_ca, tokens_file;
   std::string token_signing_key_file, revoked_tokens_file;
+  int tls_reload_interval_s = 60;
 };
 
 class SchedulerServer {
@@ -85,6 +86,7 @@ class SchedulerServer {
   rpc::ServiceContext ctx_;
   std::unique_ptr<grpc::Service> sweep_service_, worker_service_;
   std::unique_ptr<rpc::Authenticator> auth_;
+  std::shared_ptr<void> tls_provider_;  // the certificate file watcher (kept alive with the server)
   int64_t leader_epoch_ = 0;
   std::unique_ptr<grpc::Server> grpc_server_;
   std::unique_ptr<httplib::Server> http_;

@@ -5,6 +5,9 @@
 #include <fstream>
 #include <sstream>
 
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <grpcpp/support/client_interceptor.h>
 #include <openssl/crypto.h>
 
@@ -163,6 +166,10 @@ std::shared_ptr<grpc::Channel> BuildSchedulerChannel(const SchedulerConnection& 
     *error = "--tls_cert and --tls_key go together";
     return nullptr;
   }
+  if (c.tls_reload_interval_s < 0) {
+    *error = "--tls_reload_interval_s: must be >= 0";
+    return nullptr;
+  }
   auto source = token.empty() ? nullptr : std::make_shared<TokenSource>(c.token_file, token);
   std::shared_ptr<grpc::ChannelCredentials> creds;
   if (!c.tls_ca.empty()) {
@@ -175,7 +182,26 @@ std::shared_ptr<grpc::Channel> BuildSchedulerChannel(const SchedulerConnection& 
       *error = "--tls_cert/--tls_key: cannot read";
       return nullptr;
     }
-    creds = grpc::SslCredentials(so);
+    if (c.tls_reload_interval_s > 0) {
+      // gRPC's file watcher: the CA bundle and the client certificate are re-read every interval, and new
+      // connections (a reconnect after a scheduler restart or a network blip) use what it read last.
+      const auto interval = static_cast<unsigned int>(c.tls_reload_interval_s);
+      auto provider = c.tls_cert.empty()
+                          ? std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(c.tls_ca, interval)
+                          : std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+                                c.tls_key, c.tls_cert, c.tls_ca, interval);
+      grpc::experimental::TlsChannelCredentialsOptions to;
+      to.set_certificate_provider(provider);
+      to.watch_root_certs();
+      if (!c.tls_cert.empty()) to.watch_identity_key_cert_pairs();
+      creds = grpc::experimental::TlsCredentials(to);
+      if (!creds) {
+        *error = "cannot make the TLS channel credentials";
+        return nullptr;
+      }
+    } else {
+      creds = grpc::SslCredentials(so);
+    }
     OPENSSL_cleanse(so.pem_private_key.data(), so.pem_private_key.size());
     if (!c.tls_server_name.empty()) args.SetSslTargetNameOverride(c.tls_server_name);
     *auth = c.tls_cert.empty() ? "tls" : "mtls";

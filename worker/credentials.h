@@ -7,6 +7,8 @@
 // gRPC itself refuses to attach call credentials to a channel without privacy and integrity, and
 // BuildSchedulerChannel refuses a token without TLS unless allow_insecure_token says so (then an interceptor adds
 // the same header over plaintext; for a TLS-terminating proxy in front of the scheduler only).
+// Certificates (--tls_ca, --tls_cert, --tls_key) are watched by gRPC's file watcher every tls_reload_interval_s:
+// new connections use the replaced files (rotation without a restart; F23).
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -25,6 +27,7 @@ struct SchedulerConnection {
   std::string tls_server_name;  // name expected in the scheduler certificate (default: the host of target)
   std::string token_file;       // bearer token
   bool allow_insecure_token = false;
+  int tls_reload_interval_s = 60;  // 0: read the certificate files once
 };
 
 // The token of a --token_file, re-read when the file changed. Thread-safe.

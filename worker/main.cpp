@@ -93,6 +93,10 @@ int main(int argc, char** argv) {
   app.add_option("--tls_key", conn.tls_key, "PEM private key of --tls_cert")->envname("ABLATE_TLS_KEY");
   app.add_option("--tls_server_name", conn.tls_server_name,
                  "Expected name in the scheduler's certificate (default: host)");
+  app.add_option("--tls_reload_interval_s", conn.tls_reload_interval_s,
+                 "Re-read --tls_ca, --tls_cert and --tls_key this often; new connections use the replaced files "
+                 "(certificate rotation without a restart); 0: read them once at start")
+      ->envname("ABLATE_TLS_RELOAD_INTERVAL_S")->check(CLI::NonNegativeNumber)->capture_default_str();
   app.add_option("--token_file", conn.token_file,
                  "File with this worker's bearer token: a signed short-lived one (`ablate token issue --role worker "
                  "--subject <worker id>`) or a legacy static one (`ablate certs` writes <worker id>.token); its "

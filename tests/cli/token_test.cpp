@@ -1,6 +1,8 @@
 // The CLI side of signed tokens (cli/token.h, cli/client.h): `ablate token issue` and keygen, the TTL cap, the
 // local stack's per-call token minted from its signing key, and --token_file re-read when it changes.
 #include <gtest/gtest.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 
@@ -176,6 +178,35 @@ TEST_F(TokenTest, TokenFileIsReReadWhenItChangesAndABrokenOneKeepsTheLastGoodTok
   EXPECT_EQ(CallToken(ResolveClientSecurity("127.0.0.1:1", dir_, tf)), "third-token-0123456789");
   unsetenv("ABLATE_TOKEN");
   unsetenv("ABLATE_TOKEN_FILE");
+}
+
+TEST_F(TokenTest, CertsCanRenewALeafAndIssueAnExpiredOne) {
+  const std::string pki = dir_ + "/pki";
+  PkiOptions o;
+  o.workers = {"w1"};
+  PkiReport r1, r2, r3;
+  std::string err;
+  ASSERT_TRUE(EnsurePki(pki, o, &r1, &err)) << err;
+  EXPECT_TRUE(fs::exists(pki + "/token-signing.key"));
+  const std::string ca = Read(pki + "/ca.pem"), w1 = Read(pki + "/w1.pem"), sched = Read(pki + "/scheduler.pem");
+  o.renew = {"scheduler", "w1"};
+  ASSERT_TRUE(EnsurePki(pki, o, &r2, &err)) << err;
+  EXPECT_EQ(Read(pki + "/ca.pem"), ca);
+  EXPECT_NE(Read(pki + "/w1.pem"), w1);
+  EXPECT_NE(Read(pki + "/scheduler.pem"), sched);
+  o.renew = {"wexp"};
+  o.leaf_days = -1;
+  ASSERT_TRUE(EnsurePki(pki, o, &r3, &err)) << err;
+  FILE* f = std::fopen((pki + "/wexp.pem").c_str(), "r");
+  ASSERT_NE(f, nullptr);
+  X509* x = PEM_read_X509(f, nullptr, nullptr, nullptr);
+  std::fclose(f);
+  ASSERT_NE(x, nullptr);
+  EXPECT_LT(X509_cmp_current_time(X509_get0_notAfter(x)), 0);   // expired
+  EXPECT_LT(X509_cmp_current_time(X509_get0_notBefore(x)), 0);  // and was valid once
+  X509_free(x);
+  o.leaf_days = 0;
+  EXPECT_FALSE(EnsurePki(pki, o, &r3, &err));
 }
 
 }  // namespace

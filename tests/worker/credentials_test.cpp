@@ -112,6 +112,12 @@ TEST_F(CredentialsTest, TlsWithTokenAndCertificateChecks) {
   err.clear();
   ASSERT_NE(BuildSchedulerChannel(c, grpc::ChannelArguments(), &auth, &err), nullptr) << err;
   EXPECT_EQ(auth, "tls+token");
+  c.tls_reload_interval_s = 0;  // the static credentials path: same checks
+  err.clear();
+  ASSERT_NE(BuildSchedulerChannel(c, grpc::ChannelArguments(), &auth, &err), nullptr) << err;
+  c.tls_reload_interval_s = -1;
+  EXPECT_EQ(BuildSchedulerChannel(c, grpc::ChannelArguments(), &auth, &err), nullptr);
+  c.tls_reload_interval_s = 60;
   c.tls_ca = dir_ + "/missing.pem";
   EXPECT_EQ(BuildSchedulerChannel(c, grpc::ChannelArguments(), &auth, &err), nullptr);
 }
