@@ -70,6 +70,11 @@ int main(int argc, char** argv) {
       ->envname("ABLATE_QUARANTINE_S")->check(CLI::PositiveNumber)->capture_default_str();
   serve->add_option("--max_stream_s", cfg.max_stream_s, "streaming calls (WatchSweep, ReportMetrics) end after this")
       ->envname("ABLATE_MAX_STREAM_S")->check(CLI::PositiveNumber)->capture_default_str();
+  serve->add_option("--max_rpc_ms", cfg.max_rpc_ms,
+                    "cap on every RPC handler's time, database work included, whatever deadline the client sent "
+                    "(a slow or unreachable database then answers UNAVAILABLE); 0: the per-method defaults "
+                    "(Heartbeat 5 s, SubmitSweep/ExtendSweep 30 s, others 10 s; streams per message)")
+      ->envname("ABLATE_MAX_RPC_MS")->check(CLI::NonNegativeNumber)->capture_default_str();
   serve->add_option("--max_message_bytes", cfg.max_message_bytes, "largest request accepted (RESOURCE_EXHAUSTED above)")
       ->envname("ABLATE_MAX_MESSAGE_BYTES")->check(CLI::PositiveNumber)->capture_default_str();
   serve->add_option("--max_metric_batch_bytes", cfg.max_metric_batch_bytes, "largest metric batch")

@@ -16,10 +16,12 @@
 #include "scheduler/store/pg/pg_job_store.h"
 #include "scheduler/sweep/cron.h"
 #include "scheduler/sweep/grid.h"
+#include "scheduler/util/call_budget.h"
 #include "scheduler/util/log.h"
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -162,6 +164,8 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
   auto pg_store = std::make_unique<pg::PgJobStore>(config.db_dsn, config.db_pool_size);
   pg_store->set_gang_form_timeout_s(config.gang_form_timeout_s);
   pg_store->set_gang_unformable_after(config.gang_unformable_after);
+  // An expiry pass held up longer than this reaps nothing (F17/F18): the holders could not renew meanwhile either.
+  pg_store->set_reap_stall_limit_ms(std::max(1000, config.lease_ttl_s * 1000 / 4));
   s->store_ = std::move(pg_store);
   s->metrics_ = std::make_unique<metrics::SchedulerMetrics>(&s->registry_);
   s->ctx_ = rpc::ServiceContext{s->store_.get(), s->metrics_.get(), config.lease_ttl_s, config.max_attempts,
@@ -173,6 +177,8 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
   s->ctx_.max_stream_s = config.max_stream_s;
   s->ctx_.max_metric_batch_bytes = config.max_metric_batch_bytes;
   s->ctx_.auth = s->auth_.get();
+  s->ctx_.max_rpc_ms = config.max_rpc_ms;
+  s->ctx_.store_unavailable_at_ms = &s->store_unavailable_at_ms_;
   s->sweep_service_ = std::make_unique<rpc::SweepServiceImpl>(&s->ctx_);
   s->worker_service_ = std::make_unique<rpc::WorkerServiceImpl>(&s->ctx_);
 
@@ -198,7 +204,8 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
       res.set_content(self->ScrapeMetrics(), "text/plain; version=0.0.4; charset=utf-8");
     });
     s->http_->Get("/healthz", [self](const httplib::Request&, httplib::Response& res) {
-      // Healthy = the database answers.
+      // Healthy = the database answers, within 2 s.
+      CallBudget budget(std::chrono::milliseconds(2000));
       auto c = self->store_->CountWorkersSeenWithin(1);
       res.status = c.ok() ? 200 : 503;
       res.set_content(c.ok() ? "ok\n" : "database unavailable: " + std::string(c.status().message()) + "\n",
@@ -228,27 +235,43 @@ std::string SchedulerServer::metrics_address() const {
 
 // One thread per replica: readiness probe, leader election, and — only while leading — the lease reaper and the
 // cron. The reaper waits one lease TTL after this replica becomes leader (a restart, a failover, or the database
-// coming back, which drops the lock session): leases that could not be renewed while nobody was reachable get a
-// grace period instead of being reaped at once (F09, F14).
+// coming back, which drops the lock session), and one TTL after this replica last saw the store unavailable (a
+// call answered UNAVAILABLE, a failed probe, an expiry pass held up by a stall: a locked table, F17; a half-open
+// connection, F18): leases that could not be renewed meanwhile get a grace period instead of being reaped at once
+// (F09, F14). Every step has a time budget (CallBudget), so a database that does not answer never stalls the loop:
+// readiness turns NOT_SERVING within about 2 s, and a leader whose lock session does not answer stops leading.
 void SchedulerServer::LeaderLoop() {
+  using std::chrono::milliseconds;
   pg::LeaderElector elector(config_.db_dsn, config_.replica_id);
+  const auto ttl = std::chrono::seconds(config_.lease_ttl_s);
   auto reap_after = std::chrono::steady_clock::now();
+  bool paused = false;  // reaping held back for a store outage (logged once per pause)
+  auto note_unavailable = [this] { store_unavailable_at_ms_.store(rpc::SteadyNowMs()); };
   std::unique_lock<std::mutex> lock(mu_);
   while (!shutting_down_.load()) {
     cv_.wait_for(lock, std::chrono::milliseconds(config_.reaper_interval_ms));
     if (shutting_down_.load()) break;
     lock.unlock();
-    // Readiness: gRPC health says NOT_SERVING while the database does not answer.
+    // Readiness: gRPC health says NOT_SERVING while the database does not answer (within 2 s).
     auto t0 = std::chrono::steady_clock::now();
-    auto probe = store_->CountWorkersSeenWithin(1);
+    absl::StatusOr<int64_t> probe;
+    {
+      CallBudget budget(milliseconds(2000));
+      probe = store_->CountWorkersSeenWithin(1);
+    }
     metrics_->store_latency->Observe({}, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     metrics_->store_up->Set({}, probe.ok() ? 1 : 0);
+    if (!probe.ok()) note_unavailable();
     if (grpc_server_ && grpc_server_->GetHealthCheckService()) {
       grpc_server_->GetHealthCheckService()->SetServingStatus(probe.ok());
     }
     bool became = false, lost = false;
     std::string err;
-    int64_t epoch = elector.Tick(&became, &lost, &err);
+    int64_t epoch;
+    {
+      CallBudget budget(milliseconds(std::clamp(config_.lease_ttl_s * 500, 1000, 5000)));
+      epoch = elector.Tick(&became, &lost, &err);
+    }
     leader_epoch_ = epoch;
     metrics_->is_leader->Set({}, epoch > 0 ? 1 : 0);
     metrics_->leader_epoch->Set({}, static_cast<double>(epoch));
@@ -258,9 +281,27 @@ void SchedulerServer::LeaderLoop() {
                                   {"reaper_grace_s", std::to_string(config_.lease_ttl_s)}});
     }
     if (lost) LogWarn("leader_lost", {{"replica", config_.replica_id}, {"error", err}});
-    if (epoch > 0 && std::chrono::steady_clock::now() >= reap_after) {
-      auto r = store_->Expire(ctx_.policy, epoch);
+    const auto now = std::chrono::steady_clock::now();
+    const int64_t unavailable_ms = store_unavailable_at_ms_.load();
+    const auto grace_until = unavailable_ms > 0
+                                 ? std::chrono::steady_clock::time_point(milliseconds(unavailable_ms)) + ttl
+                                 : std::chrono::steady_clock::time_point::min();
+    if (epoch > 0 && now < grace_until && !paused) {
+      paused = true;
+      LogInfo("reaping_paused", {{"reason", "store unavailable"}, {"grace_s", std::to_string(config_.lease_ttl_s)}});
+    }
+    if (epoch > 0 && now >= reap_after && now >= grace_until) {
+      if (paused) {
+        paused = false;
+        LogInfo("reaping_resumed", {{"epoch", std::to_string(epoch)}});
+      }
+      absl::StatusOr<ExpireResult> r;
+      {
+        CallBudget budget(std::chrono::seconds(10));
+        r = store_->Expire(ctx_.policy, epoch);
+      }
       if (!r.ok()) {
+        if (absl::IsUnavailable(r.status())) note_unavailable();
         metrics_->store_errors->Inc({"expire_leases"});
         LogWarn("expire_leases_failed", {{"error", r.status().ToString()}});
       } else if (int n = r->requeued + r->failed + r->cancelled; n > 0) {
@@ -274,7 +315,10 @@ void SchedulerServer::LeaderLoop() {
         }
       }
     }
-    if (epoch > 0) FireSchedules();
+    if (epoch > 0) {
+      CallBudget budget(std::chrono::seconds(10));
+      FireSchedules();
+    }
     lock.lock();
   }
   lock.unlock();
@@ -343,6 +387,7 @@ void SchedulerServer::FireSchedules() {
 
 std::string SchedulerServer::ScrapeMetrics() {
   std::lock_guard<std::mutex> scrape(scrape_mu_);  // one DB refresh at a time
+  CallBudget budget(std::chrono::seconds(5));      // a scrape never hangs on the database
   if (auto jobs = store_->CountJobsByState(); jobs.ok()) {
     std::map<metrics::Labels, double> v;
     for (JobState s : kAllJobStates) v[{std::string(JobStateName(s))}] = 0;  // every state, zero-filled

@@ -38,6 +38,8 @@ struct SchedulerConfig {
   int gang_unformable_after = 3;                   // ... and fails (unschedulable) after this many such deadlines in
                                                    // a row with too few live workers that fit it; 0: never
   int max_stream_s = 600;                          // streaming calls end after this (clients reconnect)
+  int max_rpc_ms = 0;                              // F36: every RPC handler's time (database work included) at most
+                                                   // this, whatever the client's deadline; 0: per-method defaults
   std::string retry_policy;                        // "crash=2,hang=2,infra=5,oom=0,diverged=0" overrides
   int retry_backoff_ms = 10000;
   int retry_backoff_max_ms = 600000;
@@ -83,6 +85,9 @@ class SchedulerServer {
   std::unique_ptr<metrics::SchedulerMetrics> metrics_;
   std::atomic<bool> shutting_down_{false};
   std::atomic<bool> shutdown_started_{false};
+  // Steady-clock ms when this replica last saw the store unavailable (a call answered UNAVAILABLE, a failed
+  // readiness probe, an expiry pass held up by a stall): the reaper gives leases a grace of one TTL after it.
+  std::atomic<int64_t> store_unavailable_at_ms_{0};
   rpc::ServiceContext ctx_;
   std::unique_ptr<grpc::Service> sweep_service_, worker_service_;
   std::unique_ptr<rpc::Authenticator> auth_;

@@ -483,9 +483,16 @@ int Worker::Run() {
       if (int port = PickFreePort(); port > 0) req.set_rendezvous_addr(opts_.rendezvous_host + ":" + std::to_string(port));
     }
     v1::LeaseJobResponse resp;
-    const auto lease_sent = Clock::now();
+    // The lease's clock (self-fence deadline) starts when the request that got the grant was sent: the last try,
+    // not the first one of a retry loop that may have spanned a whole outage.
+    auto lease_sent = Clock::now();
     grpc::Status s = CallWithRetry(
-        "LeaseJob", [&](grpc::ClientContext* c) { return stub_->LeaseJob(c, req, &resp); }, opts_.rpc_timeout, stop_);
+        "LeaseJob",
+        [&](grpc::ClientContext* c) {
+          lease_sent = Clock::now();
+          return stub_->LeaseJob(c, req, &resp);
+        },
+        opts_.rpc_timeout, stop_);
     if (stop_->stopped() && !LeaseHasJob(resp)) break;
     if (!s.ok()) {
       if (IsFenced(s) || s.error_code() == grpc::StatusCode::UNAUTHENTICATED) {

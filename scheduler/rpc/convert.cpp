@@ -1,6 +1,43 @@
 #include "scheduler/rpc/convert.h"
 
+#include <algorithm>
+#include <chrono>
+
 namespace ablate::scheduler::rpc {
+
+bool IsStreamingMethod(std::string_view method) { return method == "WatchSweep" || method == "ReportMetrics"; }
+
+std::chrono::milliseconds MethodCap(const ServiceContext* ctx, std::string_view method) {
+  int64_t ms = 10000;
+  if (method == "Heartbeat") ms = 5000;  // a worker renews every H; one renewal must not outlast the next
+  if (method == "SubmitSweep" || method == "ExtendSweep") ms = 30000;  // up to max_cells rows in one transaction
+  if (ctx && ctx->max_rpc_ms > 0) ms = std::min<int64_t>(ms, ctx->max_rpc_ms);
+  return std::chrono::milliseconds(ms);
+}
+
+CallBudget::Clock::time_point HandlerDeadline(const ServiceContext* ctx, const grpc::ServerContext* sctx,
+                                              std::string_view method) {
+  using std::chrono::milliseconds;
+  auto now = CallBudget::Clock::now();
+  const milliseconds cap = MethodCap(ctx, method);
+  // The handler's own work after the database (the answer, metrics) fits in what the cap leaves over.
+  milliseconds budget = cap - std::clamp<milliseconds>(cap / 10, milliseconds(20), milliseconds(500));
+  if (sctx) {
+    auto client = sctx->deadline();
+    if (client != std::chrono::system_clock::time_point::max()) {  // max(): the client set no deadline
+      auto left = std::chrono::duration_cast<milliseconds>(client - std::chrono::system_clock::now());
+      // Answer before the client gives up: keep a margin for the reply to travel back.
+      auto margin = std::clamp<milliseconds>(left / 5, milliseconds(50), milliseconds(1000));
+      budget = std::max(milliseconds(0), std::min(budget, left - margin));
+    }
+  }
+  return now + budget;
+}
+
+int64_t SteadyNowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 grpc::Status ToGrpc(const absl::Status& s) {
   if (s.ok()) return grpc::Status::OK;

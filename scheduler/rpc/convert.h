@@ -5,6 +5,7 @@
 #include <atomic>
 #include <string_view>
 #include <chrono>
+#include <optional>
 #include <string>
 
 #include "ablate/v1/ablate.pb.h"
@@ -12,6 +13,7 @@
 #include "scheduler/metrics/registry.h"
 #include "scheduler/rpc/auth.h"
 #include "scheduler/store/job_store.h"
+#include "scheduler/util/call_budget.h"
 
 namespace ablate::scheduler::rpc {
 
@@ -29,7 +31,22 @@ struct ServiceContext {
   int max_stream_s = 600;             // server-side cap on a streaming call (F36)
   int max_metric_batch_bytes = 256 * 1024;
   const Authenticator* auth = nullptr;
+  int max_rpc_ms = 0;  // F36: every handler's cap at most this (0: the per-method defaults of MethodCap)
+  // Steady-clock ms of the last call answered UNAVAILABLE because of the store (the leader's reaper gives leases a
+  // grace after it: their holders could not renew either). Owned by SchedulerServer; may be null.
+  std::atomic<int64_t>* store_unavailable_at_ms = nullptr;
 };
+
+// F36: the longest a handler of `method` may take, database work included, whatever deadline the client set (or
+// none): per-method defaults (Heartbeat 5 s, SubmitSweep/ExtendSweep 30 s, the rest 10 s; for the streaming
+// methods, per message or poll), lowered to ctx->max_rpc_ms when that is set.
+std::chrono::milliseconds MethodCap(const ServiceContext* ctx, std::string_view method);
+// The deadline of a handler's (or, for a stream, one message's) work: the method's cap (less a tenth, for the work
+// after the database), or the client's deadline less a margin for the answer to travel back, whichever is first.
+CallBudget::Clock::time_point HandlerDeadline(const ServiceContext* ctx, const grpc::ServerContext* sctx,
+                                              std::string_view method);
+bool IsStreamingMethod(std::string_view method);
+int64_t SteadyNowMs();
 
 // Input limits (F30/F31): ids and names are short and printable.
 grpc::Status CheckName(const std::string& field, const std::string& v, size_t max_len, bool required = true);
@@ -48,16 +65,21 @@ FailureClass FromProto(v1::FailureClass c);
 // Authorizes the caller (MethodPolicy, deny by default), runs `body` with the caller's identity, counts the call
 // in ablate_scheduler_rpc_total{method,code} and times it. A store outage comes back as UNAVAILABLE with the
 // trailing metadata `ablate-store-unavailable: 1`, so a worker can tell "scheduler up, database down" (nobody
-// can take its lease) from "scheduler unreachable" (it must self-fence).
+// can take its lease) from "scheduler unreachable" (it must self-fence). A unary handler's database work runs
+// under a CallBudget of HandlerDeadline (F36): a slow, locked or unreachable database makes it answer UNAVAILABLE
+// in time instead of hanging; streaming handlers set one per message themselves.
 template <typename F>
 grpc::Status Instrumented(ServiceContext* ctx, grpc::ServerContext* sctx, const char* service, const char* method,
                           F&& body) {
   auto start = std::chrono::steady_clock::now();
+  std::optional<CallBudget> budget;
+  if (!IsStreamingMethod(method)) budget.emplace(HandlerDeadline(ctx, sctx, method));
   Identity who;
   grpc::Status st = Authorize(ctx->auth, sctx, std::string("ablate.v1.") + service + "/" + method, &who);
   if (st.ok()) st = body(who);
   if (st.error_code() == grpc::StatusCode::UNAVAILABLE && sctx && !ctx->shutting_down->load()) {
     sctx->AddTrailingMetadata("ablate-store-unavailable", "1");
+    if (ctx->store_unavailable_at_ms) ctx->store_unavailable_at_ms->store(SteadyNowMs());
   }
   if (st.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
       st.error_message().find("stale lease") != std::string::npos) {

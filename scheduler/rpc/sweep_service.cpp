@@ -153,10 +153,15 @@ grpc::Status SweepServiceImpl::WatchSweep(grpc::ServerContext* sctx, const v1::W
     auto stream_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(ctx_->max_stream_s);
     // Poll the store; send an event first and then whenever something changed; end once the sweep is terminal.
     while (true) {
-      auto s = ctx_->store->GetSweep(req->sweep_id());
-      if (!s.ok()) return ToGrpc(s.status());
-      auto jobs = ctx_->store->ListJobs(req->sweep_id());
-      if (!jobs.ok()) return ToGrpc(jobs.status());
+      absl::StatusOr<SweepRecord> s;
+      absl::StatusOr<std::vector<JobRecord>> jobs;
+      {
+        CallBudget budget(HandlerDeadline(ctx_, sctx, "WatchSweep"));  // F36: each poll's database work is bounded
+        s = ctx_->store->GetSweep(req->sweep_id());
+        if (!s.ok()) return ToGrpc(s.status());
+        jobs = ctx_->store->ListJobs(req->sweep_id());
+        if (!jobs.ok()) return ToGrpc(jobs.status());
+      }
       v1::SweepEvent ev;
       ToProto(*s, ev.mutable_sweep());
       for (const auto& j : *jobs) ToProto(j, ev.add_jobs());

@@ -88,6 +88,11 @@ grpc::Status WorkerServiceImpl::RegisterWorker(grpc::ServerContext* sctx, const 
 grpc::Status WorkerServiceImpl::LeaseJob(grpc::ServerContext* sctx, const v1::LeaseJobRequest* req,
                                          v1::LeaseJobResponse* resp) {
   return Instrumented(ctx_, sctx, "WorkerService", "LeaseJob", [&](const Identity& who) -> grpc::Status {
+    // A grant must reach the worker well inside a TTL of its request: the worker's lease clock starts when it sent
+    // the request, so a grant made later than that (the database answered late: F17/F18) would be self-fenced at
+    // once, and count as a node failure. Half a TTL at most here; the lease statement itself refuses to grant when
+    // the database runs it after this budget (a statement delivered late by a healed network path).
+    CallBudget grant_budget(std::chrono::milliseconds(ctx_->lease_ttl_s * 500));
     if (auto st = CheckWorker(who, req->worker_id()); !st.ok()) return st;
     if (req->free().gpus_size() > 64) return Invalid("free.gpus: more than 64");
     if (req->rendezvous_addr().size() > 255) return Invalid("rendezvous_addr: longer than 255 bytes");
@@ -187,6 +192,8 @@ grpc::Status WorkerServiceImpl::ReportMetrics(grpc::ServerContext* sctx, grpc::S
         points.push_back({p.step(), p.name(), p.value(), p.time_unix_ms()});
       }
       if (points.empty()) continue;
+      // F36: each batch's database work is bounded (the method's cap, or the stream's deadline if sooner).
+      CallBudget budget(HandlerDeadline(ctx_, sctx, "ReportMetrics"));
       // The holder check once per lease of the stream (a stream normally carries one attempt's points).
       if (!holder_checked || !SameLease(checked, batch.lease())) {
         if (auto st = CheckHolder(ctx_, who, batch.lease()); !st.ok()) return st;

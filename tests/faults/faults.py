@@ -7,7 +7,7 @@ injects its fault, waits for the system to settle, then checks the invariants I1
     jobs lost: 0, double-runs: 0
 Usage: faults.py --bin BIN_DIR --work DIR [--train_bin ablate-train] [--only F01,F02]
 """
-import argparse, glob, json, os, re, signal, socket, subprocess, sys, threading, time, traceback, urllib.request
+import argparse, glob, json, os, re, signal, socket, struct, subprocess, sys, threading, time, traceback, urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -43,6 +43,8 @@ class Suite:
         if out.returncode != 0:
             raise SystemExit("cannot start PostgreSQL: " + out.stderr)
         self.admin_dsn = out.stdout.strip().splitlines()[-1]
+        kv = dict(x.split("=", 1) for x in self.admin_dsn.split())
+        self.pg_socket = os.path.join(kv["host"], ".s.PGSQL.%s" % kv.get("port", "5432"))  # F17/F18
         self.lost = 0
         self.double_runs = 0
 
@@ -115,7 +117,7 @@ class Stack:
         v = self.q(sql)
         return int(v) if v else 0
 
-    def scheduler(self, extra=(), idx=None):
+    def scheduler(self, extra=(), idx=None, dsn=None):
         idx = len(self.scheds) if idx is None else idx
         out = os.path.join(self.dir, "scheduler-%d.log" % idx)
         listen = "127.0.0.1:0"
@@ -123,7 +125,7 @@ class Stack:
             i = list(extra).index("--listen")
             listen = extra[i + 1]
             extra = list(extra[:i]) + list(extra[i + 2:])
-        argv = [os.path.join(self.s.bin, "ablate-scheduler"), "serve", "--db", self.dsn, "--no_migrate",
+        argv = [os.path.join(self.s.bin, "ablate-scheduler"), "serve", "--db", dsn or self.dsn, "--no_migrate",
                 "--listen", listen, "--metrics_listen", "127.0.0.1:0", "--lease_ttl_s", str(L),
                 "--heartbeat_interval_ms", str(HB_MS), "--reaper_interval_ms", str(R_MS),
                 "--retry_backoff_ms", "300",
@@ -822,6 +824,547 @@ def f19(suite, st):
     return "self-fenced, re-dispatched, zombie writes rejected (%s); overlap %.2fs" % (r.stdout.strip(), st.max_overlap)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# F17, F18, F20, F36: slow, locked, exhausted and half-open databases, asymmetric partitions, deadline caps.
+# ---------------------------------------------------------------------------------------------------------------
+F17_LOCK_S = 10     # F17a: the lease/attempt tables stay locked this long (> 3 L)
+F17_SAT_S = 8       # F17b: every connection slot taken (and the scheduler's sessions terminated) this long
+F18_HOLD_S = 8      # F18: the path to PostgreSQL is a blackhole this long (> 2 L)
+F36_CAP_MS = 1000   # F36: --max_rpc_ms; a bucket bound of ablate_scheduler_rpc_duration_seconds, so the scheduler's
+F36_LOCK_S = 2.5    #      own histogram shows it too. The tables stay locked F36_LOCK_S (> the cap).
+HB_CAP_MS = 5000    # the scheduler's Heartbeat cap (scheduler/rpc/convert.cpp MethodCap) = lock_timeout (5 s)
+GRPC_CODES = {0: "OK", 1: "CANCELLED", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND", 9: "FAILED_PRECONDITION",
+              14: "UNAVAILABLE"}
+APP_TABLES = "sweeps, jobs, job_attempts, metrics, checkpoints, workers, schedules, schedule_runs, gang_slots"
+
+
+class HoldProxy:
+    """TCP proxy whose two directions can be held separately: a blackhole without RST or FIN. The peers' kernels
+    keep acknowledging (as behind a silent middlebox), so TCP keepalives and tcp_user_timeout cannot notice; only
+    the application's own deadlines can. Held bytes wait in the proxy and in the kernel buffers and go on, in order,
+    when released, like TCP retransmissions after a partition heals. up = client -> upstream, down = upstream ->
+    client. The upstream is host:port or a unix socket path."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(256)
+        self.port = self.ls.getsockname()[1]
+        self.addr = "127.0.0.1:%d" % self.port
+        self.gate = {"up": threading.Event(), "down": threading.Event()}
+        self.release()
+        self.lock = threading.Lock()
+        self.socks = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self, up=True, down=True):
+        if up:
+            self.gate["up"].clear()
+        if down:
+            self.gate["down"].clear()
+
+    def release(self):
+        for g in self.gate.values():
+            g.set()
+
+    def close(self):
+        self.release()
+        try:
+            self.ls.close()
+        except OSError:
+            pass
+        with self.lock:
+            for x in self.socks:
+                try:
+                    x.close()
+                except OSError:
+                    pass
+
+    def _connect_upstream(self):
+        if self.upstream.startswith("/"):
+            u = socket.socket(socket.AF_UNIX)
+            u.connect(self.upstream)
+            return u
+        host, port = self.upstream.rsplit(":", 1)
+        return socket.create_connection((host, int(port)))
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            try:
+                u = self._connect_upstream()
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.socks += [c, u]
+            left = [2]
+            for a, b, d in ((c, u, "up"), (u, c, "down")):
+                threading.Thread(target=self._pipe, args=(a, b, d, left), daemon=True).start()
+
+    def _pipe(self, a, b, d, left):
+        gate = self.gate[d]
+        try:
+            while True:
+                gate.wait()      # held: read nothing more; the sender's kernel buffers it, nothing is refused
+                data = a.recv(65536)
+                if not data:
+                    break
+                gate.wait()      # held with the bytes in hand
+                b.sendall(data)
+        except OSError:
+            pass
+        gate.wait()              # a close goes on only once the direction is released, like a FIN
+        try:
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        with self.lock:
+            left[0] -= 1
+            if left[0] == 0:
+                for x in (a, b):
+                    try:
+                        x.close()
+                    except OSError:
+                        pass
+
+
+class PgRefused(Exception):
+    pass
+
+
+class RawPg:
+    """A bare PostgreSQL (protocol 3) session over the suite cluster's unix socket, trust authentication: holds a
+    connection slot (F17b) and runs simple queries, with no client library."""
+
+    def __init__(self, path, db):
+        self.ready = False
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(10)
+        self.s.connect(path)
+        body = struct.pack("!i", 196608) + b"user\0ablate\0database\0" + db.encode() + \
+            b"\0application_name\0fault-suite-slot\0\0"
+        self.s.sendall(struct.pack("!i", len(body) + 4) + body)
+        self._until_ready()
+
+    def _recvn(self, n):
+        out = b""
+        while len(out) < n:
+            d = self.s.recv(n - len(out))
+            if not d:
+                raise PgRefused("connection closed by the server")
+            out += d
+        return out
+
+    def _until_ready(self):
+        rows, err = [], None
+        while True:
+            h = self._recvn(5)
+            t, body = h[:1], self._recvn(struct.unpack("!i", h[1:])[0] - 4)
+            if t == b"E":
+                f = dict((x[:1].decode(), x[1:].decode(errors="replace")) for x in body.split(b"\0") if x)
+                err = "%s %s" % (f.get("C", "?"), f.get("M", ""))
+                if not self.ready:
+                    raise PgRefused(err)
+            elif t == b"D":
+                n = struct.unpack("!i", body[2:6])[0]
+                rows.append(None if n < 0 else body[6:6 + n].decode())
+            elif t == b"Z":
+                self.ready = True
+                if err:
+                    raise Fail("query failed: " + err)
+                return rows
+
+    def query(self, sql):
+        body = sql.encode() + b"\0"
+        self.s.sendall(b"Q" + struct.pack("!i", len(body) + 4) + body)
+        return self._until_ready()
+
+    def close(self):
+        try:
+            self.s.sendall(b"X\0\0\0\4")
+        except OSError:
+            pass
+        self.s.close()
+
+
+def take_slots(path, db, cap=1000):
+    """Opens idle sessions until PostgreSQL refuses one; returns them and the refusal."""
+    conns = []
+    while len(conns) < cap:
+        try:
+            conns.append(RawPg(path, db))
+        except (PgRefused, OSError) as e:
+            return conns, str(e)
+    return conns, None
+
+
+def lock_tables(st, tables, hold_s):
+    """Another session takes ACCESS EXCLUSIVE locks on `tables` for hold_s seconds. Returns its Popen once every
+    lock is granted; it exits when they are released. Taken again if the session failed first (a deadlock with the
+    scheduler's own transactions while it took them one by one)."""
+    names = [t.strip() for t in tables.split(",")]
+    granted = ("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE l.database = (SELECT oid "
+               "FROM pg_database WHERE datname = current_database()) AND c.relname IN (%s) AND "
+               "l.mode = 'AccessExclusiveLock' AND l.granted" % ",".join("'%s'" % n for n in names))
+    for _ in range(3):
+        p = subprocess.Popen(["psql", "-Atq", st.dsn, "-c", "BEGIN; LOCK TABLE %s IN ACCESS EXCLUSIVE MODE; "
+                              "SELECT pg_sleep(%s); COMMIT;" % (tables, hold_s)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        st.wait(lambda: p.poll() is not None or st.qi(granted) == len(names), 10, "the table locks (%s)" % tables)
+        if p.poll() is None:
+            return p
+    raise Fail("could not lock %s: %s" % (tables, p.stderr.read()))
+
+
+def probe_start(st, addr, seconds, job, deadlines, interval_ms=100):
+    """ablate-fault-rpc hb-probe in the background: heartbeats on a stale lease of `job` (so they reach the
+    database and never renew anything) with the given client deadlines, and gRPC health checks."""
+    out = os.path.join(st.dir, "probe-%d.txt" % int(time.time() * 1000))
+    f = open(out, "w")
+    p = subprocess.Popen([os.path.join(st.s.bin, "ablate-fault-rpc"), "hb-probe", addr, str(seconds),
+                          str(interval_ms), "probe", str(job), "1", "1", "probe-stale-nonce", deadlines],
+                         stdout=f, stderr=subprocess.STDOUT)
+    p.out, p.f, p.seconds = out, f, seconds
+    return p
+
+
+def probe_finish(p):
+    """Waits for the probe; returns (heartbeats [(deadline_ms, start_s, latency_ms, code)], health [(t, status)],
+    hung calls, exit code)."""
+    try:
+        p.wait(p.seconds + 25)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    p.f.close()
+    hb, health, hung = [], [], []
+    for line in open(p.out):
+        x = line.split()
+        if x and x[0] == "HB":
+            hb.append((int(x[1]), int(x[2]) / 1000.0, float(x[3]), int(x[4])))
+        elif x and x[0] == "HEALTH":
+            health.append((int(x[1]) / 1000.0, x[2]))
+        elif x and x[0] == "HUNG":
+            hung.append(line.strip())
+    return hb, health, hung, p.returncode
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[max(0, min(len(xs) - 1, int(round(q * len(xs) + 0.4999)) - 1))] if xs else 0.0
+
+
+def hb_window(hb, t0, t1, deadline_ms):
+    return [h for h in hb if h[0] == deadline_ms and t0 <= h[1] <= t1]
+
+
+def check_answered(hb, t0, t1, what):
+    """Every probe heartbeat started in [t0, t1] came back in time: no-deadline ones within the Heartbeat cap (plus
+    1 s), the others before their own deadline with an answer (not DEADLINE_EXCEEDED). Returns a summary."""
+    notes = []
+    for d in sorted(set(h[0] for h in hb)):
+        w = hb_window(hb, t0, t1, d)
+        check(w, "%s: no probe heartbeats (deadline %s) were sent" % (what, d or "none"))
+        lat = [h[2] for h in w]
+        codes = sorted(set(GRPC_CODES.get(h[3], str(h[3])) for h in w))
+        bound = (d if d else HB_CAP_MS) + 1000
+        check(max(lat) <= bound, "%s: a heartbeat (deadline %s) took %.0f ms (bound %d ms)" %
+              (what, "%d ms" % d if d else "none", max(lat), bound))
+        late = [h for h in w if h[3] == 4]
+        if d >= 5000 or d == 0:
+            check(not late, "%s: %d heartbeats with a %s deadline got DEADLINE_EXCEEDED instead of an answer" %
+                  (what, len(late), "%d ms" % d if d else "no"))
+        else:  # the suite's workers' own deadline: answered (UNAVAILABLE at worst) before it, nearly always
+            check(len(late) <= len(w) // 10, "%s: %d of %d heartbeats with a %d ms deadline were not answered "
+                  "before it" % (what, len(late), len(w), d))
+        notes.append("deadline %s: %d calls, p50 %.0f / p99 %.0f / max %.0f ms, %s%s" % (
+            "%d ms" % d if d else "none", len(w), pct(lat, 0.5), pct(lat, 0.99), max(lat), "/".join(codes),
+            " (%d late)" % len(late) if late else ""))
+    return "; ".join(notes)
+
+
+def healthz(s):
+    try:
+        return urllib.request.urlopen("http://%s/healthz" % s.maddr, timeout=5).status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except Exception:
+        return -1
+
+
+def recovered_after(st, jobs, t, timeout):
+    """Seconds from t until every job in `jobs` had a heartbeat accepted and metric points stored after t."""
+    ids = ",".join(str(j) for j in jobs)
+    st.wait(lambda: st.qi(
+        "SELECT count(*) FROM jobs j WHERE id IN (%s) AND (state IN ('succeeded') OR (lease_expires_at - "
+        "make_interval(secs => %d) > to_timestamp(%f) AND EXISTS (SELECT 1 FROM metrics m WHERE m.job_id = j.id "
+        "AND m.ingested_at > to_timestamp(%f))))" % (ids, L, t, t)) == len(jobs), timeout,
+        "heartbeats and metrics of jobs %s to be stored again" % ids)
+    return time.time() - t
+
+
+def no_false_expiry(st, workers, jobs_expected):
+    expired = st.qi("SELECT count(*) FROM job_attempts WHERE outcome = 'expired'")
+    check(expired == 0, "%d lease(s) expired: %s" % (expired, st.q(
+        "SELECT job_id, attempt, message FROM job_attempts WHERE outcome = 'expired'")))
+    check(st.qi("SELECT count(*) FROM jobs WHERE state = 'succeeded' AND attempt = 1") == jobs_expected,
+          "not every job succeeded in its first attempt: " + st.q("SELECT id, state, attempt, last_error FROM jobs"))
+    fenced = [w.wid for w in workers if "self_fence" in w.text()]
+    check(not fenced, "worker(s) %s self-fenced although the scheduler answered them" % fenced)
+    missing = st.qi("SELECT count(*) FROM jobs j, generate_series(1, j.total_steps) g WHERE NOT EXISTS (SELECT 1 "
+                    "FROM metrics m WHERE m.job_id = j.id AND m.name = 'train/loss' AND m.step = g)")
+    check(missing == 0, "%d train/loss points missing" % missing)
+
+
+def f17(suite, st):
+    """F17 connection exhaustion and slow queries. (a) Another session holds ACCESS EXCLUSIVE locks on the lease
+    and attempt tables (jobs, job_attempts) for F17_LOCK_S. (b) Idle sessions take every connection slot of
+    PostgreSQL for F17_SAT_S and the scheduler's own sessions are terminated (pg_terminate_backend) every second, so
+    it cannot get a connection either. Heartbeats are answered in time (UNAVAILABLE at worst, never a hang), the
+    workers keep training and keep their leases (no self-fence, no expiry: the reaper gives a grace after the
+    store was unavailable), and heartbeats and metrics are stored again within 30 s of each fault's end."""
+    steps = 60 + int((F17_LOCK_S + F17_SAT_S + 4) * 1000 / 50)  # running until both faults are over
+    s = st.scheduler()
+    st.submit(sweep("f17", n_cells=2, steps=steps, save=50), s.addr)
+    workers = [st.worker("w1", s.addr), st.worker("w2", s.addr)]
+    st.wait(lambda: st.qi("SELECT count(*) FROM jobs WHERE state = 'running' AND latest_step >= 5") == 2, 30,
+            "both jobs running")
+    jobs = [int(x) for x in st.q("SELECT id FROM jobs ORDER BY id").split()]
+    probe = probe_start(st, s.addr, F17_LOCK_S + F17_SAT_S + 4, jobs[0], "%d,0" % HB_MS)
+    time.sleep(1.0)
+    # (a) the lease and attempt tables locked.
+    t_a = time.time()
+    st.fault_at.append(t_a)
+    locker = lock_tables(st, "jobs, job_attempts", F17_LOCK_S)
+    t_locked = time.time()
+    locker.wait(F17_LOCK_S + 20)
+    t_unlocked = time.time()
+    check(locker.returncode == 0, "the locking session failed: " + locker.stderr.read())
+    rec_a = recovered_after(st, jobs, t_unlocked, 30)
+    # (b) max_connections saturated; the scheduler's sessions terminated, again and again.
+    t_b = time.time()
+    st.fault_at.append(t_b)
+    slots, why = take_slots(suite.pg_socket, "postgres")
+    check(why and ("53300" in why or "too many" in why),
+          "PostgreSQL still accepted sessions after %d: %s" % (len(slots), why))
+    killed = 0
+    try:
+        while time.time() < t_b + F17_SAT_S:
+            killed += int(slots[0].query("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                                         "datname = '%s'" % st.db)[0])
+            time.sleep(0.2)
+            more, _ = take_slots(suite.pg_socket, "postgres")
+            slots += more
+            time.sleep(0.8)
+    finally:
+        held = len(slots)
+        for c in slots:
+            c.close()
+    t_sat_end = time.time()
+    rec_b = recovered_after(st, jobs, t_sat_end, 30)
+    hb, health, hung, rc = probe_finish(probe)
+    check(not hung and rc == 0, "heartbeat calls hung: %s (probe exit %s)" % (hung, rc))
+    lock_note = check_answered(hb, t_locked, t_unlocked, "table locked")
+    sat_note = check_answered(hb, t_b, t_sat_end, "connections exhausted")
+    check(rec_a <= 30 and rec_b <= 30, "recovery took %.1fs / %.1fs (bound 30 s)" % (rec_a, rec_b))
+    st.wait_terminal(60)
+    check(s.alive(), "the scheduler died")
+    no_false_expiry(st, workers, 2)
+    grace = s.text().count("reaping_paused")
+    check(grace >= 1, "the scheduler never paused its reaper for a store outage")
+    finish(st)
+    return ("(a) jobs+job_attempts locked %.0fs: heartbeats %s; recovered %.1fs after the unlock. (b) %d slots held "
+            "%.0fs, %d scheduler sessions terminated: heartbeats %s; recovered %.1fs after. 0 expiries, 0 self-fences, "
+            "metrics complete" % (t_unlocked - t_locked, lock_note, rec_a, held, t_sat_end - t_b, killed, sat_note,
+                                  rec_b))
+
+
+def f18(suite, st):
+    """F18 half-open TCP to PostgreSQL: the scheduler reaches PostgreSQL through a proxy that stops forwarding both
+    ways for F18_HOLD_S without closing anything (no RST, no FIN; its kernel keeps acknowledging, so keepalives and
+    tcp_user_timeout alone would never notice). The scheduler must notice within 30 s (/healthz 503, gRPC health
+    NOT_SERVING, calls answered UNAVAILABLE instead of hanging: a heartbeat with a 5 s deadline returns), and once
+    the path heals dispatch resumes within 60 s with 0 lost jobs and 0 spurious requeues (post-outage grace)."""
+    px = HoldProxy(suite.pg_socket)
+    try:
+        s = st.scheduler(dsn="host=127.0.0.1 port=%d dbname=%s user=ablate" % (px.port, st.db))
+        steps = 60 + int((F18_HOLD_S + 4) * 1000 / 50)  # running until the blackhole is over
+        st.submit(sweep("f18", n_cells=2, steps=steps, save=50), s.addr)
+        workers = [st.worker("w1", s.addr), st.worker("w2", s.addr)]
+        st.wait(lambda: st.qi("SELECT count(*) FROM jobs WHERE state = 'running' AND latest_step >= 5") == 2, 30,
+                "both jobs running")
+        st.worker("w3", s.addr)  # idle: takes the sweep submitted once the path healed
+        jobs = [int(x) for x in st.q("SELECT id FROM jobs ORDER BY id").split()]
+        probe = probe_start(st, s.addr, F18_HOLD_S + 4, jobs[0], "%d,5000,0" % HB_MS)
+        time.sleep(1.0)
+        t0 = time.time()
+        st.fault_at.append(t0)
+        px.hold()
+        detect = None
+        while time.time() < t0 + min(30, F18_HOLD_S):
+            if healthz(s) == 503:
+                detect = time.time() - t0
+                break
+            time.sleep(0.2)
+        check(detect is not None, "/healthz still not 503 %.0fs into the blackhole" % (time.time() - t0))
+        time.sleep(max(0, t0 + F18_HOLD_S - time.time()))
+        px.release()
+        t_heal = time.time()
+        sid, tries = None, 0
+        while sid is None and time.time() < t_heal + 60:
+            try:
+                tries += 1
+                sid = st.submit(sweep("f18-after", steps=20, save=10), s.addr, key="f18-after")
+            except Fail:
+                time.sleep(0.5)
+        check(sid is not None, "no sweep could be submitted within 60 s of the path healing")
+        st.wait(lambda: st.qi("SELECT count(*) FROM jobs WHERE sweep_id = %d AND attempt >= 1" % sid) == 1,
+                max(1, t_heal + 60 - time.time()), "the sweep submitted after the blackhole to be dispatched")
+        dispatch = time.time() - t_heal
+        hb, health, hung, rc = probe_finish(probe)
+        check(not hung and rc == 0, "heartbeat calls hung: %s (probe exit %s)" % (hung, rc))
+        hold_note = check_answered(hb, t0, t0 + F18_HOLD_S - 0.5, "blackhole")
+        unavail = [h[1] + h[2] / 1000 for h in hb if h[1] >= t0 and h[3] == 14]
+        check(unavail, "no heartbeat was answered UNAVAILABLE during the blackhole")
+        not_serving = [t for t, v in health if t0 <= t <= t_heal and v == "NOT_SERVING"]
+        check(not_serving, "gRPC health never said NOT_SERVING during the blackhole: %s" % health[-5:])
+        serving_again = [t for t, v in health if t >= t_heal and v == "SERVING"]
+        check(serving_again, "gRPC health not SERVING again after the blackhole")
+        st.wait_terminal(60)
+        check(s.alive(), "the scheduler died")
+        no_false_expiry(st, workers, 3)
+        finish(st)
+        return ("blackhole %ds: /healthz 503 after %.1fs, gRPC NOT_SERVING after %.1fs, first UNAVAILABLE heartbeat "
+                "answered %.1fs in; heartbeats %s; SERVING again %.1fs and a new sweep dispatched %.1fs after the "
+                "path healed; 0 expiries, 0 self-fences" % (
+                    F18_HOLD_S, detect, not_serving[0] - t0, min(unavail) - t0, hold_note,
+                    serving_again[0] - t_heal, dispatch))
+    finally:
+        px.close()
+
+
+def f20(suite, st):
+    """F20 asymmetric partitions for 2 L, two at once: worker z-send's proxy forwards only worker -> scheduler (the
+    scheduler's answers are held), worker z-recv's only scheduler -> worker (its requests are held). As F19: each
+    job's attempt ends (expired, or reported by the zombie while its lease was still current) and it is re-dispatched
+    to a spare worker, each zombie self-fences, its late writes are rejected with FAILED_PRECONDITION, no checkpoint
+    of the zombie lands after the re-dispatch, 0 accepted stale writes; and no renew/reject livelock: once healed, the
+    fenced-write count stops moving and each job needs no more than one re-dispatch."""
+    s = st.scheduler()
+    modes = (("send", dict(up=False, down=True)), ("recv", dict(up=True, down=False)))
+    st.submit(sweep("f20", n_cells=2, steps=100, save=10), s.addr)
+    pxs, zombies, job = {}, {}, {}
+    try:
+        for name, _ in modes:
+            pxs[name] = HoldProxy(s.addr)
+            zombies[name] = st.worker("z-" + name, pxs[name].addr)
+            st.wait(lambda: st.qi("SELECT count(*) FROM jobs WHERE worker_id = 'z-%s'" % name) == 1, 20,
+                    "z-%s to lease a job" % name)
+            job[name] = st.qi("SELECT id FROM jobs WHERE worker_id = 'z-%s'" % name)
+        st.wait(lambda: st.qi("SELECT count(*) FROM jobs WHERE latest_step >= 12") == 2, 30, "both jobs at step 12")
+        st.worker("s1", s.addr)
+        st.worker("s2", s.addr)
+        old = {n: st.q("SELECT id || ' ' || attempt || ' ' || lease_epoch || ' ' || lease_nonce FROM jobs WHERE id = %d"
+                       % job[n]).split() for n, _ in modes}
+        t0 = time.time()
+        st.fault_at.append(t0)
+        for name, h in modes:
+            pxs[name].hold(**h)
+        st.wait(lambda: st.qi("SELECT count(*) FROM job_attempts WHERE attempt = 2") == 2, 2 * L + 3,
+                "both jobs re-dispatched")
+        redispatch = {n: st.qi("SELECT (extract(epoch from acquired_at) * 1000)::bigint FROM job_attempts WHERE "
+                               "job_id = %d AND attempt = 2" % job[n]) / 1000.0 - t0 for n, _ in modes}
+        time.sleep(max(0, t0 + 2 * L - time.time()))
+        for px in pxs.values():
+            px.release()
+        for name, _ in modes:
+            check("self_fence" in zombies[name].text(), "z-%s did not self-fence" % name)
+        notes = []
+        for name, _ in modes:
+            r = rpc_tool(st, "stale-write", s.addr, "z-" + name, *old[name])
+            check(r.returncode == 0, "z-%s: stale writes not rejected: %s" % (name, r.stdout + r.stderr))
+            notes.append("%s-only: attempt 1 %s, re-dispatched %.1fs after the cut, late writes %s" % (
+                name, st.q("SELECT outcome || coalesce('/' || failure_class, '') FROM job_attempts WHERE job_id = %d "
+                           "AND attempt = 1" % job[name]), redispatch[name], r.stdout.strip()))
+        st.wait_terminal(40)
+        check(st.qi("SELECT count(*) FROM jobs WHERE state = 'succeeded'") == 2, "not every job succeeded: " +
+              st.q("SELECT id, state, attempt, last_error FROM jobs"))
+        for name, _ in modes:
+            ck = st.q("SELECT string_agg(DISTINCT attempt::text, ',') FROM checkpoints WHERE job_id = %d AND created_at "
+                      "> (SELECT acquired_at FROM job_attempts WHERE job_id = %d AND attempt = 2)" % (job[name], job[name]))
+            check(ck in ("2", ""), "z-%s: checkpoints of attempt(s) %s recorded after the re-dispatch" % (name, ck))
+        fenced = lambda: sum(float(x.split()[-1]) for x in st.scrape(s).splitlines()
+                             if x.startswith("ablate_scheduler_fenced_writes_total{"))
+        f1 = fenced()
+        time.sleep(2.0)
+        f2 = fenced()
+        check(f1 == f2, "fenced writes still growing after healing (%d -> %d in 2 s): renew/reject livelock" % (f1, f2))
+        most = st.qi("SELECT max(attempt) FROM jobs")
+        check(most <= 3, "a job needed %d attempts: re-dispatch livelock" % most)
+        # I5 from the cut: a worker that can still send keeps renewing its lease until it self-fences (<= L), so
+        # its lease is marked lost up to 2 L + R after the cut (L + R after its last heartbeat arrived).
+        finish(st, max_detect_s=2 * L + R_MS / 1000 + 1.5)
+        return "; ".join(notes) + "; fenced writes settled at %d, at most %d attempts; overlap %.2fs" % (
+            f2, most, st.max_overlap)
+    finally:
+        for px in pxs.values():
+            px.close()
+
+
+def rpc_hist(st, s, name="ablate_scheduler_rpc_duration_seconds"):
+    """{method: {le: count}} of a histogram on /metrics."""
+    out = {}
+    for line in st.scrape(s).splitlines():
+        m = re.match(name + r'_bucket\{method="([^"]+)",le="([^"]+)"\} (\S+)', line)
+        if m:
+            out.setdefault(m.group(1), {})[m.group(2)] = float(m.group(3))
+    return out
+
+
+def f36(suite, st):
+    """F36 clients with no deadline or a huge one. Streaming: WatchSweep without a deadline ends after
+    --max_stream_s (2 s). Unary: every unary RPC, called with no deadline and with a 1-hour one while another session
+    holds every table of the scheduler locked (so each handler would otherwise wait for lock_timeout, 5 s), answers
+    UNAVAILABLE within the per-method cap (--max_rpc_ms F36_CAP_MS), as measured by the client and by the
+    scheduler's own handler-time histogram."""
+    s = st.scheduler(["--max_stream_s", "2", "--max_rpc_ms", str(F36_CAP_MS)])
+    r = rpc_tool(st, "deadlines", s.addr)
+    check(r.returncode == 0, "deadlines: %s%s" % (r.stdout[-2000:], r.stderr[-1000:]))
+    notes = [r.stdout.strip().splitlines()[-1]]
+    sweeps = st.qi("SELECT count(*) FROM sweeps")
+    locker = lock_tables(st, APP_TABLES, F36_LOCK_S)
+    t0 = time.time()
+    r = rpc_tool(st, "deadline-cap", s.addr, F36_CAP_MS, 250)
+    took = time.time() - t0
+    locker.wait(F36_LOCK_S + 20)
+    check(r.returncode == 0, "deadline caps: %s%s" % (r.stdout[-3000:], r.stderr[-1000:]))
+    check(took < F36_LOCK_S, "the calls outlasted the lock (%.1fs): the test proves nothing" % took)
+    notes.append(r.stdout.strip().splitlines()[-1])
+    # The scheduler's own measurement: every unary handler's time in the histogram's bucket at the cap.
+    cap_le = "%g" % (F36_CAP_MS / 1000.0)
+    over = {}
+    for method, b in rpc_hist(st, s).items():
+        if method in ("WatchSweep", "ReportMetrics"):
+            continue
+        n_cap = [v for le, v in b.items() if le != "+Inf" and abs(float(le) - F36_CAP_MS / 1000.0) < 1e-9]
+        check(n_cap, "no histogram bucket at %s s for %s" % (cap_le, method))
+        if b["+Inf"] - n_cap[0] > 0:
+            over[method] = b["+Inf"] - n_cap[0]
+    check(not over, "handlers longer than the %d ms cap per the scheduler's histogram: %s" % (F36_CAP_MS, over))
+    check(s.alive(), "the scheduler died")
+    check(st.qi("SELECT count(*) FROM sweeps") == sweeps and st.qi("SELECT count(*) FROM schedules") == 0 and
+          st.qi("SELECT count(*) FROM workers") == 0, "a call refused with UNAVAILABLE wrote something")
+    finish(st)
+    notes.append("scheduler histogram: every unary handler <= %s s" % cap_le)
+    return "; ".join(notes)
+
+
 def f24(suite, st):
     s = st.scheduler()
     st.submit(sweep("f24", steps=60, save=10, extra_train={"fake_fail": "enospc@20", "fake_fail_attempts": "1"}), s.addr)
@@ -1083,9 +1626,10 @@ def f35(suite, st):
 
 SCENARIOS = [
     ("F01", f01), ("F02", f02), ("F03", f03), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
-    ("F09", f09), ("F11", f11), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F19", f19), ("F24", f24), ("F25", f25), ("F26", f26),
+    ("F09", f09), ("F11", f11), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F17", f17), ("F18", f18), ("F19", f19),
+    ("F20", f20), ("F24", f24), ("F25", f25), ("F26", f26),
     ("F30", tool_scenario("malformed")), ("F31", f31), ("F32", tool_scenario("invalid-specs")),
-    ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", tool_scenario("deadlines", "--max_stream_s", "2")),
+    ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", f36),
 ]
 
 

@@ -1,11 +1,14 @@
 // ablate-fault-rpc: the fault suite's gRPC client for the API-abuse scenarios (F19 stale writes, F30 malformed
 // bytes, F31 oversized messages, F32 invalid specs, F34 duplicate submission, F35 authorization matrix and worker
-// tokens, F36 deadlines). Exit 0 when every expectation holds; prints what it saw.
+// tokens, F36 deadlines and per-method caps) and the heartbeat/readiness probe of F17/F18. Exit 0 when every
+// expectation holds; prints what it saw.
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
+#include <iomanip>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -56,6 +59,42 @@ grpc::Status GenericUnary(const std::shared_ptr<grpc::Channel>& ch, const std::s
   std::unique_lock<std::mutex> l(mu);
   cv.wait(l, [&] { return done; });
   return st;
+}
+
+// One unary call of `method` with `bytes` as the request: no deadline at all when timeout is 0. Returns the status
+// and (in *resp) the answer's bytes.
+grpc::Status GenericCall(const std::shared_ptr<grpc::Channel>& ch, const std::string& method, const std::string& bytes,
+                         std::chrono::milliseconds timeout, std::string* resp_bytes = nullptr) {
+  grpc::GenericStub stub(ch);
+  grpc::ClientContext ctx;
+  if (timeout.count() > 0) ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer req(&slice, 1), resp;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status st;
+  stub.UnaryCall(&ctx, method, grpc::StubOptions(), &req, &resp, [&](grpc::Status s) {
+    std::lock_guard<std::mutex> l(mu);
+    st = std::move(s);
+    done = true;
+    cv.notify_all();
+  });
+  std::unique_lock<std::mutex> l(mu);
+  cv.wait(l, [&] { return done; });
+  if (resp_bytes && st.ok()) {
+    std::vector<grpc::Slice> slices;
+    resp_bytes->clear();
+    if (resp.Dump(&slices).ok()) {
+      for (const auto& sl : slices) resp_bytes->append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+    }
+  }
+  return st;
+}
+
+int64_t UnixMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
 }
 
 std::vector<const google::protobuf::MethodDescriptor*> AllMethods() {
@@ -361,6 +400,281 @@ int Deadlines(const std::string& addr) {
   return secs <= 4.0 ? 0 : 1;
 }
 
+// F17/F18: heartbeats at a steady rate for `seconds`, one thread per client deadline in `deadlines_ms` (comma list,
+// 0: no deadline at all), and gRPC health checks (1 s deadline) in another. One line per call:
+//   HB <deadline_ms> <start_unix_ms> <latency_ms> <grpc code>
+//   HEALTH <unix_ms> <SERVING|NOT_SERVING|UNKNOWN|ERR:<code>>
+// A call still running 15 s after the end is printed as "HUNG <deadline_ms> <start_unix_ms>" and the tool exits 3
+// at once (a handler that never answers).
+int HbProbe(const std::string& addr, double seconds, int interval_ms, const std::string& worker, int64_t job,
+            int attempt, int64_t epoch, const std::string& nonce, const std::string& deadlines) {
+  auto ch = Insecure(addr);
+  std::mutex out_mu;
+  auto emit = [&](const std::string& line) {
+    std::lock_guard<std::mutex> l(out_mu);
+    std::cout << line << std::endl;
+  };
+  std::vector<int> modes;
+  {
+    std::stringstream ss(deadlines);
+    for (std::string x; std::getline(ss, x, ',');)
+      if (!x.empty()) modes.push_back(std::stoi(x));
+  }
+  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+  std::vector<std::unique_ptr<std::atomic<int64_t>>> in_flight;  // start of the call in flight (unix ms), 0: none
+  std::atomic<int> finished{0};
+  std::vector<std::thread> ts;
+  for (int m : modes) {
+    in_flight.push_back(std::make_unique<std::atomic<int64_t>>(0));
+    std::atomic<int64_t>* slot = in_flight.back().get();
+    ts.emplace_back([&, m, slot] {
+      auto stub = v1::WorkerService::NewStub(ch);
+      while (std::chrono::steady_clock::now() < end) {
+        auto next = std::chrono::steady_clock::now() + std::chrono::milliseconds(interval_ms);
+        grpc::ClientContext c;
+        if (m > 0) c.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(m));
+        v1::HeartbeatRequest r;
+        r.set_worker_id(worker);
+        r.mutable_lease()->set_job_id(job);
+        r.mutable_lease()->set_attempt(attempt);
+        r.mutable_lease()->set_lease_epoch(epoch);
+        r.mutable_lease()->set_lease_nonce(nonce);
+        r.set_step(-1);
+        v1::HeartbeatResponse resp;
+        const int64_t t0 = UnixMs();
+        slot->store(t0);
+        const auto s0 = std::chrono::steady_clock::now();
+        auto st = stub->Heartbeat(&c, r, &resp);
+        double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s0).count();
+        slot->store(0);
+        std::ostringstream line;
+        line << "HB " << m << " " << t0 << " " << std::fixed << std::setprecision(1) << ms << " " << st.error_code();
+        emit(line.str());
+        std::this_thread::sleep_until(next);
+      }
+      ++finished;
+    });
+  }
+  ts.emplace_back([&] {
+    while (std::chrono::steady_clock::now() < end) {
+      auto next = std::chrono::steady_clock::now() + std::chrono::milliseconds(interval_ms);
+      std::string resp;
+      const int64_t t0 = UnixMs();
+      auto st = GenericCall(ch, "/grpc.health.v1.Health/Check", "", std::chrono::milliseconds(1000), &resp);
+      std::string what = "UNKNOWN";
+      if (!st.ok()) what = "ERR:" + std::to_string(st.error_code());
+      else if (resp == std::string("\x08\x01", 2)) what = "SERVING";
+      else if (resp == std::string("\x08\x02", 2)) what = "NOT_SERVING";
+      emit("HEALTH " + std::to_string(t0) + " " + what);
+      std::this_thread::sleep_until(next);
+    }
+    ++finished;
+  });
+  const auto give_up = end + std::chrono::seconds(15);
+  while (finished.load() < static_cast<int>(ts.size())) {
+    if (std::chrono::steady_clock::now() > give_up) {
+      for (size_t i = 0; i < modes.size(); ++i) {
+        if (int64_t t = in_flight[i]->load(); t != 0) emit("HUNG " + std::to_string(modes[i]) + " " + std::to_string(t));
+      }
+      std::cout.flush();
+      std::_Exit(3);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  for (auto& t : ts) t.join();
+  emit("DONE");
+  return 0;
+}
+
+// F36: every unary RPC of the proto, called with no deadline and with a 1-hour one while the test holds the
+// tables locked: each must come back (UNAVAILABLE: the database did not answer in time) within the server's cap
+// plus `slack_ms`, never hang. A unary method without a request below fails the test, so a new RPC is covered or
+// noticed.
+int DeadlineCap(const std::string& addr, int cap_ms, int slack_ms) {
+  const std::string spec = "name: f36\ngrid:\n  model_size: [tiny]\n";
+  v1::Lease lease;
+  lease.set_job_id(1);
+  lease.set_attempt(1);
+  lease.set_lease_epoch(1);
+  lease.set_lease_nonce("f36");
+  std::map<std::string, std::string> reqs;  // method -> a request that gets as far as the database
+  {
+    v1::SubmitSweepRequest r;
+    r.set_spec_yaml(spec);
+    reqs["SubmitSweep"] = r.SerializeAsString();
+  }
+  {
+    v1::GetSweepRequest r;
+    r.set_sweep_id(1);
+    reqs["GetSweep"] = r.SerializeAsString();
+  }
+  {
+    v1::ListSweepsRequest r;
+    r.set_limit(10);
+    reqs["ListSweeps"] = r.SerializeAsString();
+  }
+  {
+    v1::CancelSweepRequest r;
+    r.set_sweep_id(1);
+    reqs["CancelSweep"] = r.SerializeAsString();
+  }
+  {
+    v1::ListJobsRequest r;
+    r.set_sweep_id(1);
+    reqs["ListJobs"] = r.SerializeAsString();
+  }
+  {
+    v1::GetJobRequest r;
+    r.set_job_id(1);
+    reqs["GetJob"] = r.SerializeAsString();
+  }
+  {
+    v1::CompareSweepRequest r;
+    r.set_sweep_id(1);
+    reqs["CompareSweep"] = r.SerializeAsString();
+  }
+  {
+    v1::GetJobMetricsRequest r;
+    r.set_job_id(1);
+    reqs["GetJobMetrics"] = r.SerializeAsString();
+  }
+  {
+    v1::CancelJobRequest r;
+    r.set_job_id(1);
+    reqs["CancelJob"] = r.SerializeAsString();
+  }
+  {
+    v1::ExtendSweepRequest r;
+    r.set_sweep_id(1);
+    r.set_spec_yaml(spec);
+    reqs["ExtendSweep"] = r.SerializeAsString();
+  }
+  {
+    v1::CreateScheduleRequest r;
+    r.set_name("f36");
+    r.set_cron("0 2 * * *");
+    r.set_spec_yaml(spec);
+    reqs["CreateSchedule"] = r.SerializeAsString();
+  }
+  reqs["ListSchedules"] = v1::ListSchedulesRequest().SerializeAsString();
+  {
+    v1::DeleteScheduleRequest r;
+    r.set_schedule_id(1);
+    reqs["DeleteSchedule"] = r.SerializeAsString();
+  }
+  {
+    v1::QuarantineWorkerRequest r;
+    r.set_worker_id("w-f36");
+    r.set_quarantine(true);
+    r.set_reason("f36");
+    r.set_duration_s(60);
+    reqs["QuarantineWorker"] = r.SerializeAsString();
+  }
+  {
+    v1::RegisterWorkerRequest r;
+    r.set_worker_id("w-f36");
+    reqs["RegisterWorker"] = r.SerializeAsString();
+  }
+  {
+    v1::LeaseJobRequest r;
+    r.set_worker_id("w-f36");
+    reqs["LeaseJob"] = r.SerializeAsString();
+  }
+  {
+    v1::HeartbeatRequest r;
+    r.set_worker_id("w-f36");
+    *r.mutable_lease() = lease;
+    reqs["Heartbeat"] = r.SerializeAsString();
+  }
+  {
+    v1::ReportCheckpointRequest r;
+    r.set_worker_id("w-f36");
+    *r.mutable_lease() = lease;
+    r.set_step(1);
+    r.set_path("/f36");
+    reqs["ReportCheckpoint"] = r.SerializeAsString();
+  }
+  {
+    v1::CompleteJobRequest r;
+    r.set_worker_id("w-f36");
+    *r.mutable_lease() = lease;
+    r.set_outcome(v1::OUTCOME_SUCCEEDED);
+    reqs["CompleteJob"] = r.SerializeAsString();
+  }
+  auto ch = Insecure(addr);
+  struct Call {
+    std::string method;
+    int64_t deadline_ms;
+    double ms = -1;
+    int code = -1;
+  };
+  std::vector<Call> calls;
+  int missing = 0;
+  for (const auto* m : AllMethods()) {
+    if (m->client_streaming() || m->server_streaming()) continue;
+    if (!reqs.count(m->name())) {
+      std::cout << "unary method " << m->full_name() << " has no request in the deadline-cap test\n";
+      ++missing;
+      continue;
+    }
+    for (int64_t d : {int64_t{0}, int64_t{3600} * 1000}) calls.push_back({m->name(), d});
+  }
+  std::atomic<int> done{0};
+  std::vector<std::thread> ts;
+  for (auto& c : calls) {
+    ts.emplace_back([&, cp = &c] {
+      const std::string path = "/ablate.v1." +
+                               std::string(cp->method == "RegisterWorker" || cp->method == "LeaseJob" ||
+                                                   cp->method == "Heartbeat" || cp->method == "ReportCheckpoint" ||
+                                                   cp->method == "CompleteJob"
+                                               ? "WorkerService/"
+                                               : "SweepService/") +
+                               cp->method;
+      const auto t0 = std::chrono::steady_clock::now();
+      auto st = GenericCall(ch, path, reqs.at(cp->method), std::chrono::milliseconds(cp->deadline_ms));
+      cp->ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      cp->code = st.error_code();
+      ++done;
+    });
+  }
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(cap_ms) + std::chrono::seconds(20);
+  while (done.load() < static_cast<int>(calls.size())) {
+    if (std::chrono::steady_clock::now() > give_up) {
+      for (const auto& c : calls)
+        if (c.ms < 0) std::cout << "HUNG " << c.method << " deadline=" << (c.deadline_ms ? "1h" : "none") << "\n";
+      std::cout << "calls still running " << cap_ms + 20000 << " ms after they started: handlers are not capped\n";
+      std::cout.flush();
+      std::_Exit(1);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  for (auto& t : ts) t.join();
+  double worst = 0;
+  std::string worst_what;
+  int over = 0, not_unavailable = 0;
+  for (const auto& c : calls) {
+    std::string what = c.method + (c.deadline_ms ? " (1 h deadline)" : " (no deadline)");
+    if (c.ms > worst) {
+      worst = c.ms;
+      worst_what = what;
+    }
+    if (c.ms > cap_ms + slack_ms) {
+      ++over;
+      std::cout << what << ": " << c.ms << " ms, over the cap of " << cap_ms << " ms\n";
+    }
+    if (c.code != grpc::UNAVAILABLE) {
+      ++not_unavailable;
+      std::cout << what << ": code " << c.code << " after " << c.ms << " ms (expected UNAVAILABLE: the tables are "
+                << "locked, so the call must have given up on the database)\n";
+    }
+  }
+  std::cout << calls.size() / 2 << " unary RPCs x {no deadline, 1 h}: slowest " << std::fixed << std::setprecision(0)
+            << worst << " ms (" << worst_what << "), cap " << cap_ms << " ms; " << calls.size() - not_unavailable
+            << "/" << calls.size() << " UNAVAILABLE, " << over << " over the cap, " << missing
+            << " unary methods without a request\n";
+  return over == 0 && not_unavailable == 0 && missing == 0 ? 0 : 1;
+}
+
 // F35: every RPC × {no credentials, bad token, worker certificate, user token, worker token, and the extra
 // credentials given as NAME:ROLE:TOKEN[:MESSAGE] (signed tokens: valid ones, expired, signed with a wrong key,
 // revoked, alg none)}. ROLE none must be refused with UNAUTHENTICATED (and MESSAGE in the error, when given). The
@@ -619,6 +933,10 @@ int main(int argc, char** argv) {
     if (cmd == "invalid-specs") return InvalidSpecs(a[1]);
     if (cmd == "dup-submit") return DupSubmit(a[1]);
     if (cmd == "deadlines") return Deadlines(a[1]);
+    if (cmd == "deadline-cap" && a.size() == 4) return DeadlineCap(a[1], std::stoi(a[2]), std::stoi(a[3]));
+    if (cmd == "hb-probe" && a.size() == 10)
+      return HbProbe(a[1], std::stod(a[2]), std::stoi(a[3]), a[4], std::stoll(a[5]), std::stoi(a[6]),
+                     std::stoll(a[7]), a[8], a[9]);
     if (cmd == "authz-matrix" && a.size() >= 6) {
       // authz-matrix ADDR CA USER_TOKEN WCERT WKEY [WORKER_TOKEN] [NAME:ROLE:TOKEN[:MESSAGE] ...]
       std::string worker_token;
@@ -646,6 +964,6 @@ int main(int argc, char** argv) {
     if (cmd == "token-lease" && a.size() == 8) return TokenLease(a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
   }
   std::cerr << "usage: ablate-fault-rpc stale-write|malformed|oversize|invalid-specs|dup-submit|deadlines|"
-               "authz-matrix|token-lease ADDR ...\n";
+               "deadline-cap|hb-probe|authz-matrix|token-lease ADDR ...\n";
   return 2;
 }

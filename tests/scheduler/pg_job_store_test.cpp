@@ -8,6 +8,7 @@
 
 #include "scheduler/store/pg/migrate.h"
 #include "scheduler/store/pg/pg_job_store.h"
+#include "scheduler/util/call_budget.h"
 #include "tests/scheduler/pg_store_test.h"
 
 namespace ablate::scheduler {
@@ -225,6 +226,55 @@ TEST_F(PgJobStoreTest, CancelSweepCancelsQueuedAndFlagsRunning) {
   EXPECT_EQ(*r, JobState::kCancelled);
   EXPECT_EQ(store_->GetSweep(s->sweep.id)->state, SweepState::kCancelled);
   EXPECT_EQ(store_->CancelSweep(424242).status().code(), absl::StatusCode::kNotFound);
+}
+
+// F17/F36: a statement waiting for a table lock that someone else holds ends at the call's budget with kUnavailable
+// (the server's lock_timeout is set to what is left of it), not after lock_timeout (5 s), and its connection stays
+// usable.
+TEST_F(PgJobStoreTest, StatementBehindALockEndsAtTheCallBudget) {
+  ASSERT_TRUE(store_->CreateSweep(MakeSweep("lock", 1)).ok());
+  auto g = store_->LeaseNextJob("w1", 60);
+  ASSERT_TRUE(g.ok() && g->has_value());
+  auto locker = pg::Connect(db_->dsn());
+  ASSERT_TRUE(locker.ok()) << locker.status();
+  ASSERT_TRUE(pg::ExecScript(locker->get(), "lock", "BEGIN; LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE").ok());
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    CallBudget budget(std::chrono::milliseconds(400));
+    auto hb = store_->Heartbeat("w1", (*g)->lease, 1, 60);
+    EXPECT_EQ(hb.status().code(), absl::StatusCode::kUnavailable) << hb.status();
+  }
+  const auto took =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GE(took, 200);
+  EXPECT_LT(took, 1500);
+  ASSERT_TRUE(pg::ExecScript(locker->get(), "unlock", "COMMIT").ok());
+  auto hb = store_->Heartbeat("w1", (*g)->lease, 2, 60);
+  EXPECT_TRUE(hb.ok()) << hb.status();
+  EXPECT_EQ(Count("SELECT latest_step FROM jobs"), 2);
+}
+
+// F17/F18: an expiry pass that the database held up (here behind a lock on jobs) reaps nothing, since the holders'
+// renewals were held up too; the next pass, without a stall, reaps as before.
+TEST_F(PgJobStoreTest, ExpireReapsNothingAfterAStall) {
+  store_->set_reap_stall_limit_ms(200);
+  ASSERT_TRUE(store_->CreateSweep(MakeSweep("stall", 1)).ok());
+  auto g = store_->LeaseNextJob("w1", 0);  // expires at once
+  ASSERT_TRUE(g.ok() && g->has_value());
+  auto locker = pg::Connect(db_->dsn());
+  ASSERT_TRUE(locker.ok()) << locker.status();
+  ASSERT_TRUE(pg::ExecScript(locker->get(), "lock", "BEGIN; LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE").ok());
+  std::thread release([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(600));
+    (void)pg::ExecScript(locker->get(), "unlock", "COMMIT");
+  });
+  auto stalled = store_->ExpireLeases(3);
+  release.join();
+  EXPECT_EQ(stalled.status().code(), absl::StatusCode::kUnavailable) << stalled.status();
+  EXPECT_EQ(db_->Query("SELECT state FROM jobs"), "leased");
+  auto again = store_->ExpireLeases(3);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->requeued, 1);
 }
 
 }  // namespace

@@ -15,8 +15,10 @@
 
 namespace ablate::scheduler::pg {
 
+// Closes a connection (PQfinish) and forgets what pg_conn.cpp knew about its session.
+void FinishConn(PGconn* c);
 struct PgConnDeleter {
-  void operator()(PGconn* c) const { PQfinish(c); }
+  void operator()(PGconn* c) const { FinishConn(c); }
 };
 struct PgResultDeleter {
   void operator()(PGresult* r) const { PQclear(r); }
@@ -48,15 +50,20 @@ class PgResult {
 };
 
 // Maps a failed result's SQLSTATE onto canonical codes (STYLE.md §3.3): class 08 → kUnavailable,
-// 40001/40P01 → kAborted, 23505 → kAlreadyExists, other 23 → kFailedPrecondition, 57014 → kDeadlineExceeded,
-// 53/57P0x → kUnavailable, 22 → kInvalidArgument, the rest → kInternal.
+// 40001/40P01 → kAborted, 23505 → kAlreadyExists, other 23 → kFailedPrecondition, 53/57P0x → kUnavailable,
+// 57014 (statement_timeout) and 55P03 (lock_timeout) → kUnavailable, 22 → kInvalidArgument, the rest → kInternal.
 absl::Status StatusFromSqlState(const std::string& sqlstate, const std::string& message);
 
-// Runs one parameterized statement. `what` names it in error messages.
+// Runs one parameterized statement. `what` names it in error messages. Never waits past the thread's CallBudget
+// (scheduler/util/call_budget.h; without one, 20 s): the statement runs with at most the time left as its
+// statement_timeout and lock_timeout, and a connection that does not answer by the deadline is abandoned (shut
+// down, then dropped by the pool) with kUnavailable.
 absl::StatusOr<PgResult> Exec(PGconn* conn, const char* what, const char* sql, const Params& params = {});
-// Runs trusted, parameterless SQL that may hold several statements (migrations, BEGIN/COMMIT).
+// Runs trusted, parameterless SQL that may hold several statements (migrations, BEGIN/COMMIT). Same time bounds.
 absl::Status ExecScript(PGconn* conn, const char* what, const char* sql);
 
+// Connects (non-blocking, at most 5 s and never past the CallBudget) with TCP keepalives and tcp_user_timeout,
+// and sets the session: UTC, statement_timeout 15 s, lock_timeout 5 s, idle_in_transaction_session_timeout 60 s.
 absl::StatusOr<PgConnPtr> Connect(const std::string& dsn);
 
 class PgPool;
@@ -75,7 +82,7 @@ class PooledConn {
   PgConnPtr conn_;
 };
 
-// At most `max_size` connections; Acquire blocks (up to a timeout) when all are in use.
+// At most `max_size` connections; Acquire blocks when all are in use, up to 30 s and never past the CallBudget.
 class PgPool {
  public:
   PgPool(std::string dsn, int max_size) : dsn_(std::move(dsn)), max_size_(max_size) {}

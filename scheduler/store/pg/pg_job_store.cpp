@@ -2,11 +2,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <set>
 
 #include "absl/status/status.h"
+#include "scheduler/util/call_budget.h"
 
 namespace ablate::scheduler::pg {
 namespace {
@@ -646,12 +648,21 @@ absl::StatusOr<LeaseAttempt> PgJobStore::LeaseJobFor(const std::string& worker_i
   LeaseAttempt out;
   auto w = Exec(c, "touch worker",
                 "UPDATE workers SET last_seen = now() WHERE id = $1 RETURNING "
-                "CASE WHEN quarantined_until > now() THEN " ABLATE_MS("quarantined_until") " ELSE 0 END",
+                "CASE WHEN quarantined_until > now() THEN " ABLATE_MS("quarantined_until") " ELSE 0 END, "
+                "(extract(epoch from clock_timestamp()) * 1000)::bigint",
                 {worker_id});
   if (!w.ok()) return w.status();
   if (w->rows() == 1 && w->Int(0, 0) > 0) {
     out.quarantined_until_unix_ms = w->Int(0, 0);
     return out;
+  }
+  // The latest database time at which the lease statement below may still grant: the caller's budget from now on,
+  // in the database's own clock. A statement that reaches the server later (sent, then held up by the network and
+  // delivered after the caller gave up on it) grants nothing, so no lease goes to a worker that never hears of it.
+  std::optional<std::string> grant_until;
+  if (auto b = CallBudget::Deadline(); b && w->rows() == 1) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(*b - std::chrono::steady_clock::now()).count();
+    grant_until = Num(w->Int(0, 1) + std::max<int64_t>(0, left));
   }
   // Device memories offered: the free GPUs, or the host memory as one device on a CPU worker.
   std::vector<int64_t> mems;
@@ -676,6 +687,7 @@ absl::StatusOr<LeaseAttempt> PgJobStore::LeaseJobFor(const std::string& worker_i
   // per-GPU memory estimate: all of them at once, or the job is not leased here.
   std::string sql =
       "WITH next AS (SELECT id FROM jobs WHERE state = 'queued' AND ranks = 1 AND not_before <= now() "
+      "  AND ($5::float8 IS NULL OR clock_timestamp() <= to_timestamp($5::float8 / 1000.0)) "
       "  AND ($3::boolean OR (SELECT count(*) FROM unnest($4::bigint[]) AS d(mem) "
       "                       WHERE d.mem >= jobs.mem_estimate_bytes) >= jobs.gpus) "
       "  ORDER BY queued_at, id LIMIT 1 FOR UPDATE SKIP LOCKED), "
@@ -690,7 +702,7 @@ absl::StatusOr<LeaseAttempt> PgJobStore::LeaseJobFor(const std::string& worker_i
       "  acquired_at = EXCLUDED.acquired_at, finished_at = NULL) "
       "SELECT " + std::string(kJobCols) + " FROM upd j";
   auto r = Exec(c, "lease next job", sql.c_str(),
-                {worker_id, std::to_string(lease_ttl_s), free.unlimited ? "true" : "false", arr});
+                {worker_id, std::to_string(lease_ttl_s), free.unlimited ? "true" : "false", arr, grant_until});
   if (!r.ok()) return r.status();
   if (r->rows() == 0) return out;
   LeaseGrant g;
@@ -904,6 +916,7 @@ absl::StatusOr<CompleteResult> PgJobStore::Complete(const Lease& lease, Outcome 
 }
 
 absl::StatusOr<ExpireResult> PgJobStore::Expire(const RetryPolicy& policy, int64_t leader_epoch) {
+  const auto started = std::chrono::steady_clock::now();
   auto conn = pool_.Acquire();
   if (!conn.ok()) return conn.status();
   PGconn* c = conn->get();
@@ -925,6 +938,14 @@ absl::StatusOr<ExpireResult> PgJobStore::Expire(const RetryPolicy& policy, int64
                 "WHERE state IN ('leased', 'running') AND lease_expires_at < now() "
                 "ORDER BY lease_expires_at LIMIT 500 FOR UPDATE SKIP LOCKED");
   if (!r.ok()) return r.status();
+  // Judging leases right after the database held us up would blame their holders for the stall: their heartbeats
+  // were held up (or refused) too. Roll back; the leader treats this as the store being unavailable (grace).
+  if (auto held = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started);
+      reap_stall_limit_ms_ > 0 && held.count() > reap_stall_limit_ms_) {
+    return absl::UnavailableError("expire: the database took " + std::to_string(held.count()) +
+                                  " ms to hand out the expired leases (stall limit " +
+                                  std::to_string(reap_stall_limit_ms_) + " ms): nothing reaped after a stall");
+  }
   ExpireResult out;
   std::set<int64_t> touched;
   for (int i = 0; i < r->rows(); ++i) {

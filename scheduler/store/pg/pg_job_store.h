@@ -18,6 +18,10 @@ class PgJobStore final : public JobStore {
   // A gang that reaches this many formation deadlines in a row, each time with fewer live registered workers that
   // could hold one of its ranks than it has ranks, fails (class unschedulable) instead of forming again; 0: never.
   void set_gang_unformable_after(int n) { gang_unformable_after_ = n; }
+  // Expire reaps nothing when the database held it up longer than this before handing out the expired leases (a
+  // locked table, a stall: F17/F18): it answers kUnavailable instead, and the leader gives every lease a grace, since
+  // their holders could not renew meanwhile either. 0: no such check.
+  void set_reap_stall_limit_ms(int ms) { reap_stall_limit_ms_ = ms; }
 
   absl::StatusOr<CreateSweepResult> CreateSweep(const NewSweep& sweep) override;
   absl::StatusOr<SweepRecord> GetSweep(int64_t sweep_id) override;
@@ -64,6 +68,7 @@ class PgJobStore final : public JobStore {
   PgPool pool_;
   int gang_form_timeout_s_ = 120;
   int gang_unformable_after_ = 3;
+  int reap_stall_limit_ms_ = 0;
 };
 
 }  // namespace ablate::scheduler::pg
