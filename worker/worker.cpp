@@ -612,6 +612,19 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   in.resume_checkpoint = resume;
   TrainCommand cmd;
   std::string err;
+  // The attempt number can be reissued after a database failover while the old holder's trainer still runs
+  // (F16): this grant's own run directory, never one that another grant's trainer writes and prunes.
+  in.run_name = ClaimRunName(opts_.work_dir + "/job-" + std::to_string(job.id()), lease0.attempt(),
+                             lease0.lease_nonce(), &err);
+  if (in.run_name.empty()) {
+    Log("job ", job.id(), ": ", err);
+    Complete(lease0, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, err, 0);
+    return true;
+  }
+  if (in.run_name != "attempt-" + std::to_string(lease0.attempt())) {
+    Log("job ", job.id(), " attempt ", lease0.attempt(), ": attempt-", lease0.attempt(),
+        " belongs to another lease of the same number (reissued after a database rollback); running in ", in.run_name);
+  }
   if (!BuildTrainCommand(in, &cmd, &err)) {
     Log("job ", job.id(), ": invalid params: ", err);
     Complete(lease0, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INVALID_CONFIG, err, 0);

@@ -15,7 +15,7 @@ Ledger: env FAKE_LEDGER=path gets one JSON line per start/step/checkpoint/end wi
 fault suite can prove that two attempts of one job never trained at the same time (I2) and resumed where they
 should (I4).
 """
-import hashlib, json, os, signal, sys, time
+import hashlib, json, os, re, signal, sys, time
 
 def parse(argv):
     a = {}
@@ -39,7 +39,9 @@ run_dir = os.path.join(out_dir, run_name)
 total = int(args.get("num_train_steps", "40"))
 save_interval = int(args.get("save_interval", "10"))
 step_ms = float(args.get("step_ms", "50"))
-attempt = int(run_name.split("-")[-1]) if run_name.split("-")[-1].isdigit() else 1
+# attempt-<n>, or attempt-<n>-<grant digest> when the number was reissued after a database rollback (F16)
+_m = re.match(r"attempt-(\d+)", run_name)
+attempt = int(_m.group(1)) if _m else 1
 job = os.environ.get("ABLATE_JOB_ID", "0")
 faults = {}
 for f in filter(None, args.get("fake_fail", "").split(",")):

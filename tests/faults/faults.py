@@ -743,6 +743,281 @@ def f15b(suite, st):
         down_s, first, end["mono"] - t_down, steps)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# F16: failover to an asynchronous replica that lost the last commits. A private primary and a real streaming
+# replica (pg_basebackup -R); the scheduler reaches whichever of them takes writes through a libpq multi-host DSN
+# with target_session_attrs=read-write (no proxy, no code path of its own: the product's failover story).
+# ---------------------------------------------------------------------------------------------------------------
+F16_STEPS = 80          # 4 s jobs at 50 ms a step
+F16_LONG_STEPS = 300    # 15 s: runs through the failover with the lease it had before the cut
+
+
+def pg_local(*args):
+    return sh([os.path.join(SRC, "scripts", "pg-local.sh")] + [str(a) for a in args])
+
+
+def psql_at(dsn, sql):
+    r = sh(["psql", "-Atq", dsn, "-c", sql])
+    if r.returncode != 0:
+        raise Fail("psql: %s: %s" % (sql, r.stderr.strip()))
+    return r.stdout.strip()
+
+
+def f16_state(dsn):
+    """What the fence and the invariants depend on, as one snapshot: attempts (job, attempt) -> (epoch, nonce,
+    worker, outcome), jobs id -> (state, attempt, nonce, lease expiry ms, epoch), metric rows (all, and per job
+    the train/loss points and the highest step), checkpoint rows."""
+    out = psql_at(dsn, "SELECT 'a', job_id, attempt, lease_epoch, lease_nonce, coalesce(worker_id, ''), outcome, 0 "
+                       "FROM job_attempts UNION ALL SELECT 'j', id, attempt, lease_epoch, coalesce(lease_nonce, ''), "
+                       "state, '', coalesce((extract(epoch from lease_expires_at) * 1000)::bigint, 0) FROM jobs "
+                       "UNION ALL SELECT 'm', job_id, count(*), count(*) FILTER (WHERE name = 'train/loss'), '', '', "
+                       "'', coalesce(max(step) FILTER (WHERE name = 'train/loss'), 0) FROM metrics GROUP BY job_id "
+                       "UNION ALL SELECT 'c', count(*), 0, 0, '', '', '', 0 FROM checkpoints")
+    st = {"attempts": {}, "jobs": {}, "metrics": 0, "loss_points": {}, "checkpoints": 0}
+    for line in out.splitlines():
+        k, a, b, c, d, e, f, g = line.split("|")
+        if k == "a":
+            st["attempts"][(int(a), int(b))] = (int(c), d, e, f)
+        elif k == "j":
+            st["jobs"][int(a)] = (e, int(b), d, int(g), int(c))
+        elif k == "m":
+            st["metrics"] += int(b)
+            st["loss_points"][int(a)] = (int(c), int(g))
+        else:
+            st["checkpoints"] = int(a)
+    return st
+
+
+def lost_commits(pgdir, start_lsn):
+    """Commit records in the crashed primary's WAL from start_lsn on (the position the replica had replayed when
+    its WAL receiver stopped): the commits that exist only on the primary. Unix times."""
+    import datetime
+    pgbin = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: [int(x) for x in re.findall(r"\d+", p)])[-1]
+    r = sh([os.path.join(pgbin, "pg_waldump"), "-p", os.path.join(pgdir, "data", "pg_wal"), "-s", start_lsn,
+            "-r", "Transaction"])
+    out = []
+    for ts in re.findall(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC", r.stdout):
+        fmt = "%Y-%m-%d %H:%M:%S.%f" if "." in ts else "%Y-%m-%d %H:%M:%S"
+        out.append(datetime.datetime.strptime(ts, fmt).replace(tzinfo=datetime.timezone.utc).timestamp())
+    check(out or "COMMIT" not in r.stdout, "could not read pg_waldump's output: " + r.stdout[-500:] + r.stderr[-500:])
+    return out
+
+
+def ledger_runs_overlap(st, step_ms):
+    """I2 on the trainer ledger by process, not by attempt number: after a rollback the same (job, attempt) can be
+    run by two processes. For each job, the steps an earlier process still trained after a later one started."""
+    runs = {}
+    for r in st.ledger_records():
+        k = (r["job"], r["pid"])
+        run = runs.setdefault(k, {"start": None, "steps": []})
+        if r["event"] == "start" and run["start"] is None:
+            run["start"] = r["mono"]
+        elif r["event"] == "step":
+            run["steps"].append(r["mono"])
+    worst, bad = 0.0, []
+    for (job, pid), b in runs.items():
+        if b["start"] is None:
+            continue
+        for (job2, pid2), a in runs.items():
+            if job2 != job or pid2 == pid or a["start"] is None or a["start"] > b["start"]:
+                continue
+            o = len([t for t in a["steps"] if t > b["start"]]) * step_ms / 1000.0
+            worst = max(worst, o)
+            if o > MARGIN_S:
+                bad.append("job %d: process %d kept training %.2fs after process %d started" % (job, pid2, o, pid))
+    return worst, bad
+
+
+def f16(suite, st):
+    """F16 failover to an async replica that lost the last commits. Replication to the replica is cut (its WAL
+    receiver stopped: primary_conninfo emptied and reloaded) while two workers run jobs; the primary goes on
+    committing until at least one lease grant (and renewals, metrics, checkpoints, completions) exists only there,
+    then it is SIGKILLed with all its processes and the replica promoted. The scheduler reaches the new primary by
+    itself (multi-host DSN, target_session_attrs=read-write). The holders of the lost grants are stalled across the
+    failover (their daemons SIGSTOPped; their trainers keep running), so that fresh workers lease the rolled-back jobs
+    first: the same attempt and epoch numbers are reissued with a new nonce. Then: the old holders' writes are
+    rejected (FAILED_PRECONDITION, 'epoch was reissued'), they stop their trainers, explicit writes with every lost
+    token are rejected, no two trainers of a job overlap (by process, since attempt numbers repeat), every job ends
+    succeeded, and the RPO (commits and seconds lost, measured in the dead primary's WAL) is printed."""
+    pa, pb = os.path.join(st.dir, "pg-a"), os.path.join(st.dir, "pg-b")
+    for d in (pa, pb):
+        pg_local("destroy", d)
+    try:
+        r = pg_local("start", pa)
+        check(r.returncode == 0, "primary did not start: " + r.stderr)
+        sock_a = dict(x.split("=", 1) for x in r.stdout.strip().splitlines()[-1].split())["host"]
+        dsn_a = "host=%s port=5432 user=ablate dbname=%s" % (sock_a, st.db)
+        psql_at("host=%s port=5432 user=ablate dbname=ablate" % sock_a, "CREATE DATABASE %s" % st.db)
+        r = pg_local("replica", pb, pa)
+        check(r.returncode == 0, "replica did not start: " + r.stderr)
+        sock_b = dict(x.split("=", 1) for x in r.stdout.strip().splitlines()[-1].split())["host"]
+        dsn_b = "host=%s port=5432 user=ablate dbname=%s" % (sock_b, st.db)
+        # The product's failover story: one DSN naming both servers; libpq connects to the one that takes writes.
+        st.dsn = ("host=%s,%s port=5432,5432 user=ablate dbname=%s target_session_attrs=read-write" %
+                  (sock_a, sock_b, st.db))
+        r = sh([os.path.join(suite.bin, "ablate-scheduler"), "migrate", "--db", st.dsn])
+        check(r.returncode == 0, "migrate: " + r.stderr)
+        s = st.scheduler()
+        # One long job whose lease was granted before the cut (its renewals and points in the window are lost, the
+        # lease itself survives), four short ones whose next grants fall into the window.
+        st.submit(sweep("f16-long", steps=F16_LONG_STEPS, save=20), s.addr)
+        w0 = st.worker("w0", s.addr)
+        long_job = st.qi("SELECT min(id) FROM jobs")
+        st.wait(lambda: st.qi("SELECT count(*) FROM jobs WHERE id = %d AND state = 'running'" % long_job) == 1, 20,
+                "the long job to run")
+        st.submit(sweep("f16", n_cells=4, steps=F16_STEPS, save=10), s.addr)
+        workers = {w.wid: w for w in (w0, st.worker("w1", s.addr), st.worker("w2", s.addr))}
+        st.wait(lambda: st.qi("SELECT count(*) FROM checkpoints WHERE step >= 20 AND job_id <> %d" % long_job) >= 2,
+                30, "two short jobs past step 20")
+        check(psql_at(dsn_a, "SELECT state FROM pg_stat_replication") == "streaming", "the replica is not streaming")
+        # Healthy asynchronous streaming first: the replay lag then is the RPO a crash would cost.
+        lag_ms = 0.0
+        for _ in range(5):
+            lag_ms = max(lag_ms, float(psql_at(dsn_a, "SELECT coalesce(extract(epoch from replay_lag) * 1000, 0) "
+                                                      "FROM pg_stat_replication") or 0))
+            time.sleep(0.1)
+
+        # Cut replication: the replica keeps what it has received, and replays all of it; nothing more arrives.
+        psql_at(dsn_b, "ALTER SYSTEM SET primary_conninfo = ''")
+        psql_at(dsn_b, "SELECT pg_reload_conf()")
+        st.wait(lambda: psql_at(dsn_b, "SELECT count(*) FROM pg_stat_wal_receiver") == "0", 10, "the WAL receiver to stop")
+        st.wait(lambda: psql_at(dsn_b, "SELECT pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()") == "t", 10,
+                "the replica to replay what it received")
+        cut_lsn, cut_ts = psql_at(dsn_b, "SELECT pg_last_wal_replay_lsn(), "
+                                  "extract(epoch from pg_last_xact_replay_timestamp())").split("|")
+        t_cut = time.time()
+        on_replica = f16_state(dsn_b)
+
+        # The primary goes on alone until a lease grant exists only there and its trainer has a checkpoint recorded
+        # (also only there); wait a little for both workers to get one.
+        def lost_grants():
+            return [(j, a) for (j, a), v in f16_state(dsn_a)["attempts"].items() if (j, a) not in on_replica["attempts"]]
+
+        def running_lost():
+            now = f16_state(dsn_a)
+            ck = dict((int(j), int(c)) for j, c in (l.split("|") for l in psql_at(
+                dsn_a, "SELECT job_id, count(*) FROM checkpoints GROUP BY job_id").splitlines() if l))
+            return [(j, a) for (j, a) in lost_grants() if now["jobs"][j][0] in ("leased", "running")
+                    and now["jobs"][j][1] == a and ck.get(j, 0) > on_replica_ck.get(j, 0)]
+        on_replica_ck = dict((int(j), int(c)) for j, c in (l.split("|") for l in psql_at(
+            dsn_b, "SELECT job_id, count(*) FROM checkpoints GROUP BY job_id").splitlines() if l))
+        st.wait(lambda: running_lost(), 15, "a lease granted after the cut, its trainer checkpointed")
+        deadline = time.time() + 2.0
+        while len(running_lost()) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        on_primary = f16_state(dsn_a)
+        st.fault_at.append(time.time())
+        t_kill = time.time()
+        r = pg_local("crash", pa)
+        check(r.returncode == 0, "crash: " + r.stderr)
+        logs_at = {wid: len(w.text()) for wid, w in workers.items()}
+
+        # What exists only on the dead primary: the lost window.
+        commits = lost_commits(pa, cut_lsn)
+        grants = [k for k in on_primary["attempts"] if k not in on_replica["attempts"]]
+        completions = [k for k, v in on_primary["attempts"].items() if v[3] != "running" and
+                       on_replica["attempts"].get(k, (0, "", "", "running"))[3] == "running"]
+        renewals = [j for j, v in on_primary["jobs"].items() if j in on_replica["jobs"] and
+                    v[2] == on_replica["jobs"][j][2] and v[3] > on_replica["jobs"][j][3]]
+        check(grants, "no lease grant in the lost window")
+        check(long_job in renewals, "the long job's lease was not renewed in the lost window")
+        long_window = on_primary["loss_points"][long_job][0] - on_replica["loss_points"][long_job][0]
+        rpo_s = (max(commits) - float(cut_ts)) if commits else 0.0
+        lost = {j: on_primary["attempts"][(j, a)] for j, a in grants}
+        victims = sorted({lost[j][2] for j, a in grants
+                          if on_primary["jobs"][j][0] in ("leased", "running") and on_primary["jobs"][j][1] == a})
+        check(victims, "no holder of a lost grant was still running it at the crash")
+
+        # The holders of lost grants: stalled across the failover once the scheduler told them the database is down
+        # (their trainers keep running).
+        for wid in victims:
+            st.wait(lambda: "database down" in workers[wid].text()[logs_at[wid]:], 10,
+                    "%s to hear that the database is down" % wid)
+        t_stop = time.time()
+        for wid in victims:
+            workers[wid].signal(signal.SIGSTOP)
+        r = pg_local("promote", pb)
+        check(r.returncode == 0, "promote: " + r.stderr)
+        t_promoted = time.time()
+        fresh = [st.worker("w%d" % (3 + i), s.addr) for i in range(len(grants))]
+
+        def reissued():
+            jobs = f16_state(dsn_b)["jobs"]
+            return all(jobs[j][0] in ("leased", "running") and jobs[j][1] == a for j, a in grants)
+        st.wait(reissued, 10, "the rolled-back jobs to be leased again on the new primary")
+        t_reissued = time.time()
+        after = f16_state(dsn_b)
+        for j, a in grants:
+            _, att, nonce, _, epoch = after["jobs"][j]
+            check(epoch == lost[j][0] and nonce != lost[j][1],
+                  "job %d: lost lease (attempt %d, epoch %d) not reissued with a new nonce: now attempt %d epoch %d "
+                  "nonce %s" % (j, a, lost[j][0], att, epoch, "same" if nonce == lost[j][1] else "new"))
+        for wid in victims:
+            workers[wid].signal(signal.SIGCONT)
+        t_cont = time.time()
+        # Every write with a lost token is rejected (heartbeat, checkpoint, metrics, completion).
+        probes = []
+        for j, a in grants:
+            r = rpc_tool(st, "stale-write", s.addr, lost[j][2], j, a, lost[j][0], lost[j][1])
+            check(r.returncode == 0, "job %d: a write with the lost lease was not rejected: %s" % (j, r.stdout + r.stderr))
+            probes.append(r.stdout.strip().split()[0])
+        # The stalled holders: their first write after the failover is rejected and they stop their trainers.
+        for wid in victims:
+            st.wait(lambda: "epoch was reissued" in workers[wid].text()[logs_at[wid]:], 10,
+                    "%s to have its lost lease rejected as reissued" % wid)
+        st.wait_terminal(45)
+        states = st.q("SELECT string_agg(state, ',' ORDER BY id) FROM jobs")
+        check(set(states.split(",")) == {"succeeded"}, "not every job succeeded: " + states)
+        overlap, bad = ledger_runs_overlap(st, 50)
+        check(not bad, "I2: " + "; ".join(bad))
+        # The jobs whose lost grants or completions made them run again have every point; the long job's lease
+        # survived (renewed within the new leader's grace: not re-dispatched), so the points it had delivered in the
+        # lost window are gone for good: the RPO's cost in metrics, measured.
+        missing = st.qi("SELECT count(*) FROM jobs j, generate_series(1, %d) g WHERE j.id <> %d AND NOT EXISTS ("
+                        "SELECT 1 FROM metrics m WHERE m.job_id = j.id AND m.name = 'train/loss' AND m.step = g)" %
+                        (F16_STEPS, long_job))
+        check(missing == 0, "%d train/loss points missing at the end" % missing)
+        check(st.qi("SELECT attempt FROM jobs WHERE id = %d" % long_job) == 1,
+              "the long job was re-dispatched although its lease survived the failover")
+        gap = [int(x) for x in st.q("SELECT g FROM generate_series(1, %d) g WHERE NOT EXISTS (SELECT 1 FROM metrics m "
+                                    "WHERE m.job_id = %d AND m.name = 'train/loss' AND m.step = g) ORDER BY g" %
+                                    (F16_LONG_STEPS, long_job)).split()]
+        # Exactly the points after the replica's last one, up to about where the primary was at the crash (the
+        # snapshot was taken a moment before it).
+        first = on_replica["loss_points"][long_job][1] + 1
+        check(not gap or (gap == list(range(first, gap[-1] + 1)) and len(gap) <= long_window + 20),
+              "the long job's missing points are not the lost window (replica had up to step %d, the window held %d "
+              "points): missing %s" % (first - 1, long_window, gap))
+        # Each reissued grant ran in a run directory of its own: nothing it recorded lies in the old holder's
+        # attempt-<n>, where that holder's trainer was still writing (and would prune) when the number was reissued.
+        for j, a in grants:
+            shared = st.qi("SELECT count(*) FROM checkpoints WHERE job_id = %d AND path LIKE '%%/job-%d/attempt-%d/%%'"
+                           % (j, j, a))
+            check(shared == 0, "job %d: %d checkpoint(s) of the reissued attempt %d recorded in the old holder's run "
+                  "directory" % (j, shared, a))
+        fenced = sum(float(x) for x in re.findall(r'ablate_scheduler_fenced_writes_total\{[^}]*\} (\S+)', st.scrape(s)))
+        check(fenced >= len(victims), "the scheduler counted %d fenced writes" % fenced)
+        finish(st)
+        return ("replay lag while streaming %.0f ms; RPO after the cut: %d commits, %.2fs lost (cut %.1fs before "
+                "the crash): %d lease grant(s), %d renewal(s), "
+                "%d completion(s), %d checkpoint and %d metric rows; replica promoted %.2fs after the crash; "
+                "the long job kept its lease, %d of its train/loss points lost for good (steps %s); "
+                "%d epoch(s) reissued with new nonces %.2fs after promotion; holders %s stalled %.1fs, then fenced; "
+                "stale writes rejected %s; max trainer overlap %.2fs; all %d jobs succeeded, the short jobs' metrics "
+                "complete" % (
+                    lag_ms, len(commits), rpo_s, t_kill - t_cut, len(grants), len(renewals), len(completions),
+                    on_primary["checkpoints"] - on_replica["checkpoints"], on_primary["metrics"] - on_replica["metrics"],
+                    t_promoted - t_kill, len(gap), "%d-%d" % (gap[0], gap[-1]) if gap else "none", len(grants), t_reissued - t_promoted, ",".join(victims), t_cont - t_stop,
+                    "+".join(probes), overlap, len(states.split(","))))
+    finally:
+        for w in st.workers:
+            if w.alive():
+                w.signal(signal.SIGCONT)
+        st.teardown()
+        for d in (pa, pb):
+            pg_local("destroy", d)
+
+
 class Proxy:
     """TCP proxy with a partition switch (blackhole: bytes are dropped, connections stay open)."""
 
@@ -1626,7 +1901,7 @@ def f35(suite, st):
 
 SCENARIOS = [
     ("F01", f01), ("F02", f02), ("F03", f03), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
-    ("F09", f09), ("F11", f11), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F17", f17), ("F18", f18), ("F19", f19),
+    ("F09", f09), ("F11", f11), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F16", f16), ("F17", f17), ("F18", f18), ("F19", f19),
     ("F20", f20), ("F24", f24), ("F25", f25), ("F26", f26),
     ("F30", tool_scenario("malformed")), ("F31", f31), ("F32", tool_scenario("invalid-specs")),
     ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", f36),

@@ -143,6 +143,65 @@ TEST_F(PgJobStoreTest, ExpiredLeaseIsRequeuedWithAttemptIncrementedAndStaleEpoch
   EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
 }
 
+// F16: a failover to an asynchronous replica that had not received the grant rolls the job back to queued, and the
+// next grant hands out the same attempt and epoch numbers again. Only the nonce tells the two holders apart: every
+// write of the old holder is fenced, and the error says that the epoch was reissued.
+TEST_F(PgJobStoreTest, EpochReissuedAfterARollbackIsFencedByTheNonce) {
+  ASSERT_TRUE(store_->CreateSweep(MakeSweep("reissue", 1)).ok());
+  auto first = store_->LeaseNextJob("w1", 60);
+  ASSERT_TRUE(first.ok() && first->has_value());
+  Lease old = (*first)->lease;
+  ASSERT_TRUE(store_->Heartbeat("w1", old, 3, 60).ok());
+  // What the promoted replica has: the job as it was before the grant (queued, attempt 0, epoch 0), no attempt row.
+  db_->Query("UPDATE jobs SET state = 'queued', attempt = attempt - 1, lease_epoch = lease_epoch - 1, "
+             "lease_nonce = DEFAULT, worker_id = NULL, lease_expires_at = NULL, latest_step = 0");
+  db_->Query("DELETE FROM job_attempts");
+  auto second = store_->LeaseNextJob("w2", 60);
+  ASSERT_TRUE(second.ok() && second->has_value());
+  Lease cur = (*second)->lease;
+  ASSERT_EQ(cur.job_id, old.job_id);
+  EXPECT_EQ(cur.attempt, old.attempt);
+  EXPECT_EQ(cur.lease_epoch, old.lease_epoch);
+  EXPECT_NE(cur.lease_nonce, old.lease_nonce);
+
+  auto hb = store_->Heartbeat("w1", old, 5, 60);
+  EXPECT_EQ(hb.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(hb.status().message()), HasSubstr("the epoch was reissued"));
+  auto m = store_->AppendMetrics(old, {{1, "train/loss", 3.0, 0}});
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store_->RecordCheckpoint(old, 1, "/old-holder").code(), absl::StatusCode::kFailedPrecondition);
+  auto done = store_->CompleteJob(old, Outcome::kSucceeded, FailureClass::kUnspecified, "", 0, 3);
+  EXPECT_EQ(done.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(done.status().message()), HasSubstr("the epoch was reissued"));
+  EXPECT_EQ(Count("SELECT count(*) FROM metrics"), 0);
+  EXPECT_EQ(Count("SELECT count(*) FROM checkpoints"), 0);
+  EXPECT_EQ(db_->Query("SELECT state FROM jobs"), "leased");
+  EXPECT_EQ(db_->Query("SELECT worker_id FROM jobs"), "w2");
+
+  // The new holder's writes go through.
+  ASSERT_TRUE(store_->Heartbeat("w2", cur, 1, 60).ok());
+  ASSERT_TRUE(store_->AppendMetrics(cur, {{1, "train/loss", 2.0, 0}}).ok());
+  ASSERT_TRUE(store_->RecordCheckpoint(cur, 1, "/new-holder").ok());
+  auto ok = store_->CompleteJob(cur, Outcome::kSucceeded, FailureClass::kUnspecified, "", 0, 3);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(db_->Query("SELECT state FROM jobs"), "succeeded");
+}
+
+// A connection to a server that takes no writes (a standby reached during a failover, F16) fails the write with
+// kUnavailable (retryable, the worker keeps its lease), and is dropped: the next call connects again and succeeds
+// once the server takes writes. Kept in the pool, it would fail every write for as long as it lived.
+TEST_F(PgJobStoreTest, ReadOnlyServerIsUnavailableAndItsConnectionIsDropped) {
+  const std::string db = db_->Query("SELECT current_database()");
+  db_->Query("ALTER DATABASE " + db + " SET default_transaction_read_only = on");
+  auto fresh = std::make_unique<pg::PgJobStore>(db_->dsn(), 1);  // one connection: a kept one would be reused
+  auto r = fresh->CreateSweep(MakeSweep("ro", 1));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("read-only"));
+  db_->Query("SET TRANSACTION READ WRITE; ALTER DATABASE " + db + " RESET default_transaction_read_only");
+  auto again = fresh->CreateSweep(MakeSweep("ro", 1));
+  EXPECT_TRUE(again.ok()) << again.status();
+}
+
 TEST_F(PgJobStoreTest, ExpiryFailsTheJobAfterMaxAttempts) {
   ASSERT_TRUE(store_->CreateSweep(MakeSweep("maxatt", 1)).ok());
   for (int attempt = 1; attempt <= 2; ++attempt) {

@@ -30,6 +30,9 @@ absl::Status StatusFromSqlState(const std::string& st, const std::string& messag
   // A statement that ran out of its time (statement_timeout: the call's budget, F36) or waited too long for a lock
   // (lock_timeout: a table locked by someone else, F17): the database cannot serve this now; retry later.
   if (st == "57014" || st == "55P03") return absl::UnavailableError(message);
+  // read_only_sql_transaction: the server takes no writes now (a standby: a failover in progress, or a DSN or
+  // address that points at a replica, F16). Retry later, on another connection.
+  if (st == "25006") return absl::UnavailableError(message);
   if (st == "40001" || st == "40P01") return absl::AbortedError(message);
   if (st == "23505") return absl::AlreadyExistsError(message);
   if (cls == "23") return absl::FailedPreconditionError(message);
@@ -123,6 +126,12 @@ absl::Status ResultStatus(PGconn* conn, PGresult* r, const char* what) {
   if (!sqlstate || PQstatus(conn) != CONNECTION_OK) {
     // No SQLSTATE: the connection itself failed.
     return absl::UnavailableError(msg);
+  }
+  if (std::string(sqlstate) == "25006") {
+    // Connected to a server that takes no writes (a standby, F16): drop this connection (the pool discards a
+    // broken one), so that the next call connects again and reaches the primary once the DSN or the address leads
+    // there. Kept, it would fail every write for as long as it lived.
+    Abandon(conn);
   }
   return StatusFromSqlState(sqlstate, msg);
 }

@@ -51,7 +51,8 @@ class PgResult {
 
 // Maps a failed result's SQLSTATE onto canonical codes (STYLE.md §3.3): class 08 → kUnavailable,
 // 40001/40P01 → kAborted, 23505 → kAlreadyExists, other 23 → kFailedPrecondition, 53/57P0x → kUnavailable,
-// 57014 (statement_timeout) and 55P03 (lock_timeout) → kUnavailable, 22 → kInvalidArgument, the rest → kInternal.
+// 57014 (statement_timeout), 55P03 (lock_timeout) and 25006 (read-only server: a standby; the connection is then
+// dropped) → kUnavailable, 22 → kInvalidArgument, the rest → kInternal.
 absl::Status StatusFromSqlState(const std::string& sqlstate, const std::string& message);
 
 // Runs one parameterized statement. `what` names it in error messages. Never waits past the thread's CallBudget
