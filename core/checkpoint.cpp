@@ -83,14 +83,22 @@ void fsync_dir(const std::string& dir) {
   if (rc != 0) sys_fail("cannot fsync directory", dir);
 }
 
+ManifestEntry manifest_entry(const std::string& dir, const std::string& file) {
+  const fs::path p = fs::path(dir) / file;
+  const int64_t size = file_size_or(p, -1);
+  if (size < 0) throw std::runtime_error("checkpoint file " + p.string() + " was not written");
+  return {file, size, sha256_file(p.string())};
+}
+
 void write_manifest(const std::string& dir, int64_t step, const std::vector<std::string>& files) {
+  std::vector<ManifestEntry> entries;
+  for (const auto& f : files) entries.push_back(manifest_entry(dir, f));
+  write_manifest(dir, step, entries);
+}
+
+void write_manifest(const std::string& dir, int64_t step, const std::vector<ManifestEntry>& entries) {
   json table = json::object();
-  for (const auto& f : files) {
-    const fs::path p = fs::path(dir) / f;
-    const int64_t size = file_size_or(p, -1);
-    if (size < 0) throw std::runtime_error("checkpoint file " + p.string() + " was not written");
-    table[f] = {{"bytes", size}, {"sha256", sha256_file(p.string())}};
-  }
+  for (const auto& e : entries) table[e.file] = {{"bytes", e.bytes}, {"sha256", e.sha256}};
   json m = {{"format", kCheckpointFormat}, {"step", step}, {"files", table}};
   m["manifest_sha256"] = manifest_digest(m);
   const std::string tmp = (fs::path(dir) / "manifest.json.tmp").string();

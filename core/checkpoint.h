@@ -27,6 +27,17 @@ void fsync_dir(const std::string& dir);
 // Writes dir/manifest.json for `files` (all inside dir) via manifest.json.tmp + fsync + rename + fsync(dir).
 void write_manifest(const std::string& dir, int64_t step, const std::vector<std::string>& files);
 
+// One manifest row: size and sha256 of dir/file, measured now (reads the file back).
+struct ManifestEntry {
+  std::string file;
+  int64_t bytes = 0;
+  std::string sha256;
+};
+ManifestEntry manifest_entry(const std::string& dir, const std::string& file);
+// The same, from rows measured earlier (an asynchronous save hashes its files before it commits, so that the
+// commit itself is short: core/train.cpp).
+void write_manifest(const std::string& dir, int64_t step, const std::vector<ManifestEntry>& entries);
+
 // Checks dir/manifest.json (format, its own digest) and every file it lists (present, size, sha256) before
 // anything is loaded. Throws ConfigError naming the bad file.
 void verify_checkpoint(const std::string& dir);

@@ -108,6 +108,18 @@ int parse_train_args(const std::vector<std::string>& args, TrainConfig& c, std::
   app.add_option("--eval_batches", c.eval_batches, "batches in the fixed eval set");
   app.add_option("--save_interval", c.save_interval, "optimizer steps between checkpoints (and at the end)");
   app.add_option("--keep_checkpoints", c.keep_checkpoints, "newest checkpoints kept (0 = all)");
+  app.add_option("--async_checkpoint", c.async_checkpoint,
+                 "true (default): a single-process run copies its state to host memory at a checkpoint step and "
+                 "writes the checkpoint in a background thread while training goes on (the \"checkpoint\" event "
+                 "once it is durable; one save in flight, the next checkpoint step waits for it); false: the "
+                 "training loop writes it. Multi-process runs always save synchronously; a snapshot larger than "
+                 "the host-memory budget is saved synchronously too");
+  app.add_option("--checkpoint_deadline_s", c.checkpoint_deadline_s,
+                 "a background save not committed after this many seconds is abandoned (temporary directory "
+                 "removed, \"checkpoint_abandoned\" event, nothing committed); the next checkpoint step tries "
+                 "again. 0 = no deadline");
+  app.add_option("--async_checkpoint_host_budget_gb", c.async_checkpoint_host_budget_gb,
+                 "host memory (GiB) a background save's snapshot may take; 0 = half of MemAvailable at the save");
   app.add_option("--peak_tflops", c.peak_tflops,
                  "device peak TFLOP/s for train/mfu; < 0 = auto: 989 (bf16 dense) on an H100/H200, else 0 and MFU "
                  "is reported as 0");

@@ -369,6 +369,10 @@ void TrainConfig::validate() const {
   if (!(shampoo_beta >= 0 && shampoo_beta < 1)) throw ConfigError("--shampoo_beta must be in [0, 1)");
   positive("max_precond_dim", max_precond_dim);
   if (keep_checkpoints < 0) throw ConfigError("--keep_checkpoints must be >= 0 (0 keeps all)");
+  if (!(checkpoint_deadline_s >= 0) || !std::isfinite(checkpoint_deadline_s))
+    throw ConfigError("--checkpoint_deadline_s must be >= 0 seconds (0 = no deadline)");
+  if (!(async_checkpoint_host_budget_gb >= 0) || !std::isfinite(async_checkpoint_host_budget_gb))
+    throw ConfigError("--async_checkpoint_host_budget_gb must be >= 0 (0 = half of MemAvailable)");
   if (!std::isfinite(peak_tflops)) throw ConfigError("--peak_tflops must be finite");
   if (profile_steps < 0) throw ConfigError("--profile_steps must be >= 0 (0 = off), got " + std::to_string(profile_steps));
   if (profile_start < 0) throw ConfigError("--profile_start must be >= 0 (0 = after warm-up), got " + std::to_string(profile_start));

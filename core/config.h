@@ -129,6 +129,9 @@ struct TrainConfig {
   double shampoo_beta = 0.95;           // EMA of the Kronecker factors (SOAP/Shampoo)
   int64_t max_precond_dim = 8192;       // longer sides are not preconditioned
   int64_t keep_checkpoints = 3;         // newest complete checkpoints kept; 0 keeps all
+  bool async_checkpoint = true;         // single-process runs write checkpoints in a background thread
+  double checkpoint_deadline_s = 1800;  // a background save still unfinished after this is abandoned; 0 = none
+  double async_checkpoint_host_budget_gb = 0;  // host memory a snapshot may take; 0 = half of MemAvailable
   double peak_tflops = -1;              // device peak for MFU; < 0: auto (989 for H100/H200 on CUDA, else 0)
   int64_t profile_steps = 0;            // > 0: profile that many steps (core/profile.h), trace under <run>/profile
   int64_t profile_start = 0;            // first profiled step; 0: the third step of this process (after warm-up)

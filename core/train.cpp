@@ -3,11 +3,16 @@
 #include "core/train.h"
 #include "core/profile.h"
 
+#include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <ATen/autocast_mode.h>
+#include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <condition_variable>
+#include <cstring>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -22,6 +27,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <set>
 #include <sstream>
 
 #if ABLATE_WITH_CUDA
@@ -376,6 +382,384 @@ void load_optimizer_state(const fs::path& ck, const json& shards, const std::vec
 
 bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.begin(), v.end(), x) != v.end(); }
 
+// ---------------------------------------------------------------- asynchronous checkpoint saves (RELIABILITY F27)
+// A single-process run snapshots its state into host memory at a checkpoint step (the model's tensors copied to
+// pinned memory on CUDA, the optimizer's state through Optimizer::save, which copies to the host; RNG and
+// state.json are values) and a background thread writes the same files the synchronous path writes, into the
+// same checkpoint-<step>.tmp-<pid> directory, hashes them, then commits: manifest.json last, rename, fsync. The
+// main thread emits the "checkpoint" event only once the rename is durable, and the writer prunes old checkpoints
+// only after that. One save is in flight at a time; a save still running past --checkpoint_deadline_s is
+// abandoned before it commits (its temporary directory removed, a "checkpoint_abandoned" event) and the next
+// checkpoint step tries again. A write error (a full disk) ends the run from the main loop as the synchronous path
+// does. Multi-process runs stay synchronous (their save is a collective: every rank must decide the same way).
+//
+// Test hooks (environment, never set by the worker or the CLI):
+//   ABLATE_TEST_CHECKPOINT_WRITE_DELAY_MS=<ms>     the background writer sleeps that long per save, a quarter
+//                                                  in each of its four files (inside the archive's serialization,
+//                                                  in 10 ms slices that notice an abandonment: a slow store)
+//   ABLATE_TEST_CHECKPOINT_WRITE_DELAY_STEPS=a,b   only the saves of these steps are slow (default: all)
+//   ABLATE_TEST_CHECKPOINT_ENOSPC_STEPS=a,b        writing optimizer.pt of these steps fails with ENOSPC (in the
+//                                                  middle of its serialization, as a full disk would)
+struct CheckpointTestHooks {
+  int64_t delay_ms = 0;
+  std::vector<int64_t> delay_steps, enospc_steps;
+
+  static std::vector<int64_t> steps(const char* name) {
+    std::vector<int64_t> out;
+    const char* v = std::getenv(name);
+    if (!v) return out;
+    std::stringstream ss(v);
+    std::string item;
+    while (std::getline(ss, item, ','))
+      if (!item.empty()) out.push_back(std::stoll(item));
+    return out;
+  }
+  static CheckpointTestHooks from_env() {
+    CheckpointTestHooks h;
+    if (const char* v = std::getenv("ABLATE_TEST_CHECKPOINT_WRITE_DELAY_MS"); v && *v) h.delay_ms = std::stoll(v);
+    h.delay_steps = steps("ABLATE_TEST_CHECKPOINT_WRITE_DELAY_STEPS");
+    h.enospc_steps = steps("ABLATE_TEST_CHECKPOINT_ENOSPC_STEPS");
+    return h;
+  }
+  int64_t delay_for(int64_t step) const {
+    return delay_ms > 0 && (delay_steps.empty() || contains(delay_steps, step)) ? delay_ms : 0;
+  }
+};
+
+// What the background writer needs: host copies only, nothing that training goes on mutating.
+struct CheckpointSnapshot {
+  int64_t step = 0;
+  fs::path run_dir;
+  int64_t pid = 0;
+  int64_t keep = 0;
+  torch::serialize::OutputArchive model, optimizer, rng;
+  // Second handles on the model's host copies: the pickler memoizes a tensor only when something else holds it
+  // too (use_count > 1), as the live model does for a synchronous save; with these the bytes are the same.
+  std::vector<torch::Tensor> model_refs;
+  std::string state;  // state.json
+  int64_t host_bytes = 0;
+  int64_t delay_ms = 0;  // test hook
+  bool enospc = false;   // test hook
+};
+
+// A host copy of t: a clone on the CPU; on CUDA an asynchronous copy into pinned memory (the caller synchronizes
+// the stream once after all copies).
+torch::Tensor host_copy(const torch::Tensor& t) {
+  auto d = t.detach();
+  if (d.is_cpu()) return d.clone();
+  const auto opts = d.options().device(torch::kCPU).pinned_memory(true);
+  auto h = d.is_non_overlapping_and_dense() ? torch::empty_strided(d.sizes(), d.strides(), opts)
+                                            : torch::empty(d.sizes(), opts);
+  h.copy_(d, /*non_blocking=*/true);
+  return h;
+}
+
+// torch::nn::Module::save over host copies (the same archive layout, so torch::load reads it as usual). Returns
+// false if two tensors share storage: a copy would untie them, so the caller saves synchronously instead.
+bool snapshot_module(const torch::nn::Module& m, torch::serialize::OutputArchive& ar, std::set<const void*>& seen,
+                     std::vector<torch::Tensor>& refs, int64_t& bytes) {
+  for (const auto& p : m.named_parameters(/*recurse=*/false)) {
+    if (!p.value().defined()) continue;
+    if (!seen.insert(p.value().storage().unsafeGetStorageImpl()).second) return false;
+    auto h = host_copy(p.value());
+    h.set_requires_grad(p.value().requires_grad());
+    bytes += static_cast<int64_t>(h.nbytes());
+    refs.push_back(h);
+    ar.write(p.key(), h);
+  }
+  for (const auto& b : m.named_buffers(/*recurse=*/false)) {
+    if (!b.value().defined()) continue;
+    if (!seen.insert(b.value().storage().unsafeGetStorageImpl()).second) return false;
+    auto h = host_copy(b.value());
+    bytes += static_cast<int64_t>(h.nbytes());
+    refs.push_back(h);
+    ar.write(b.key(), h, /*is_buffer=*/true);
+  }
+  for (const auto& c : m.named_children()) {
+    if (!c.value()->is_serializable()) continue;
+    torch::serialize::OutputArchive sub(ar.compilation_unit());
+    if (!snapshot_module(*c.value(), sub, seen, refs, bytes)) return false;
+    ar.write(c.key(), sub);
+  }
+  return true;
+}
+
+// Host bytes a snapshot takes: parameters and buffers plus the optimizer's state.
+int64_t snapshot_bytes(const torch::nn::Module& m, const core::optim::Optimizer& opt) {
+  int64_t b = opt.state_bytes();
+  for (const auto& p : m.parameters()) b += p.defined() ? static_cast<int64_t>(p.nbytes()) : 0;
+  for (const auto& p : m.buffers()) b += p.defined() ? static_cast<int64_t>(p.nbytes()) : 0;
+  return b;
+}
+
+// MemAvailable of /proc/meminfo in bytes, -1 when unknown.
+int64_t mem_available_bytes() {
+  std::ifstream f("/proc/meminfo");
+  std::string key, unit;
+  int64_t kb = 0;
+  while (f >> key >> kb) {
+    std::getline(f, unit);
+    if (key == "MemAvailable:") return kb * 1024;
+  }
+  return -1;
+}
+
+struct SaveCancelled : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Streams an archive into path (created or truncated) in 8 MiB writes, checking `cancel` between them, then
+// fsyncs. The archive's writer callback must never fail: a short count makes LibTorch's zip writer throw from its
+// destructor, which ends the process. So after a write error or a cancellation the callback swallows the rest of
+// the archive (serialized, not written) and the reason is thrown here once save_to has returned.
+// Test hooks: delay_ms is slept (in slices that notice `cancel`) inside the first callback, i.e. in the middle of
+// serializing; fail_errno != 0 makes the first write fail with that error.
+void write_archive_durable(const std::string& path, torch::serialize::OutputArchive& ar,
+                           const std::atomic<bool>& cancel, int64_t delay_ms = 0, int fail_errno = 0) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw std::runtime_error("cannot create " + path + ": " + std::strerror(errno));
+  std::string err;
+  bool cancelled = false, first = true;
+  try {
+    ar.save_to([&](const void* data, size_t n) -> size_t {
+      if (first) {
+        first = false;
+        const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(delay_ms);
+        while (!cancel.load() && std::chrono::steady_clock::now() < until)
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        if (fail_errno != 0) err = "cannot write " + path + ": " + std::strerror(fail_errno) + " (test hook)";
+      }
+      if (!err.empty() || cancelled) return n;  // swallowed: see above
+      const char* p = static_cast<const char*>(data);
+      size_t off = 0;
+      while (off < n) {
+        if (cancel.load()) {
+          cancelled = true;
+          return n;
+        }
+        const ssize_t w = ::write(fd, p + off, std::min<size_t>(n - off, size_t(8) << 20));
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+          err = "cannot write " + path + ": " + std::strerror(w < 0 ? errno : EIO);
+          return n;
+        }
+        off += static_cast<size_t>(w);
+      }
+      return n;
+    });
+  } catch (const c10::Error& e) {
+    if (err.empty() && !cancelled) err = "cannot serialize " + path + ": " + e.what_without_backtrace();
+  }
+  if (err.empty() && !cancelled && cancel.load()) cancelled = true;
+  if (err.empty() && !cancelled && ::fsync(fd) != 0) err = "cannot fsync " + path + ": " + std::strerror(errno);
+  if (::close(fd) != 0 && err.empty() && !cancelled) err = "cannot close " + path + ": " + std::strerror(errno);
+  if (cancelled) throw SaveCancelled("abandoned while writing " + path);
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
+// What happened to one background save (reported on the main thread).
+struct SaveOutcome {
+  int64_t step = 0;
+  std::string path;                  // published checkpoint ("" when abandoned or failed)
+  std::vector<std::string> removed;  // pruned older checkpoints
+  std::string warning;               // pruning trouble (not fatal)
+  std::string error;                 // the save failed (a full disk): the run fails as a synchronous save would
+  bool abandoned = false;
+  std::string reason;                // why it was abandoned
+  double write_s = 0;                // the writer's wall time
+};
+
+class AsyncCheckpointer {
+ public:
+  using Published = std::function<void(int64_t step, const std::string& path)>;
+  using Finished = std::function<void(const SaveOutcome&)>;
+
+  AsyncCheckpointer(double deadline_s, Published on_published, Finished on_finished)
+      : deadline_s_(deadline_s), on_published_(std::move(on_published)), on_finished_(std::move(on_finished)) {}
+  AsyncCheckpointer(const AsyncCheckpointer&) = delete;
+  AsyncCheckpointer& operator=(const AsyncCheckpointer&) = delete;
+
+  // On the way out of a failed run the save in flight still completes (within its deadline), so the run leaves
+  // its newest valid state behind; errors are printed, never thrown.
+  ~AsyncCheckpointer() {
+    try {
+      wait();
+    } catch (const std::exception& e) {
+      std::cerr << "ablate-train: checkpoint: " << e.what() << "\n";
+    }
+    if (thread_.joinable()) {
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        shutdown_ = true;
+        if (!committing_) cancel_ = true;
+      }
+      cv_.notify_all();
+      thread_.join();
+    }
+  }
+
+  bool busy() const { return thread_.joinable(); }
+  int64_t in_flight_step() const { return snap_ ? snap_->step : -1; }
+
+  void start(std::unique_ptr<CheckpointSnapshot> snap) {
+    if (busy()) throw std::logic_error("AsyncCheckpointer::start with a save in flight");
+    snap_ = std::move(snap);
+    cancel_ = false;
+    committing_ = published_ = acked_ = done_ = shutdown_ = false;
+    reason_.clear();
+    path_.clear();
+    outcome_ = SaveOutcome{};
+    started_ = std::chrono::steady_clock::now();
+    thread_ = std::thread([this] { run(); });
+  }
+
+  // Main thread, every step: reports a publication, enforces the deadline, collects a finished save (and throws
+  // its error, if any).
+  void poll() {
+    if (!thread_.joinable()) return;
+    bool ack = false, done = false;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      ack = published_ && !acked_;
+      done = done_;
+      if (!done_ && !committing_ && !cancel_ && deadline_s_ > 0 &&
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count() > deadline_s_) {
+        cancel_ = true;
+        std::ostringstream r;
+        r << "the save took longer than --checkpoint_deadline_s " << deadline_s_ << " s";
+        reason_ = r.str();
+      }
+    }
+    if (ack) {
+      on_published_(snap_->step, path_);  // the rename is durable: now the worker may reference it
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        acked_ = true;
+      }
+      cv_.notify_all();
+    }
+    if (done) {
+      thread_.join();
+      SaveOutcome o = std::move(outcome_);
+      snap_.reset();
+      on_finished_(o);
+    }
+  }
+
+  // Blocks until no save is in flight (the deadline still applies); returns the seconds waited.
+  double wait() {
+    const auto t0 = std::chrono::steady_clock::now();
+    while (thread_.joinable()) {
+      poll();
+      if (!thread_.joinable()) break;
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait_for(lk, std::chrono::milliseconds(20), [&] { return done_ || (published_ && !acked_); });
+    }
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+
+ private:
+  void check_cancel() {
+    if (cancel_.load()) throw SaveCancelled("abandoned");
+  }
+  void sleep_hook(int64_t ms) {  // ABLATE_TEST_CHECKPOINT_WRITE_DELAY_MS: a slow store
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+    while (std::chrono::steady_clock::now() < until) {
+      check_cancel();
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    check_cancel();
+  }
+
+  void run() {
+    CheckpointSnapshot& s = *snap_;
+    SaveOutcome o;
+    o.step = s.step;
+    const auto t0 = std::chrono::steady_clock::now();
+    const fs::path final_dir = s.run_dir / ("checkpoint-" + std::to_string(s.step));
+    const fs::path tmp = s.run_dir / ("checkpoint-" + std::to_string(s.step) + ".tmp-" + std::to_string(s.pid));
+    bool published = false;
+    try {
+      fs::create_directories(s.run_dir);
+      remove_tree(tmp.string());
+      fs::create_directories(tmp);
+      std::vector<ManifestEntry> entries;
+      const int64_t slice = s.delay_ms / 4;
+      auto archive = [&](const char* name, torch::serialize::OutputArchive& ar) {
+        const std::string p = (tmp / name).string();
+        const bool fail = s.enospc && std::string(name) == "optimizer.pt";
+        write_archive_durable(p, ar, cancel_, slice, fail ? ENOSPC : 0);
+        ar = torch::serialize::OutputArchive();  // written: its host memory goes now
+        check_cancel();
+        entries.push_back(manifest_entry(tmp.string(), name));
+      };
+      archive("model.pt", s.model);
+      s.model_refs.clear();
+      archive("optimizer.pt", s.optimizer);
+      archive("rng.pt", s.rng);
+      sleep_hook(slice);
+      write_file_durable((tmp / "state.json").string(), s.state);
+      entries.push_back(manifest_entry(tmp.string(), "state.json"));
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        check_cancel();
+        committing_ = true;  // from here on the save completes: abandoning would race the rename
+      }
+      write_manifest(tmp.string(), s.step, entries);  // last: its presence marks a complete checkpoint
+      o.path = publish_checkpoint(tmp.string(), final_dir.string());
+      published = true;
+      o.write_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        path_ = o.path;
+        published_ = true;
+        cv_.notify_all();
+        cv_.wait(lk, [&] { return acked_ || shutdown_; });  // the event is out before older checkpoints go
+        if (!acked_) o.path.clear();
+      }
+      if (!o.path.empty()) {
+        try {
+          o.removed = prune_checkpoints(s.run_dir.string(), s.keep, o.path);
+        } catch (const std::exception& e) {
+          o.warning = std::string("could not remove old checkpoints: ") + e.what();
+        }
+      }
+    } catch (const SaveCancelled&) {
+      o.abandoned = true;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        o.reason = reason_.empty() ? "the run ended" : reason_;
+      }
+    } catch (const std::exception& e) {
+      o.error = e.what();
+    }
+    if (!published) {
+      try {
+        remove_tree(tmp.string());
+      } catch (const std::exception& e) {
+        o.warning = std::string("could not remove ") + tmp.string() + ": " + e.what();
+      }
+    }
+    std::lock_guard<std::mutex> lk(mu_);
+    outcome_ = std::move(o);
+    done_ = true;
+    cv_.notify_all();
+  }
+
+  const double deadline_s_;
+  Published on_published_;
+  Finished on_finished_;
+  std::unique_ptr<CheckpointSnapshot> snap_;
+  std::thread thread_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<bool> cancel_{false};
+  bool committing_ = false, published_ = false, acked_ = false, done_ = false, shutdown_ = false;
+  std::string reason_, path_;
+  SaveOutcome outcome_;
+  std::chrono::steady_clock::time_point started_;
+};
+
 }  // namespace
 
 int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* hooks) {
@@ -675,11 +1059,103 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
     const int64_t GA = cfg.gradient_accumulation_steps;
     const double max_norm = cfg.max_grad_norm > 0 ? cfg.max_grad_norm : std::numeric_limits<double>::infinity();
 
+    // Checkpoint saves: asynchronous on a single process (see AsyncCheckpointer), synchronous otherwise.
+    const CheckpointTestHooks ck_hooks = CheckpointTestHooks::from_env();
+    int64_t cur_step = start_step;
+    double ckpt_blocked_s = 0.0;  // main-loop time spent on checkpoints (whole run)
+    std::unique_ptr<AsyncCheckpointer> async_ckpt;
+    bool async_note = false;  // the "saving synchronously" note was printed
+    if (cfg.async_checkpoint && comm) {
+      out << "checkpoints: synchronous (a multi-process save is a collective; --async_checkpoint applies to "
+             "single-process runs)" << std::endl;
+    } else if (!cfg.async_checkpoint) {
+      out << "checkpoints: synchronous (--async_checkpoint=false)" << std::endl;
+    } else {
+      async_ckpt = std::make_unique<AsyncCheckpointer>(
+          cfg.checkpoint_deadline_s,
+          [&](int64_t ck_step, const std::string& path) {
+            if (result) {
+              result->last_checkpoint = path;
+              result->checkpoint_events.emplace_back(ck_step, cur_step);
+            }
+            out << "checkpoint " << path << std::endl;
+            events.emit({{"event", "checkpoint"}, {"step", ck_step}, {"path", path}});
+          },
+          [&](const SaveOutcome& o) {
+            for (const auto& gone : o.removed) out << "removed old checkpoint " << gone << "\n";
+            if (!o.warning.empty()) std::cerr << "ablate-train: warning: checkpoint " << o.step << ": " << o.warning << "\n";
+            if (!o.error.empty())
+              throw std::runtime_error("checkpoint at step " + std::to_string(o.step) + " failed: " + o.error);
+            if (o.abandoned) {
+              if (result) ++result->checkpoints_abandoned;
+              const std::string msg = "checkpoint at step " + std::to_string(o.step) + " abandoned: " + o.reason +
+                                      "; nothing was committed (temporary directory removed), the next checkpoint "
+                                      "step tries again";
+              out << msg << std::endl;
+              events.emit({{"event", "checkpoint_abandoned"}, {"step", o.step}, {"reason", o.reason}});
+            } else {
+              if (result) ++result->checkpoints_async;
+              out << "checkpoint " << o.step << " written in the background in " << std::fixed << std::setprecision(2)
+                  << o.write_s << " s" << std::defaultfloat << std::endl;
+            }
+          });
+      out << "checkpoints: asynchronous (snapshot " << std::fixed << std::setprecision(1)
+          << double(snapshot_bytes(*model, *optimizer)) / (1 << 20) << std::defaultfloat << " MiB in host memory, written in the background; deadline "
+          << (cfg.checkpoint_deadline_s > 0 ? std::to_string(int64_t(cfg.checkpoint_deadline_s)) + " s" : "none")
+          << ")" << std::endl;
+    }
+    // Snapshot for the background writer, or nullptr (with the reason) when this save must be synchronous.
+    auto take_snapshot = [&](int64_t step, double lr, std::string* why) -> std::unique_ptr<CheckpointSnapshot> {
+      const int64_t need = snapshot_bytes(*model, *optimizer);
+      const int64_t avail = mem_available_bytes();
+      const int64_t budget = cfg.async_checkpoint_host_budget_gb > 0
+                                 ? static_cast<int64_t>(cfg.async_checkpoint_host_budget_gb * double(1LL << 30))
+                                 : avail / 2;
+      if (need > budget) {
+        *why = "the snapshot (" + std::to_string(need >> 20) + " MiB) exceeds the host-memory budget (" +
+               std::to_string(std::max<int64_t>(budget, 0) >> 20) + " MiB: " +
+               (cfg.async_checkpoint_host_budget_gb > 0 ? std::string("--async_checkpoint_host_budget_gb")
+                                                        : std::string("half of MemAvailable")) + ")";
+        return nullptr;
+      }
+      torch::NoGradGuard ng;
+      for (const auto& p : model->named_parameters())
+        if (!torch::isfinite(p.value()).all().item<bool>())
+          throw Diverged("parameter " + p.key() + " is not finite at step " + std::to_string(step) +
+                         "; no checkpoint written");
+      if (auto bad = optimizer->first_nonfinite_state(); !bad.empty())
+        throw Diverged("optimizer state '" + bad + "' is not finite at step " + std::to_string(step) +
+                       "; no checkpoint written");
+      auto snap = std::make_unique<CheckpointSnapshot>();
+      std::set<const void*> seen;
+      if (!snapshot_module(*model, snap->model, seen, snap->model_refs, snap->host_bytes)) {
+        *why = "model tensors share storage";
+        return nullptr;
+      }
+#if ABLATE_WITH_CUDA
+      if (device.is_cuda()) c10::cuda::getCurrentCUDAStream(device.index()).synchronize();  // the pinned copies
+#endif
+      optimizer->save(snap->optimizer);  // host copies (core/optim/optimizer.cpp)
+      snap->host_bytes += state_bytes;
+      snap->rng = rng_archive();
+      json st = state_json(step, lr);
+      st["optimizer_shards"] = dc.optimizer_shards;
+      snap->state = st.dump(2) + "\n";
+      snap->step = step;
+      snap->run_dir = run_dir;
+      snap->pid = dc.pid0;
+      snap->keep = cfg.keep_checkpoints;
+      snap->delay_ms = ck_hooks.delay_for(step);
+      snap->enospc = contains(ck_hooks.enospc_steps, step);
+      return snap;
+    };
+
     // Optional profile (core/profile.h); each rank writes its own directory.
     core::StepProfiler profiler(cfg.profile_start > 0 ? cfg.profile_start : start_step + 3, cfg.profile_steps,
                           run_dir / (rank0 ? std::string("profile") : "profile-rank" + std::to_string(layout.rank)),
                           device.is_cuda());
     for (int64_t step = start_step + 1; step <= cfg.num_train_steps; ++step) {
+      cur_step = step;
       profiler.before_step(step);
       const double lr = lr_at_step(step, cfg.learning_rate, cfg.warmup_steps, cfg.num_train_steps, cfg.min_lr_ratio);
       optimizer->set_lr(lr);
@@ -751,6 +1227,13 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
         profiler.after_step(step, out);
         excluded_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
+      if (async_ckpt && async_ckpt->busy()) {  // a background save: report it once durable, enforce its deadline
+        const auto t0 = std::chrono::steady_clock::now();
+        async_ckpt->poll();
+        const double d = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        excluded_s += d;
+        ckpt_blocked_s += d;
+      }
       interval_loss += step_loss;
       ++interval_steps;
       if (result) {
@@ -806,20 +1289,69 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
       }
       if (step % cfg.save_interval == 0 || last) {
         const auto t0 = std::chrono::steady_clock::now();
-        const auto path = save_checkpoint(run_dir, step, model, *optimizer, state_json(step, lr), dc);
-        if (rank0) {
-          for (const auto& gone : prune_checkpoints(run_dir.string(), cfg.keep_checkpoints, path))
-            out << "removed old checkpoint " << gone << "\n";
-          if (result) result->last_checkpoint = path;
-          out << "checkpoint " << path << std::endl;
-          events.emit({{"event", "checkpoint"}, {"step", step}, {"path", path}});
+        std::unique_ptr<CheckpointSnapshot> snap;
+        if (async_ckpt) {
+          if (async_ckpt->busy()) {  // at most one save in flight: wait for the previous one (or its deadline)
+            const int64_t prev = async_ckpt->in_flight_step();
+            const double w = async_ckpt->wait();
+            if (result) {
+              ++result->checkpoint_waits;
+              result->checkpoint_wait_s += w;
+            }
+            out << "checkpoint " << step << ": waited " << std::fixed << std::setprecision(2) << w
+                << " s for the save of step " << prev << " still in flight" << std::defaultfloat << std::endl;
+          }
+          std::string why;
+          const auto s0 = std::chrono::steady_clock::now();
+          snap = take_snapshot(step, lr, &why);
+          if (snap) {
+            const double snap_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - s0).count();
+            if (result) result->checkpoint_snapshot_s += snap_s;
+            out << "checkpoint " << step << ": snapshot of " << std::fixed << std::setprecision(1)
+                << double(snap->host_bytes) / (1 << 20) << " MiB in " << std::setprecision(3) << snap_s << " s; writing in the background" << std::defaultfloat << std::endl;
+            async_ckpt->start(std::move(snap));
+          } else if (!async_note) {
+            out << "checkpoint " << step << ": saving synchronously: " << why
+                << " (said once; later saves check again)" << std::endl;
+            async_note = true;
+          }
         }
-        excluded_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (!async_ckpt || !async_ckpt->busy()) {
+          const auto path = save_checkpoint(run_dir, step, model, *optimizer, state_json(step, lr), dc);
+          if (rank0) {
+            for (const auto& gone : prune_checkpoints(run_dir.string(), cfg.keep_checkpoints, path))
+              out << "removed old checkpoint " << gone << "\n";
+            if (result) {
+              result->last_checkpoint = path;
+              result->checkpoint_events.emplace_back(step, step);
+            }
+            out << "checkpoint " << path << std::endl;
+            events.emit({{"event", "checkpoint"}, {"step", step}, {"path", path}});
+          }
+        }
+        const double d = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        excluded_s += d;
+        ckpt_blocked_s += d;
+        if (result) result->checkpoint_blocked_s = ckpt_blocked_s;
       }
-      if (hk.stop_after_step > 0 && step == hk.stop_after_step) return kExitOk;  // simulated interruption
+      if (hk.stop_after_step > 0 && step == hk.stop_after_step) {  // simulated interruption
+        if (async_ckpt) async_ckpt->wait();
+        return kExitOk;
+      }
     }
     if (last_eval_step < 0) final_eval = evaluate();  // resumed at the end: still report an eval
+    if (async_ckpt) {  // the last save is durable and reported before "finished"
+      const double w = async_ckpt->wait();
+      ckpt_blocked_s += w;
+      if (result) {
+        result->checkpoint_final_wait_s = w;
+        result->checkpoint_blocked_s = ckpt_blocked_s;
+      }
+    }
     if (result) result->final_eval_loss = final_eval;
+    out << "checkpoints: the training loop was blocked " << std::fixed << std::setprecision(3) << ckpt_blocked_s
+        << " s in all by checkpoint saves" << (async_ckpt ? " (snapshots and waits; the writes ran in the background)" : "")
+        << std::defaultfloat << std::endl;
     events.emit({{"event", "finished"}, {"status", "succeeded"}});
     return kExitOk;
   } catch (const Diverged& e) {

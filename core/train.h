@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/config.h"
@@ -22,6 +23,15 @@ struct TrainResult {
   double final_eval_loss = 0.0;
   std::string last_checkpoint;
   int64_t params = 0;
+  // Checkpoint saves (core/train.cpp: asynchronous on a single process unless --async_checkpoint=false).
+  std::vector<std::pair<int64_t, int64_t>> checkpoint_events;  // (checkpoint step, loop step its event went out at)
+  int64_t checkpoints_async = 0;       // saves written and published by the background writer
+  int64_t checkpoints_abandoned = 0;   // background saves abandoned at --checkpoint_deadline_s
+  int64_t checkpoint_waits = 0;        // checkpoint steps that waited for the previous save still in flight
+  double checkpoint_wait_s = 0.0;      // time those waits took
+  double checkpoint_snapshot_s = 0.0;  // time spent copying state to host memory for the background writer
+  double checkpoint_final_wait_s = 0.0;  // waiting for the last save at the end of the run
+  double checkpoint_blocked_s = 0.0;   // all main-loop time spent on checkpoints (synchronous saves included)
 };
 
 // Test hooks (never set by the CLI).

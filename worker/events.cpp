@@ -84,6 +84,12 @@ std::optional<Event> ParseEventLine(std::string_view line, std::string* error) {
     e.path = p->get<std::string>();
     return e;
   }
+  if (kind == "checkpoint_abandoned") {
+    CheckpointAbandonedEvent e;
+    if (!GetInt(j, "step", &e.step)) return Fail(error, "checkpoint_abandoned: missing integer 'step'");
+    if (auto r = j.find("reason"); r != j.end() && r->is_string()) e.reason = r->get<std::string>();
+    return e;
+  }
   if (kind == "finished") {
     FinishedEvent e;
     auto s = j.find("status");

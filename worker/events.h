@@ -25,12 +25,18 @@ struct CheckpointEvent {
   int64_t step = 0;
   std::string path;
 };
+// A background checkpoint save that ablate-train gave up before committing it (--checkpoint_deadline_s): nothing
+// to record, the worker only logs it.
+struct CheckpointAbandonedEvent {
+  int64_t step = 0;
+  std::string reason;
+};
 struct FinishedEvent {
   bool succeeded = false;
   std::string failure_class;  // "diverged" | "oom" | "invalid_config" | "crash" | "" (as written by the child)
   std::string message;
 };
-using Event = std::variant<StartedEvent, MetricsEvent, CheckpointEvent, FinishedEvent>;
+using Event = std::variant<StartedEvent, MetricsEvent, CheckpointEvent, FinishedEvent, CheckpointAbandonedEvent>;
 
 // Parses one line. Returns nullopt (and says why in *error) for anything that is not a well-formed event:
 // the child's pipe is untrusted input, so a bad line is skipped, never fatal.

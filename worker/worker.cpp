@@ -775,6 +775,9 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
                 f->message.empty() ? "" : ": " + f->message);
             std::lock_guard<std::mutex> lk(run.mu);
             run.finished = *f;
+          } else if (auto* a = std::get_if<CheckpointAbandonedEvent>(&ev)) {
+            // Nothing was committed (ablate-train removed the temporary directory); the next save tries again.
+            Log("ALERT checkpoint_abandoned job=", job.id(), " step=", a->step, ": ", a->reason);
           }
         },
         [&](std::string_view line, const std::string& why) {

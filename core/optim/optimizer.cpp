@@ -114,9 +114,29 @@ void Optimizer::save(torch::serialize::OutputArchive& archive) const {
     archive.write(prefix + "step", c10::IValue(steps_[i]));
     archive.write(prefix + "numel", c10::IValue(params_[i].numel()));
     self->visit_state(static_cast<int64_t>(i), [&](const std::string& key, torch::Tensor& t) {
-      archive.write(prefix + key, t.detach().to(torch::kCPU).clone());
+      // A host copy (one device-to-host copy on CUDA, a clone on the CPU): the archive is a snapshot that a
+      // background checkpoint writer may serialize while training goes on.
+      archive.write(prefix + key, t.is_cpu() ? t.detach().clone() : t.detach().to(torch::kCPU));
     });
   }
+}
+
+std::string Optimizer::first_nonfinite_state() const {
+  torch::NoGradGuard no_grad;
+  auto* self = const_cast<Optimizer*>(this);  // visit_state only reads here
+  std::vector<std::string> keys;
+  std::vector<torch::Tensor> ok;
+  for (size_t i = 0; i < params_.size(); ++i)
+    self->visit_state(static_cast<int64_t>(i), [&](const std::string& key, torch::Tensor& t) {
+      if (!t.defined() || !t.is_floating_point() || t.numel() == 0) return;
+      keys.push_back("p" + std::to_string(i) + "/" + key);
+      ok.push_back(torch::isfinite(t).all().reshape({1}));
+    });
+  if (ok.empty() || torch::cat(ok).all().item<bool>()) return "";
+  const auto flags = torch::cat(ok).to(torch::kCPU);
+  for (size_t k = 0; k < keys.size(); ++k)
+    if (!flags[static_cast<int64_t>(k)].item<bool>()) return keys[k];
+  return "";
 }
 
 void Optimizer::load(torch::serialize::InputArchive& archive) {

@@ -83,6 +83,9 @@ class Optimizer {
   // resumed run continues bitwise identically.
   void save(torch::serialize::OutputArchive& archive) const;
   void load(torch::serialize::InputArchive& archive);
+  // "p<i>/<key>" of the first floating state tensor holding a NaN/Inf, or "" when all are finite (the check a
+  // checkpoint makes before it writes; one host sync on CUDA when all are finite).
+  std::string first_nonfinite_state() const;
 
   const std::vector<ParamGroup>& param_groups() const { return groups_; }
   int64_t num_params() const { return static_cast<int64_t>(params_.size()); }

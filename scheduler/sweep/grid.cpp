@@ -65,6 +65,8 @@ const std::vector<std::pair<std::string, TrainType>>& TrainKeys() {
       {"rope_theta", TrainType::kPositiveFloat},
       {"gradient_checkpointing", TrainType::kBool},
       {"device", TrainType::kString},
+      {"async_checkpoint", TrainType::kBool},               // checkpoints written in the background (default true)
+      {"checkpoint_deadline_s", TrainType::kNonNegativeFloat},  // a background save slower than this is abandoned
   };
   return keys;
 }

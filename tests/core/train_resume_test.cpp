@@ -7,7 +7,9 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -538,6 +540,173 @@ TEST(Metrics, MfuIsZeroWithoutAPeakOnCpu) {
       ++seen;
     }
   EXPECT_EQ(seen, 2);
+  remove_tree(out.string());
+}
+
+// ------------------------------------------------------------------ asynchronous checkpoint saves (F27)
+
+namespace {
+
+// Sets an environment variable for one scope (the test hooks of core/train.cpp's background writer).
+struct ScopedEnv {
+  std::string name;
+  ScopedEnv(const std::string& n, const std::string& v) : name(n) { ::setenv(n.c_str(), v.c_str(), 1); }
+  ~ScopedEnv() { ::unsetenv(name.c_str()); }
+};
+
+std::string file_bytes(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+// Names in dir that are not complete checkpoints: temporary directories of interrupted or abandoned saves.
+std::vector<std::string> leftovers(const fs::path& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().filename().string().find(".tmp") != std::string::npos) out.push_back(e.path().filename().string());
+  return out;
+}
+
+}  // namespace
+
+// A background save writes exactly the files a synchronous save writes at that step, even while training goes on
+// during a slow write (the snapshot is a copy, not a view of the live state), and a resume from it is bitwise.
+class AsyncCheckpoint : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(AsyncCheckpoint, SlowWriteHoldsTheStateOfItsStepAndResumesExactly) {
+  const std::string optimizer = GetParam();
+  auto out = temp_dir("async-" + optimizer);
+  auto c = tiny_config(out / "sync", optimizer, "float32");
+  c.save_interval = 4;  // checkpoints 4 and 8
+  c.run_name = "r";
+  c.async_checkpoint = false;
+  TrainResult sync;
+  ASSERT_EQ(run_training(c, &sync), kExitOk);
+  EXPECT_EQ(sync.checkpoints_async, 0);
+
+  auto ca = c;
+  ca.output_dir = (out / "async").string();
+  ca.async_checkpoint = true;
+  TrainResult async;
+  {
+    // The save of step 4 takes >= 800 ms: steps 5-8 train meanwhile, then step 8 waits for it.
+    ScopedEnv delay("ABLATE_TEST_CHECKPOINT_WRITE_DELAY_MS", "800");
+    ScopedEnv steps("ABLATE_TEST_CHECKPOINT_WRITE_DELAY_STEPS", "4");
+    ASSERT_EQ(run_training(ca, &async), kExitOk);
+  }
+  EXPECT_EQ(async.step_losses, sync.step_losses);
+  EXPECT_EQ(async.checkpoints_async, 2);
+  EXPECT_EQ(async.checkpoint_waits, 1) << "step 8 found the save of step 4 still writing";
+  EXPECT_GT(async.checkpoint_wait_s, 0.1);
+  ASSERT_EQ(async.checkpoint_events.size(), 2u);
+  EXPECT_EQ(async.checkpoint_events[0].first, 4);
+  EXPECT_EQ(async.checkpoint_events[0].second, 8) << "the event of step 4 went out once it was durable, at step 8";
+  EXPECT_LT(async.checkpoint_blocked_s, 0.8 + async.checkpoint_wait_s) << "the main loop did not do the write";
+  for (const char* step : {"checkpoint-4", "checkpoint-8"}) {
+    const auto a = out / "async" / "r" / step, b = out / "sync" / "r" / step;
+    ASSERT_NO_THROW(verify_checkpoint(a.string())) << a;
+    for (const char* f : {"model.pt", "optimizer.pt", "rng.pt", "state.json", "manifest.json"})
+      EXPECT_TRUE(file_bytes(a / f) == file_bytes(b / f)) << step << "/" << f << " differs from the synchronous save";
+  }
+  EXPECT_TRUE(leftovers(out / "async" / "r").empty());
+
+  auto cr = ca;
+  cr.run_name = "resumed";
+  cr.resume_from = (out / "async" / "r" / "checkpoint-4").string();
+  TrainResult resumed;
+  ASSERT_EQ(run_training(cr, &resumed), kExitOk);
+  ASSERT_EQ(resumed.step_losses.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(resumed.step_losses[i], sync.step_losses[4 + i]) << "step " << 5 + i;
+  expect_same_archive(out / "sync" / "r" / "checkpoint-8" / "optimizer.pt",
+                      out / "async" / "resumed" / "checkpoint-8" / "optimizer.pt");
+  remove_tree(out.string());
+}
+
+INSTANTIATE_TEST_SUITE_P(AdamWAndQuantized, AsyncCheckpoint, ::testing::Values("adamw", "adamw8bit", "soap4bit"));
+
+// A save slower than --checkpoint_deadline_s is abandoned before it commits: no checkpoint-<step>, no temporary
+// directory, a checkpoint_abandoned event and no checkpoint event for it; training finishes and the next save works.
+TEST(AsyncCheckpointDeadline, SlowSaveIsAbandonedAndTheNextSaveSucceeds) {
+  auto out = temp_dir("async-deadline");
+  auto c = tiny_config(out, "adamw", "float32");
+  c.save_interval = 4;
+  c.checkpoint_deadline_s = 0.3;
+  const fs::path events = out / "events.jsonl";
+  c.events_fd = open_events(events);
+  TrainResult r;
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    ScopedEnv delay("ABLATE_TEST_CHECKPOINT_WRITE_DELAY_MS", "20000");
+    ScopedEnv steps("ABLATE_TEST_CHECKPOINT_WRITE_DELAY_STEPS", "4");
+    ASSERT_EQ(run_training(c, &r), kExitOk);
+  }
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ::close(c.events_fd);
+  EXPECT_LT(took, 10.0) << "the slow save was waited for instead of abandoned";
+  EXPECT_EQ(r.step_losses.size(), 8u);
+  EXPECT_EQ(r.checkpoints_abandoned, 1);
+  EXPECT_FALSE(fs::exists(out / "straight" / "checkpoint-4")) << "an abandoned save was committed";
+  EXPECT_TRUE(leftovers(out / "straight").empty()) << "temporary directory left behind";
+  EXPECT_NO_THROW(verify_checkpoint((out / "straight" / "checkpoint-8").string())) << "the next save failed";
+  int abandoned = 0;
+  std::vector<int64_t> committed;
+  for (const auto& e : read_events(events)) {
+    if (e["event"] == "checkpoint_abandoned") {
+      ++abandoned;
+      EXPECT_EQ(e["step"], 4);
+      EXPECT_NE(e["reason"].get<std::string>().find("checkpoint_deadline_s"), std::string::npos) << e.dump();
+    }
+    if (e["event"] == "checkpoint") committed.push_back(e["step"].get<int64_t>());
+  }
+  EXPECT_EQ(abandoned, 1);
+  EXPECT_EQ(committed, (std::vector<int64_t>{8}));
+  remove_tree(out.string());
+}
+
+// A write error in the background (a full disk) fails the run from the main loop as a synchronous save would
+// (exit 1, failure class crash, the reason in the message), the partial checkpoint removed.
+TEST(AsyncCheckpointErrors, DiskFullInTheBackgroundFailsTheRun) {
+  auto out = temp_dir("async-enospc");
+  auto c = tiny_config(out, "adamw8bit", "float32");
+  c.save_interval = 4;
+  const fs::path events = out / "events.jsonl";
+  c.events_fd = open_events(events);
+  int rc;
+  {
+    ScopedEnv enospc("ABLATE_TEST_CHECKPOINT_ENOSPC_STEPS", "4");
+    rc = run_training(c, nullptr);
+  }
+  ::close(c.events_fd);
+  EXPECT_EQ(rc, kExitCrash);
+  EXPECT_FALSE(fs::exists(out / "straight" / "checkpoint-4"));
+  EXPECT_FALSE(fs::exists(out / "straight" / "checkpoint-8")) << "training went on past a failed save";
+  EXPECT_TRUE(leftovers(out / "straight").empty());
+  const auto ev = read_events(events);
+  ASSERT_FALSE(ev.empty());
+  EXPECT_EQ(ev.back()["event"], "finished");
+  EXPECT_EQ(ev.back()["failure_class"], "crash");
+  const std::string msg = ev.back()["message"].get<std::string>();
+  EXPECT_NE(msg.find("checkpoint at step 4"), std::string::npos) << msg;
+  EXPECT_NE(msg.find(std::strerror(ENOSPC)), std::string::npos) << msg;
+  for (const auto& e : ev) EXPECT_NE(e["event"], "checkpoint") << e.dump();
+  remove_tree(out.string());
+}
+
+// A snapshot over the host-memory budget is saved synchronously (said in the log), with the same result.
+TEST(AsyncCheckpointErrors, OverTheHostBudgetSavesSynchronously) {
+  auto out = temp_dir("async-budget");
+  auto c = tiny_config(out, "adamw", "float32");
+  c.save_interval = 4;
+  c.async_checkpoint_host_budget_gb = 1e-9;
+  TrainResult r;
+  ASSERT_EQ(run_training(c, &r), kExitOk);
+  EXPECT_EQ(r.checkpoints_async, 0);
+  EXPECT_NO_THROW(verify_checkpoint((out / "straight" / "checkpoint-4").string()));
+  EXPECT_NO_THROW(verify_checkpoint((out / "straight" / "checkpoint-8").string()));
+  c.run_name = "roomy";
+  c.async_checkpoint_host_budget_gb = 1;
+  ASSERT_EQ(run_training(c, &r), kExitOk);
+  EXPECT_EQ(r.checkpoints_async, 2);
   remove_tree(out.string());
 }
 

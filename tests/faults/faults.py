@@ -1702,6 +1702,58 @@ def f26(suite, st):
     return "bit flip in checkpoint %s detected; resumed from %d" % (step, prev)
 
 
+def f27(suite, st):
+    """Slow checkpoint store (RELIABILITY F27), real ablate-train: the save of step 100 is slowed past
+    --checkpoint_deadline_s (the trainer's ABLATE_TEST_CHECKPOINT_WRITE_DELAY_MS hook sleeps inside the background
+    write). Training goes on meanwhile, the slow save is abandoned and never recorded, the next ones are, the lease
+    never expires, and the step-time cost is reported."""
+    tb = suite.train_bin
+    if not tb or not os.access(tb, os.X_OK):
+        raise Fail("F27 needs the real ablate-train (--train_bin); it was not found at '%s'" % tb)
+    data = os.path.join(suite.work, "data", "fortunes")
+    if not os.path.exists(os.path.join(data, "train.bin")):
+        r = sh([tb, "prepare-data", "--input", "/usr/share/games/fortunes", "--output", data])
+        check(r.returncode == 0, "prepare-data: " + r.stderr[-500:])
+    st.env["ABLATE_TEST_CHECKPOINT_WRITE_DELAY_MS"] = "4000"
+    st.env["ABLATE_TEST_CHECKPOINT_WRITE_DELAY_STEPS"] = "100"
+    s = st.scheduler()
+    st.submit("name: f27\ngrid:\n  model_size: [tiny]\n  context_length: [64]\ntrain:\n  num_train_steps: 300\n"
+              "  batch_size: 4\n  save_interval: 100\n  eval_interval: 1000\n  log_interval: 10\n"
+              "  checkpoint_deadline_s: 1\n  dataset: fortunes\n", s.addr)
+    w = st.worker("w1", s.addr, train_bin=tb)
+    st.wait_terminal(120)
+    check(st.q("SELECT state FROM jobs") == "succeeded", "job did not succeed: " + st.q("SELECT state, last_error FROM jobs"))
+    a = attempts(st)
+    check(len(a) == 1, "checkpoint I/O cost a lease or an attempt: %s" % a)
+    check(st.qi("SELECT count(*) FROM job_attempts WHERE outcome = 'expired'") == 0, "a lease expired")
+    steps = [int(x) for x in st.q("SELECT step FROM checkpoints ORDER BY step").split()]
+    check(steps == [200, 300], "recorded checkpoints %s; expected 200 and 300 (100 abandoned)" % steps)
+    logs = glob.glob(os.path.join(st.dir, "work", "job-*", "attempt-1.log"))
+    check(logs, "no trainer log")
+    text = open(logs[0]).read()
+    check("checkpoint at step 100 abandoned" in text, "the trainer did not report the abandoned save")
+    m = re.search(r"checkpoint at step 100 abandoned.*?\n", text)
+    run_dir = os.path.join(os.path.dirname(logs[0]), "attempt-1")
+    left = sorted(os.listdir(run_dir))
+    check("checkpoint-100" not in left and not [x for x in left if ".tmp" in x],
+          "an abandoned save left %s" % left)
+    check(all(verify(os.path.join(run_dir, "checkpoint-%d" % k)) for k in (200, 300)), "a recorded checkpoint does not verify")
+    # Step time: tokens/s of the log intervals while the slow save was in flight (101..) against the others.
+    abandoned_at = int(re.findall(r"^step (\d+)/", text[:text.index("checkpoint at step 100 abandoned")], re.M)[-1])
+    tps = [(int(k), float(v)) for k, v in (l.split("|") for l in st.q(
+        "SELECT step, value FROM metrics WHERE name = 'train/tokens_per_sec' ORDER BY step").splitlines() if l)]
+    during = [v for k, v in tps if 100 < k <= abandoned_at + 10]
+    other = [v for k, v in tps if k <= 100 or k > abandoned_at + 10]
+    check(during and other, "no tokens/s metrics around the slow save: %s" % tps)
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    blocked = re.findall(r"snapshot of [0-9.]+ MiB in ([0-9.]+) s", text)
+    finish(st)
+    return ("save of step 100 abandoned at its 1 s deadline (training at step %d), 200 and 300 recorded, 1 attempt, "
+            "0 lease expiries; tok/s median %.0f during the slow save vs %.0f otherwise (%+.0f%%); main loop blocked "
+            "%s s per snapshot" % (abandoned_at, med(during), med(other), 100.0 * (med(during) / med(other) - 1),
+                                   "/".join(blocked)))
+
+
 def tool_scenario(name, *extra_sched):
     def run(suite, st):
         s = st.scheduler(list(extra_sched))
@@ -1902,7 +1954,7 @@ def f35(suite, st):
 SCENARIOS = [
     ("F01", f01), ("F02", f02), ("F03", f03), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
     ("F09", f09), ("F11", f11), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F16", f16), ("F17", f17), ("F18", f18), ("F19", f19),
-    ("F20", f20), ("F24", f24), ("F25", f25), ("F26", f26),
+    ("F20", f20), ("F24", f24), ("F25", f25), ("F26", f26), ("F27", f27),
     ("F30", tool_scenario("malformed")), ("F31", f31), ("F32", tool_scenario("invalid-specs")),
     ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", f36),
 ]

@@ -44,6 +44,11 @@ TEST(ParseEventLine, CheckpointAndFinished) {
   auto ok = ParseEventLine("{\"event\":\"finished\",\"status\":\"succeeded\"}\r");
   ASSERT_TRUE(ok);
   EXPECT_TRUE(std::get<FinishedEvent>(*ok).succeeded);
+  auto a = ParseEventLine(R"({"event":"checkpoint_abandoned","step":100,"reason":"deadline"})");
+  ASSERT_TRUE(a);
+  EXPECT_EQ(std::get<CheckpointAbandonedEvent>(*a).step, 100);
+  EXPECT_EQ(std::get<CheckpointAbandonedEvent>(*a).reason, "deadline");
+  EXPECT_FALSE(ParseEventLine(R"({"event":"checkpoint_abandoned"})"));
 }
 
 TEST(ParseEventLine, RejectsMalformedWithReason) {
