@@ -603,7 +603,7 @@ int DeadlineCap(const std::string& addr, int cap_ms, int slack_ms) {
   }
   auto ch = Insecure(addr);
   struct Call {
-    std::string method;
+    const google::protobuf::MethodDescriptor* method;
     int64_t deadline_ms;
     double ms = -1;
     int code = -1;
@@ -617,21 +617,15 @@ int DeadlineCap(const std::string& addr, int cap_ms, int slack_ms) {
       ++missing;
       continue;
     }
-    for (int64_t d : {int64_t{0}, int64_t{3600} * 1000}) calls.push_back({m->name(), d});
+    for (int64_t d : {int64_t{0}, int64_t{3600} * 1000}) calls.push_back({m, d});
   }
   std::atomic<int> done{0};
   std::vector<std::thread> ts;
   for (auto& c : calls) {
     ts.emplace_back([&, cp = &c] {
-      const std::string path = "/ablate.v1." +
-                               std::string(cp->method == "RegisterWorker" || cp->method == "LeaseJob" ||
-                                                   cp->method == "Heartbeat" || cp->method == "ReportCheckpoint" ||
-                                                   cp->method == "CompleteJob"
-                                               ? "WorkerService/"
-                                               : "SweepService/") +
-                               cp->method;
       const auto t0 = std::chrono::steady_clock::now();
-      auto st = GenericCall(ch, path, reqs.at(cp->method), std::chrono::milliseconds(cp->deadline_ms));
+      auto st = GenericCall(ch, Path(cp->method), reqs.at(cp->method->name()),
+                            std::chrono::milliseconds(cp->deadline_ms));
       cp->ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       cp->code = st.error_code();
       ++done;
@@ -641,7 +635,7 @@ int DeadlineCap(const std::string& addr, int cap_ms, int slack_ms) {
   while (done.load() < static_cast<int>(calls.size())) {
     if (std::chrono::steady_clock::now() > give_up) {
       for (const auto& c : calls)
-        if (c.ms < 0) std::cout << "HUNG " << c.method << " deadline=" << (c.deadline_ms ? "1h" : "none") << "\n";
+        if (c.ms < 0) std::cout << "HUNG " << c.method->name() << " deadline=" << (c.deadline_ms ? "1h" : "none") << "\n";
       std::cout << "calls still running " << cap_ms + 20000 << " ms after they started: handlers are not capped\n";
       std::cout.flush();
       std::_Exit(1);
@@ -653,7 +647,7 @@ int DeadlineCap(const std::string& addr, int cap_ms, int slack_ms) {
   std::string worst_what;
   int over = 0, not_unavailable = 0;
   for (const auto& c : calls) {
-    std::string what = c.method + (c.deadline_ms ? " (1 h deadline)" : " (no deadline)");
+    std::string what = c.method->name() + (c.deadline_ms ? " (1 h deadline)" : " (no deadline)");
     if (c.ms > worst) {
       worst = c.ms;
       worst_what = what;
