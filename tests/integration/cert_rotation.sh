@@ -17,17 +17,8 @@ fake="$src/tests/faults/fake_train.py"
 rm -rf "$work"; mkdir -p "$work"; work=$(cd "$work" && pwd)
 t0=$(date +%s)
 
-db="certrot_$$"
-dsn="${ABLATE_TEST_PG_DSN/dbname=ablate/dbname=$db}"
-psql -q "$ABLATE_TEST_PG_DSN" -c "CREATE DATABASE $db" >/dev/null
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  psql -q "$ABLATE_TEST_PG_DSN" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
+source "$src/tests/integration/own_database.sh"
+own_database certrot
 fail() {
   echo "CERT_ROTATION FAIL: $*" >&2
   for f in "$work"/*.log; do echo "--- $f"; tail -n 25 "$f"; done >&2

@@ -10,17 +10,8 @@ src=$(cd "$(dirname "$0")/../.." && pwd)
 : "${ABLATE_TEST_PG_DSN:?ABLATE_TEST_PG_DSN must point at a running PostgreSQL (ctest sets it)}"
 rm -rf "$work"; mkdir -p "$work"; work=$(cd "$work" && pwd)
 
-db="e2e_$$"
-dsn="${ABLATE_TEST_PG_DSN/dbname=ablate/dbname=$db}"
-psql -q "$ABLATE_TEST_PG_DSN" -c "CREATE DATABASE $db" >/dev/null
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  psql -q "$ABLATE_TEST_PG_DSN" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
+source "$src/tests/integration/own_database.sh"
+own_database e2e
 fail() { echo "E2E FAIL: $*" >&2; for f in "$work"/*.log; do echo "--- $f"; tail -n 30 "$f"; done >&2; exit 1; }
 q() { psql -Atq "$dsn" -c "$1"; }
 
