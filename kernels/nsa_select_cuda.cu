@@ -32,6 +32,10 @@ namespace ablate::kernels {
 namespace {
 
 using cuda_common::Vec;
+using cuda_common::from_f;
+using cuda_common::to_f;
+using cuda_common::warp_max;
+using cuda_common::warp_sum;
 
 constexpr int kTile = 64;           // tokens per K/V tile
 constexpr float kLog2e = 1.4426950408889634f;
@@ -39,24 +43,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kFwdThreads = 128;
 constexpr int kBwdThreads = 256;
 constexpr int kRows = 32;           // rows per chunk in dkdv_kernel
-
-__device__ __forceinline__ float tof(float v) { return v; }
-__device__ __forceinline__ float tof(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float tof(__half v) { return __half2float(v); }
-template <typename E>
-__device__ __forceinline__ E fromf(float v);
-template <>
-__device__ __forceinline__ float fromf<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 fromf<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half fromf<__half>(float v) {
-  return __float2half_rn(v);
-}
 
 __device__ __forceinline__ float ninf() { return -INFINITY; }
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -75,7 +61,8 @@ __device__ __forceinline__ void stage_rows(float* dst, int rows, Src src) {
       const Vec<E, V> x = *reinterpret_cast<const Vec<E, V>*>(s + part * V);
 #pragma unroll
       for (int i = 0; i < V; i += 4)
-        *reinterpret_cast<float4*>(d + i) = make_float4(tof(x.v[i]), tof(x.v[i + 1]), tof(x.v[i + 2]), tof(x.v[i + 3]));
+        *reinterpret_cast<float4*>(d + i) =
+            make_float4(to_f(x.v[i]), to_f(x.v[i + 1]), to_f(x.v[i + 2]), to_f(x.v[i + 3]));
     } else {
 #pragma unroll
       for (int i = 0; i < V; i += 4) *reinterpret_cast<float4*>(d + i) = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -100,20 +87,11 @@ __device__ __forceinline__ void axpy4(float4& acc, float s, const float4 x) {
 template <typename E>
 __device__ __forceinline__ void store4(E* p, const float4 x) {
   Vec<E, 4> r;
-  r.v[0] = fromf<E>(x.x);
-  r.v[1] = fromf<E>(x.y);
-  r.v[2] = fromf<E>(x.z);
-  r.v[3] = fromf<E>(x.w);
+  r.v[0] = from_f<E>(x.x);
+  r.v[1] = from_f<E>(x.y);
+  r.v[2] = from_f<E>(x.z);
+  r.v[3] = from_f<E>(x.w);
   *reinterpret_cast<Vec<E, 4>*>(p) = r;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // ---- query-centric kernels: forward and dq ----

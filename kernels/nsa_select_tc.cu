@@ -44,6 +44,11 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 using cuda_common::Vec;
+using cuda_common::copy_rows;
+using cuda_common::from_f;
+using cuda_common::to_f;
+using cuda_common::warp_max;
+using cuda_common::warp_sum;
 
 constexpr int kT = 64;          // keys per tile
 constexpr int kM = 16;          // rows (query heads) of the query-centric kernels
@@ -53,57 +58,10 @@ constexpr int kKThreads = 256;  // 8 warps
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <typename E>
-__device__ __forceinline__ E fromf(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 fromf<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half fromf<__half>(float v) {
-  return __float2half_rn(v);
-}
-
 __device__ __forceinline__ float ninf() { return -INFINITY; }
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 constexpr size_t align128(size_t x) { return (x + 127) & ~size_t(127); }
-
-// Copies ROWS rows of D elements of E (row r from src(r), zeros where src(r) is null) into dst[r * LD], 16 bytes
-// per access; all loads of a thread are issued before its stores. src rows must be 16-byte aligned.
-template <typename E, int D, int LD, int ROWS, int NT, typename Src>
-__device__ __forceinline__ void stage(E* dst, Src src) {
-  static_assert(sizeof(E) == 2, "16-bit element types only");
-  constexpr int V = 8;
-  constexpr int PER_ROW = D / V;
-  constexpr int TOTAL = ROWS * PER_ROW;
-  constexpr int ITER = (TOTAL + NT - 1) / NT;
-  uint4 x[ITER];
-#pragma unroll
-  for (int i = 0; i < ITER; ++i) {
-    const int idx = static_cast<int>(threadIdx.x) + i * NT;
-    x[i] = make_uint4(0u, 0u, 0u, 0u);
-    if (TOTAL % NT == 0 || idx < TOTAL) {
-      const E* s = src(idx / PER_ROW);
-      if (s != nullptr) x[i] = *reinterpret_cast<const uint4*>(s + (idx % PER_ROW) * V);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < ITER; ++i) {
-    const int idx = static_cast<int>(threadIdx.x) + i * NT;
-    if (TOTAL % NT == 0 || idx < TOTAL)
-      *reinterpret_cast<uint4*>(dst + (idx / PER_ROW) * LD + (idx % PER_ROW) * V) = x[i];
-  }
-}
 
 // rows x D fp32 values src[r * LD + d] (times mul(r)) to dst[r * D + d] as E, 8 per access.
 template <typename E, int D, int LD, int NT, typename Mul>
@@ -113,7 +71,7 @@ __device__ __forceinline__ void write_rows(E* dst, const float* src, int rows, M
     const float m = mul(r);
     Vec<E, 8> out;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) out.v[i] = fromf<E>(src[r * LD + d + i] * m);
+    for (int i = 0; i < 8; ++i) out.v[i] = from_f<E>(src[r * LD + d + i] * m);
     *reinterpret_cast<Vec<E, 8>*>(dst + int64_t(r) * D + d) = out;
   }
 }
@@ -180,7 +138,7 @@ __global__ void __launch_bounds__(kQThreads, 4) fwd_tc_kernel(NsaSelectFwdArgs a
   const E* k = static_cast<const E*>(a.k) + (b * T * KV + c) * D;  // + s * KV * D
   const E* v = static_cast<const E*>(a.v) + (b * T * KV + c) * D;
 
-  stage<E, D, KP, kM, kQThreads>(Qs, [&](int r) -> const E* { return r < G ? q + int64_t(r) * D : nullptr; });
+  copy_rows<E, D, KP, kM, kQThreads>(Qs, [&](int r) -> const E* { return r < G ? q + int64_t(r) * D : nullptr; });
   for (int i = tid; i < kM * OP; i += kQThreads) Os[i] = 0.f;
   __syncthreads();
   FragA<E> qa[D / 16];
@@ -204,8 +162,10 @@ __global__ void __launch_bounds__(kQThreads, 4) fwd_tc_kernel(NsaSelectFwdArgs a
     for (int64_t s0 = blk * lp; s0 < end; s0 += kT) {
       const int nk = static_cast<int>(imin(kT, end - s0));
       __syncthreads();  // the previous tile's readers of Ks, Vs, Ps are done
-      stage<E, D, KP, kT, kQThreads>(Ks, [&](int r) -> const E* { return r < nk ? k + (s0 + r) * KV * D : nullptr; });
-      stage<E, D, KP, kT, kQThreads>(Vs, [&](int r) -> const E* { return r < nk ? v + (s0 + r) * KV * D : nullptr; });
+      copy_rows<E, D, KP, kT, kQThreads>(Ks,
+          [&](int r) -> const E* { return r < nk ? k + (s0 + r) * KV * D : nullptr; });
+      copy_rows<E, D, KP, kT, kQThreads>(Vs,
+          [&](int r) -> const E* { return r < nk ? v + (s0 + r) * KV * D : nullptr; });
       __syncthreads();
       // S = Q K^T, key columns 16 * warp .. + 15.
       {
@@ -235,8 +195,8 @@ __global__ void __launch_bounds__(kQThreads, 4) fwd_tc_kernel(NsaSelectFwdArgs a
         }
         l_r[i] = l_r[i] * al + warp_sum(p0 + p1);
         m_r[i] = mn;
-        Ps[g * PP + lane] = fromf<E>(p0);
-        Ps[g * PP + lane + 32] = fromf<E>(p1);
+        Ps[g * PP + lane] = from_f<E>(p0);
+        Ps[g * PP + lane + 32] = from_f<E>(p1);
         if (lane == 0) alpha_s[g] = al;
       }
       __syncthreads();
@@ -317,8 +277,8 @@ __global__ void __launch_bounds__(kQThreads, 4) dq_tc_kernel(NsaSelectBwdArgs a)
   const E* k = static_cast<const E*>(a.k) + (b * T * KV + c) * D;
   const E* v = static_cast<const E*>(a.v) + (b * T * KV + c) * D;
 
-  stage<E, D, KP, kM, kQThreads>(Qs, [&](int r) -> const E* { return r < G ? q + int64_t(r) * D : nullptr; });
-  stage<E, D, KP, kM, kQThreads>(dOs, [&](int r) -> const E* { return r < G ? dout + int64_t(r) * D : nullptr; });
+  copy_rows<E, D, KP, kM, kQThreads>(Qs, [&](int r) -> const E* { return r < G ? q + int64_t(r) * D : nullptr; });
+  copy_rows<E, D, KP, kM, kQThreads>(dOs, [&](int r) -> const E* { return r < G ? dout + int64_t(r) * D : nullptr; });
   if (tid < kM) {
     lse_s[tid] = tid < G ? a.lse[row0 + tid] * kLog2e : ninf();
     delta_s[tid] = tid < G ? a.delta[row0 + tid] : 0.f;
@@ -338,8 +298,10 @@ __global__ void __launch_bounds__(kQThreads, 4) dq_tc_kernel(NsaSelectBwdArgs a)
     for (int64_t s0 = blk * lp; s0 < end; s0 += kT) {
       const int nk = static_cast<int>(imin(kT, end - s0));
       __syncthreads();  // previous tile's readers of Ks, dSs are done (and Q/dO/lse staging on the first pass)
-      stage<E, D, KP, kT, kQThreads>(Ks, [&](int r) -> const E* { return r < nk ? k + (s0 + r) * KV * D : nullptr; });
-      stage<E, D, KP, kT, kQThreads>(Vs, [&](int r) -> const E* { return r < nk ? v + (s0 + r) * KV * D : nullptr; });
+      copy_rows<E, D, KP, kT, kQThreads>(Ks,
+          [&](int r) -> const E* { return r < nk ? k + (s0 + r) * KV * D : nullptr; });
+      copy_rows<E, D, KP, kT, kQThreads>(Vs,
+          [&](int r) -> const E* { return r < nk ? v + (s0 + r) * KV * D : nullptr; });
       __syncthreads();
       // S = Q K^T and dP = dO V^T for key columns 16 * warp .. + 15; then dS for the same columns by this warp.
       {
@@ -366,7 +328,7 @@ __global__ void __launch_bounds__(kQThreads, 4) dq_tc_kernel(NsaSelectBwdArgs a)
           const int r = e >> 4, j = 16 * warp + (e & 15);
           const float lse = lse_s[r];
           const float p = (j < nk && lse != ninf()) ? exp2f(Ss[r * SP + j] * qscale - lse) : 0.f;
-          dSs[r * PP + j] = fromf<E>(p * (dPs[r * SP + j] - delta_s[r]));
+          dSs[r * PP + j] = from_f<E>(p * (dPs[r * SP + j] - delta_s[r]));
         }
       }
       __syncthreads();
@@ -454,8 +416,8 @@ __global__ void __launch_bounds__(kKThreads, 2) dkdv_tc_kernel(NsaSelectBwdArgs 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const E* k = static_cast<const E*>(a.k) + (b * T * KV + c) * D;
   const E* v = static_cast<const E*>(a.v) + (b * T * KV + c) * D;
-  stage<E, D, KP, kT, kKThreads>(Ks, [&](int r) -> const E* { return r < nk ? k + (s0 + r) * KV * D : nullptr; });
-  stage<E, D, KP, kT, kKThreads>(Vs, [&](int r) -> const E* { return r < nk ? v + (s0 + r) * KV * D : nullptr; });
+  copy_rows<E, D, KP, kT, kKThreads>(Ks, [&](int r) -> const E* { return r < nk ? k + (s0 + r) * KV * D : nullptr; });
+  copy_rows<E, D, KP, kT, kKThreads>(Vs, [&](int r) -> const E* { return r < nk ? v + (s0 + r) * KV * D : nullptr; });
 
   const int32_t* rows_t = a.inv.rows_t + a.inv.seg_start[seg];
   const int len = a.inv.seg_len[seg];
@@ -478,11 +440,11 @@ __global__ void __launch_bounds__(kKThreads, 2) dkdv_tc_kernel(NsaSelectBwdArgs 
   for (int q0 = 0; q0 < len; q0 += qc) {
     __syncthreads();  // previous chunk's readers are done (and K/V staging on the first pass)
     auto row_t = [&](int r) -> int { return (r < rows && q0 + r / G < len) ? rows_t[q0 + r / G] : -1; };
-    stage<E, D, KP, kR, kKThreads>(Qs, [&](int r) -> const E* {
+    copy_rows<E, D, KP, kR, kKThreads>(Qs, [&](int r) -> const E* {
       const int tq = row_t(r);
       return tq >= 0 ? qbase + int64_t(tq) * H * D + (r % G) * D : nullptr;
     });
-    stage<E, D, KP, kR, kKThreads>(dOs, [&](int r) -> const E* {
+    copy_rows<E, D, KP, kR, kKThreads>(dOs, [&](int r) -> const E* {
       const int tq = row_t(r);
       return tq >= 0 ? obase + int64_t(tq) * H * D + (r % G) * D : nullptr;
     });
@@ -519,8 +481,8 @@ __global__ void __launch_bounds__(kKThreads, 2) dkdv_tc_kernel(NsaSelectBwdArgs 
         const float lse = lse_s[r];
         const bool ok = j < nk && tq >= 0 && s0 + j <= tq && lse != ninf();
         const float p = ok ? exp2f(Ss[r * SP + j] * qscale - lse) : 0.f;
-        Ps[r * PP + j] = fromf<E>(p);
-        dSs[r * PP + j] = fromf<E>(p * (dPs[r * SP + j] - delta_s[r]));
+        Ps[r * PP + j] = from_f<E>(p);
+        dSs[r * PP + j] = from_f<E>(p * (dPs[r * SP + j] - delta_s[r]));
       }
     }
     __syncthreads();
