@@ -59,6 +59,8 @@ def main():
             if name != "ours" and r.get("params") is not None:
                 po = (r.get("dims") or {}).get("params_ours")
                 note = f"params {r['params']:,} ({'= ours' if r['params'] == po else f'ours {po}'})"
+            if r.get("caveats"):
+                note = (note + "; " if note else "") + "; ".join(r["caveats"])
             if name == "ours" and fpt_ref and r.get("flops_per_token"):
                 note = f"ablate-train FLOPs/token {r['flops_per_token'] / 1e9:.2f} G vs twin {fpt_ref / 1e9:.2f} G"
             print(f"{case:12s} {name:8s} {r['tokens_per_sec']:9.0f} {r.get('tokens_per_sec_p20', 0):9.0f} "
