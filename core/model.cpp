@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/checkpointing.h"
+#include "core/mixers/causal_attention.h"
 #include "core/mixers/param_init.h"
 #include "core/ops/cross_entropy.h"
 #include "core/ops/rmsnorm.h"
@@ -142,18 +143,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     auto out = nsa->forward(qh.transpose(1, 2), kh.transpose(1, 2), vh, x);
     return o(out.reshape({B, T, n_heads * head_dim}));
   }
-  // Causal SDPA: flash / cuDNN / memory-efficient kernels on CUDA, LibTorch's CPU kernels otherwise. GQA: query
-  // head j reads KV head j / (H / KV), the repeat-interleave mapping. On CUDA K/V are expanded explicitly (a small
-  // copy) so every fused backend stays eligible: not all accept enable_gqa (e.g. memory-efficient attention in
-  // fp32), and the math fallback would materialise T x T scores. On CPU enable_gqa avoids the copy.
-  auto vt = vh.transpose(1, 2);
-  bool gqa = n_heads != n_kv_heads;
-  if (gqa && x.is_cuda()) {
-    kh = kh.repeat_interleave(n_heads / n_kv_heads, 1);
-    vt = vt.repeat_interleave(n_heads / n_kv_heads, 1);
-    gqa = false;
-  }
-  auto out = at::scaled_dot_product_attention(qh, kh, vt, {}, 0.0, /*is_causal=*/true, std::nullopt, gqa);
+  // Causal SDPA (flash / cuDNN on CUDA, LibTorch's CPU kernels otherwise), GQA without K/V copies where the
+  // backend allows: core/mixers/causal_attention.h.
+  auto out = core::causal_attention(qh, kh, vh.transpose(1, 2));
   return o(out.transpose(1, 2).reshape({B, T, n_heads * head_dim}));
 }
 

@@ -1,13 +1,14 @@
 // mixer_bench: our sequence-mixer ops (K1-K4 of shared/BENCHMARKS.md) at the benchmark shapes, fwd and fwd+bwd.
 //
-//   K1 dense causal attention  the model's own call (core/model.cpp AttentionImpl::forward on CUDA: K/V
-//                              repeat_interleave'd to the query heads, then at::scaled_dot_product_attention,
-//                              is_causal) and, as a second row, SDPA with enable_gqa (no K/V copy)
+//   K1 dense causal attention  the model's own call (core::causal_attention, core/mixers/causal_attention.h: SDPA,
+//                              is_causal, enable_gqa in bf16/fp16) and, as a second row, SDPA with enable_gqa
+//                              always (no K/V copy)
 //   K2 NSA                     core/mixers/nsa.h public functions: "cmp+slc" = compress_keys/values (the module's
 //                              MLPs) + nsa_compressed_attention (with top-n selection) + nsa_selected_attention;
 //                              "swa" = nsa_window_attention; paper config l=32, d=16, l'=64, n=16, w=512;
-//                              "cmp" / "slc" = the two halves of cmp+slc alone, "cmp_fused" = "cmp" on the fused
-//                              CUDA kernels of kernels/nsa_compress.h (nsa_set_cmp_fused_enabled; CUDA only)
+//                              "cmp" / "slc" = the two halves of cmp+slc alone, "cmp" forced onto the chunked
+//                              LibTorch path, "cmp_fused" = "cmp" on the fused CUDA kernels of
+//                              kernels/nsa_compress.h (the default on CUDA, so "cmp+slc" runs them too)
 //   K3 Mamba2 SSD              core/mixers/ssd.h ssd_chunked, chunk 256
 //   K4 Gated DeltaNet          core/mixers/delta_rule.h gated_delta_rule_chunked, chunk 64
 //
@@ -49,6 +50,7 @@
 #include <string>
 #include <vector>
 
+#include "core/mixers/causal_attention.h"
 #include "core/mixers/delta_rule.h"
 #include "core/mixers/nsa.h"
 #include "core/mixers/ssd.h"
@@ -267,17 +269,9 @@ void time_fwd_bwd(const std::string& id, const std::string& shape, const std::st
 }
 
 // ================================================================================================ K1 dense attention
-// The model's attention call on CUDA (core/model.cpp AttentionImpl::forward): repeat_interleave K/V, then SDPA.
+// The model's attention call (core/model.cpp AttentionImpl::forward): core::causal_attention.
 Tensor attention_model_path(const Tensor& q, const Tensor& k, const Tensor& v) {
-  const int64_t H = q.size(1), KV = k.size(1);
-  auto kk = k, vv = v;
-  bool gqa = H != KV;
-  if (gqa && q.is_cuda()) {
-    kk = k.repeat_interleave(H / KV, 1);
-    vv = v.repeat_interleave(H / KV, 1);
-    gqa = false;
-  }
-  return at::scaled_dot_product_attention(q, kk, vv, {}, 0.0, /*is_causal=*/true, std::nullopt, gqa);
+  return core::causal_attention(q, k, v);
 }
 
 Tensor attention_enable_gqa(const Tensor& q, const Tensor& k, const Tensor& v) {
@@ -312,7 +306,7 @@ void check_k1(const AttnShape& sh) {
   const auto ref = grads(attention_composite, torch::kFloat32);
   const auto comp = grads(attention_composite, torch::kBFloat16);
   for (auto [name, f] : {std::pair<const char*, Tensor (*)(const Tensor&, const Tensor&, const Tensor&)>{
-                             "model path (repeat_interleave+SDPA)", attention_model_path},
+                             "model path (core::causal_attention)", attention_model_path},
                          {"SDPA enable_gqa", attention_enable_gqa}}) {
     const auto ours = grads(f, torch::kBFloat16);
     const char* parts[] = {"o", "dq", "dk", "dv"};
@@ -360,7 +354,7 @@ void bench_k1() {
 }
 
 // ================================================================================================ K2 NSA
-// The fused compressed-branch kernels on or off for a scope (they are off by default).
+// The fused compressed-branch kernels on or off for a scope (on by default on CUDA; off = the chunked LibTorch path).
 struct CmpFused {
   explicit CmpFused(bool on) : prev(core::nsa_cmp_fused_enabled()) { core::nsa_set_cmp_fused_enabled(on); }
   ~CmpFused() { core::nsa_set_cmp_fused_enabled(prev); }
@@ -419,6 +413,7 @@ void check_k2(int64_t H, int64_t KV) {
     const auto& rb = ref.branches;
     {
       torch::NoGradGuard ng;
+      CmpFused libtorch_path(false);
       auto c32 = core::nsa_compressed_attention(q32.detach(), m32->compress_keys(k32.detach()),
                                                 m32->compress_values(v32.detach()), o);
       const double same = c32.block_idx.eq(rb.block_idx).to(torch::kFloat64).mean().item<double>();
@@ -433,7 +428,10 @@ void check_k2(int64_t H, int64_t KV) {
       }
     }
     auto qb = q.clone().requires_grad_(true), kb = k.clone().requires_grad_(true), vb = v.clone().requires_grad_(true);
-    auto cmp = core::nsa_compressed_attention(qb, m16->compress_keys(kb), m16->compress_values(vb), o);
+    auto cmp = [&] {
+      CmpFused libtorch_path(false);
+      return core::nsa_compressed_attention(qb, m16->compress_keys(kb), m16->compress_values(vb), o);
+    }();
     std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>> branches = {
         {"cmp", {cmp.out, rb.o_cmp}},
         {"slc", {core::nsa_selected_attention(qb, kb, vb, rb.block_idx, o), rb.o_slc}},
@@ -514,10 +512,13 @@ void bench_k2() {
     // Where cmp+slc's time goes (up to 32K, to keep the run short): the compressed branch with its top-n alone,
     // and the selected branch alone on a fixed selection.
     if (sh.T <= 32768) {
-      time_fwd_bwd(
-          "K2", shape, "cmp",
-          [&] { return core::nsa_compressed_attention(q, m->compress_keys(k), m->compress_values(v), o).out; },
-          {q, k, v}, gy, per_key * keys.cmp + mlp, 3.5, bytes, 2.5 * bytes, "passed");
+      {
+        CmpFused libtorch_path(false);
+        time_fwd_bwd(
+            "K2", shape, "cmp",
+            [&] { return core::nsa_compressed_attention(q, m->compress_keys(k), m->compress_values(v), o).out; },
+            {q, k, v}, gy, per_key * keys.cmp + mlp, 3.5, bytes, 2.5 * bytes, "passed");
+      }
       if (g_dev.is_cuda()) {
         CmpFused fused(true);
         time_fwd_bwd(
