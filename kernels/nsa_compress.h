@@ -25,8 +25,8 @@
 // dq (same tiles) and dkc/dvc (key-centric, one block per (b, kv head, 64 compressed keys, query segment), fp32
 // atomics across segments). bf16/fp16 run on tensor cores (wmma 16x16x16, fp32 accumulate; sm_80+), fp32 on FMA.
 //
-// STATUS: compiled, not yet run on a GPU when written. core/mixers/nsa.cpp takes these kernels only when
-// ABLATE_NSA_CMP_FUSED=1 (or nsa_set_cmp_fused(true)); tests/mixers/nsa_compress_gpu_test.cpp checks them.
+// STATUS: passed tests/mixers/nsa_compress_gpu_test.cpp on the H200 (2026-11-29); core/mixers/nsa.cpp takes them
+// by default on CUDA (ABLATE_NSA_CMP_FUSED=0 or nsa_set_cmp_fused_enabled(false) turns them off).
 #pragma once
 #include <cstdint>
 

@@ -156,9 +156,9 @@ bool nsa_swa_sdpa_enabled();
 
 // Whether nsa_compressed_attention runs the fused CUDA kernels (kernels/nsa_compress.h: online-softmax forward,
 // importance recomputed from the saved lse, FlashAttention-2 style backward) on CUDA tensors of fp32/bf16/fp16 with
-// head_dim 64 or 128 and G <= 16, instead of the chunked LibTorch Function. Default off (the kernels were written
-// without a GPU and are not validated yet) unless the environment has ABLATE_NSA_CMP_FUSED=1, read once at the first
-// use of the switch. nsa_cmp_fused_calls() counts the forwards that took the kernels (process-wide, never reset).
+// head_dim 64 or 128 and G <= 16, instead of the chunked LibTorch Function. Default on (validated on the H200:
+// tests/mixers/nsa_compress_gpu_test.cpp, bench/RESULTS.md) unless the environment has ABLATE_NSA_CMP_FUSED=0, read
+// once at the first use of the switch; the LibTorch Function stays the CPU path and the reference. nsa_cmp_fused_calls() counts the forwards that took the kernels (process-wide, never reset).
 void nsa_set_cmp_fused_enabled(bool enabled);
 bool nsa_cmp_fused_enabled();
 int64_t nsa_cmp_fused_calls();

@@ -264,7 +264,7 @@ TEST(NsaCompressGpu, FusedMatchesLibTorchPath) {
 #endif
 }
 
-// Switch semantics: off by default (unless ABLATE_NSA_CMP_FUSED=1), the setter flips it, CPU tensors never take it.
+// Switch semantics: on by default (unless ABLATE_NSA_CMP_FUSED=0), the setter flips it, CPU tensors never take it.
 TEST(NsaCompressGpu, SwitchAndCpuFallback) {
   {
     FusedSwitch sw(true);
