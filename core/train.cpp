@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <ATen/autocast_mode.h>
@@ -509,17 +510,20 @@ struct SaveCancelled : std::runtime_error {
 };
 
 // Streams an archive into path (created or truncated) in 8 MiB writes, checking `cancel` between them, then
-// fsyncs. The archive's writer callback must never fail: a short count makes LibTorch's zip writer throw from its
+// fsyncs; returns the file's manifest row, its SHA-256 taken from the bytes as they stream past (a 4B model's
+// ~24 GB need not be read back to be hashed). The archive's writer callback must never fail: a short count makes LibTorch's zip writer throw from its
 // destructor, which ends the process. So after a write error or a cancellation the callback swallows the rest of
 // the archive (serialized, not written) and the reason is thrown here once save_to has returned.
 // Test hooks: delay_ms is slept (in slices that notice `cancel`) inside the first callback, i.e. in the middle of
 // serializing; fail_errno != 0 makes the first write fail with that error.
-void write_archive_durable(const std::string& path, torch::serialize::OutputArchive& ar,
-                           const std::atomic<bool>& cancel, int64_t delay_ms = 0, int fail_errno = 0) {
+ManifestEntry write_archive_durable(const std::string& path, torch::serialize::OutputArchive& ar,
+                                    const std::atomic<bool>& cancel, int64_t delay_ms = 0, int fail_errno = 0) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw std::runtime_error("cannot create " + path + ": " + std::strerror(errno));
   std::string err;
   bool cancelled = false, first = true;
+  Sha256 hash;
+  int64_t written = 0;
   try {
     ar.save_to([&](const void* data, size_t n) -> size_t {
       if (first) {
@@ -530,6 +534,8 @@ void write_archive_durable(const std::string& path, torch::serialize::OutputArch
         if (fail_errno != 0) err = "cannot write " + path + ": " + std::strerror(fail_errno) + " (test hook)";
       }
       if (!err.empty() || cancelled) return n;  // swallowed: see above
+      hash.update(data, n);
+      written += static_cast<int64_t>(n);
       const char* p = static_cast<const char*>(data);
       size_t off = 0;
       while (off < n) {
@@ -555,6 +561,11 @@ void write_archive_durable(const std::string& path, torch::serialize::OutputArch
   if (::close(fd) != 0 && err.empty() && !cancelled) err = "cannot close " + path + ": " + std::strerror(errno);
   if (cancelled) throw SaveCancelled("abandoned while writing " + path);
   if (!err.empty()) throw std::runtime_error(err);
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || static_cast<int64_t>(st.st_size) != written)
+    throw std::runtime_error("checkpoint file " + path + " does not hold the " + std::to_string(written) +
+                             " bytes written to it");
+  return {fs::path(path).filename().string(), written, hash.hex()};
 }
 
 // What happened to one background save (reported on the main thread).
@@ -688,10 +699,9 @@ class AsyncCheckpointer {
       auto archive = [&](const char* name, torch::serialize::OutputArchive& ar) {
         const std::string p = (tmp / name).string();
         const bool fail = s.enospc && std::string(name) == "optimizer.pt";
-        write_archive_durable(p, ar, cancel_, slice, fail ? ENOSPC : 0);
+        entries.push_back(write_archive_durable(p, ar, cancel_, slice, fail ? ENOSPC : 0));
         ar = torch::serialize::OutputArchive();  // written: its host memory goes now
         check_cancel();
-        entries.push_back(manifest_entry(tmp.string(), name));
       };
       archive("model.pt", s.model);
       s.model_refs.clear();
