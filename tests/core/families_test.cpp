@@ -20,6 +20,7 @@
 #include "core/prepare_data.h"
 #include "core/model.h"
 #include "core/train.h"
+#include "tests/scratch_dir.h"
 
 namespace fs = std::filesystem;
 using namespace ablate;
@@ -65,12 +66,8 @@ int64_t numel(const std::vector<torch::Tensor>& ps) {
   return n;
 }
 
-fs::path temp_dir(const std::string& tag) {
-  auto p = fs::temp_directory_path() / ("ablate-families-test-" + tag + "-" + std::to_string(::getpid()));
-  remove_tree(p);
-  fs::create_directories(p);
-  return p;
-}
+// Removed when this test process exits (tests/scratch_dir.h).
+fs::path temp_dir(const std::string& tag) { return ablate::testing::scratch_dir("ablate-families-test", tag); }
 
 const fs::path& fortunes_data() {
   static fs::path dir = [] {

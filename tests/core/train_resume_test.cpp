@@ -23,6 +23,7 @@
 #include "core/optim/optimizer.h"
 #include "core/precision.h"
 #include "core/train.h"
+#include "tests/scratch_dir.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -30,12 +31,8 @@ using namespace ablate;
 
 namespace {
 
-fs::path temp_dir(const std::string& tag) {
-  auto p = fs::temp_directory_path() / ("ablate-train-resume-" + tag + "-" + std::to_string(::getpid()));
-  remove_tree(p.string());
-  fs::create_directories(p);
-  return p;
-}
+// Removed when this test process exits (tests/scratch_dir.h).
+fs::path temp_dir(const std::string& tag) { return ablate::testing::scratch_dir("ablate-train-resume", tag); }
 
 // A small synthetic corpus (deterministic pseudo-random words), prepared once per test binary.
 const fs::path& synthetic_data() {

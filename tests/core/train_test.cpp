@@ -9,6 +9,7 @@
 #include "core/data.h"
 #include "core/fsutil.h"
 #include "core/train.h"
+#include "tests/scratch_dir.h"
 
 namespace fs = std::filesystem;
 using namespace ablate;
@@ -17,12 +18,8 @@ namespace {
 
 const char* kFortunes = "/usr/share/games/fortunes";
 
-fs::path temp_dir(const std::string& tag) {
-  auto p = fs::temp_directory_path() / ("ablate-core-test-" + tag + "-" + std::to_string(::getpid()));
-  remove_tree(p);
-  fs::create_directories(p);
-  return p;
-}
+// Removed when this test process exits (tests/scratch_dir.h).
+fs::path temp_dir(const std::string& tag) { return ablate::testing::scratch_dir("ablate-core-test", tag); }
 
 std::vector<uint16_t> read_tokens(const fs::path& p) {
   std::ifstream f(p, std::ios::binary);

@@ -22,6 +22,7 @@
 
 #include "core/fsutil.h"
 #include "core/prepare_data.h"
+#include "tests/scratch_dir.h"
 
 #include <torch/cuda.h>
 
@@ -40,12 +41,8 @@ namespace {
 
 const char* kFortunes = "/usr/share/games/fortunes";
 
-fs::path temp_dir(const std::string& tag) {
-  auto p = fs::temp_directory_path() / ("ablate-dist-test-" + tag + "-" + std::to_string(::getpid()));
-  ablate::remove_tree(p.string());
-  fs::create_directories(p);
-  return p;
-}
+// Removed when this test process exits (tests/scratch_dir.h).
+fs::path temp_dir(const std::string& tag) { return ablate::testing::scratch_dir("ablate-dist-test", tag); }
 
 const fs::path& fortunes_data() {
   static fs::path dir = [] {
