@@ -2,7 +2,7 @@
 
 #include <cmath>
 
-#include "core/mixers/ssd.h"  // segment_sum
+#include "core/mixers/ssd.h"  // decay_matrix
 
 namespace ablate::core {
 namespace {
@@ -85,9 +85,9 @@ std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_chunked_with(ChunkScan
   const auto bc = to_heads_padded(beta, Tp, ct).reshape({Bn, H, nc, L}).unsqueeze(-1);
 
   // gamma_l = sum_{k <= l} g_k (log-decay from the chunk start), M[l,s] = exp(gamma_l - gamma_s) for s <= l
-  // computed from the exact segment sum (zero above the diagonal; never exp of a positive number).
+  // (zero above the diagonal; never exp of a positive number): decay_matrix in ssd.h.
   const auto gamma = torch::cumsum(gc, -1);
-  const auto M = torch::exp(segment_sum(gc));  // (b,h,c,l,s)
+  const auto M = decay_matrix(gamma);  // (b,h,c,l,s)
 
   // Unrolling the recurrence inside a chunk from its entering state S0 gives
   //   S_l = e^{gamma_l} S0 + sum_{s<=l} M[l,s] k_s u_s^T,

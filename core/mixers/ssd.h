@@ -24,6 +24,15 @@ namespace ablate::core {
 // lower-triangular decay matrix with exact zeros above the diagonal and never overflows when x <= 0.
 torch::Tensor segment_sum(const torch::Tensor& x);
 
+// The lower-triangular decay matrix from inclusive cumulative log-decays cs (..., L) (non-increasing: every
+// per-step log-decay is <= 0):  out[..., l, s] = exp(cs[l] - cs[s]) for s <= l, 0 above the diagonal.
+// The same matrix as exp(segment_sum(x)) for cs = cumsum(x), built in three elementwise passes over the L x L
+// output instead of segment_sum's five plus an L x L cumsum (the chunked scans' largest tensors: at T 32K,
+// 32 heads and chunk 256, 1 GB each in fp32). The price: cs[l] - cs[s] carries the rounding of the cumulative sums,
+// about sqrt(L) ulp(|cs|) in the exponent, i.e. a relative error near 1e-4 in fp32 for |cs| in the hundreds — far
+// below bf16's resolution; mamba_ssm and fla build their decays the same way.
+torch::Tensor decay_matrix(const torch::Tensor& cs);
+
 std::tuple<torch::Tensor, torch::Tensor> ssd_chunked(const torch::Tensor& x, const torch::Tensor& dt,
                                                      const torch::Tensor& A, const torch::Tensor& B,
                                                      const torch::Tensor& C, int64_t chunk_size,
