@@ -131,6 +131,9 @@ int parse_train_args(const std::vector<std::string>& args, TrainConfig& c, std::
   app.add_option("--seed", c.seed, "seed for init and data order");
   app.add_option("--device", c.device, "auto|cpu|cuda");
   app.add_option("--events_fd", c.events_fd, "file descriptor for JSON-lines events");
+  app.add_option("--lease_file", c.lease_file,
+                 "set by ablate-worker: a file holding the worker's lease deadline (monotonic clock); the run stops "
+                 "at once, without saving, exit code 75, when the deadline passes unrenewed (a frozen worker)");
   app.add_option("--num_threads", c.num_threads, "CPU threads (0 = auto: 1 for models under 5M params, else all)");
   // Multi-process training (docs/distributed.md).
   app.add_option("--nproc", c.nproc,

@@ -147,6 +147,7 @@ struct TrainConfig {
   uint64_t seed = 42;
   std::string device = "auto";
   int events_fd = -1;
+  std::string lease_file;  // set by ablate-worker: stop when the worker's lease deadline in it passes (lease_watch.h)
   bool print_config = false;
   int64_t num_threads = 0;  // 0: auto (1 for models under 5M params, else all hardware threads)
   // Multi-process training (core/dist, docs/distributed.md). The rank layout comes from the environment (RANK,

@@ -16,6 +16,8 @@
 #include <cstring>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <memory>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -46,6 +48,7 @@
 #include "core/optim/optimizer.h"
 #include "core/precision.h"
 #include "core/fsutil.h"
+#include "core/lease_watch.h"
 #include "core/model.h"
 #include "core/sha256.h"
 
@@ -795,6 +798,17 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
   };
   const TrainHooks no_hooks;
   const TrainHooks& hk = hooks ? *hooks : no_hooks;
+  // A frozen worker cannot stop us when its lease runs out: stop ourselves, without saving (another attempt may
+  // already own the job), as soon as the deadline it last wrote has passed.
+  std::unique_ptr<LeaseWatch> lease_watch;
+  if (!cfg.lease_file.empty()) {
+    lease_watch = std::make_unique<LeaseWatch>(cfg.lease_file, [path = cfg.lease_file] {
+      std::fprintf(stderr, "ablate-train: the worker's lease deadline in %s passed without renewal (worker frozen or "
+                   "gone): stopping now, without saving\n", path.c_str());
+      std::fflush(stderr);
+      std::_Exit(kExitLeaseExpired);
+    });
+  }
 
   try {
     cfg.validate();

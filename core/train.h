@@ -42,7 +42,14 @@ struct TrainHooks {
 };
 
 // Exit codes (docs/contracts.md §2/§3).
-enum ExitCode { kExitOk = 0, kExitCrash = 1, kExitInvalidConfig = 2, kExitDiverged = 3, kExitOom = 4 };
+enum ExitCode {
+  kExitOk = 0,
+  kExitCrash = 1,
+  kExitInvalidConfig = 2,
+  kExitDiverged = 3,
+  kExitOom = 4,
+  kExitLeaseExpired = 75,  // --lease_file's deadline passed: the worker's lease is gone (EX_TEMPFAIL)
+};
 
 // Runs (or, with print_config, describes) a training run; emits events; returns the exit code.
 int run_training(const TrainConfig& cfg, TrainResult* result = nullptr, const TrainHooks* hooks = nullptr);

@@ -115,7 +115,8 @@ std::string ClaimRunName(const std::string& output_dir, int32_t attempt, const s
 
 bool BuildTrainCommand(const TrainCommandInput& in, TrainCommand* out, std::string* error) {
   // Flags the worker owns: a job may not point the child at other paths or descriptors.
-  static const std::set<std::string> kReserved = {"data_dir", "output_dir", "run_name", "events_fd", "resume_from"};
+  static const std::set<std::string> kReserved = {"data_dir",    "output_dir",  "run_name",
+                                                   "events_fd",   "resume_from", "lease_file"};
   std::string dataset = "fortunes";
   TrainCommand cmd;
   cmd.argv.push_back(in.train_bin);

@@ -1,6 +1,7 @@
 #include "worker/util.h"
 
 #include <cstdio>
+#include <fstream>
 #include <ctime>
 #include <random>
 #include <thread>
@@ -63,6 +64,24 @@ grpc::Status CallWithRetry(const std::string& what, const std::function<grpc::St
       std::this_thread::sleep_for(wait);
     }
   }
+}
+
+bool WriteLeaseDeadline(const std::string& path, std::chrono::steady_clock::time_point deadline, std::string* error) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    f << "monotonic_deadline_ns "
+      << std::chrono::duration_cast<std::chrono::nanoseconds>(deadline.time_since_epoch()).count() << "\n";
+    if (!f.flush()) {
+      *error = "cannot write " + tmp;
+      return false;
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    *error = "cannot rename " + tmp + " to " + path;
+    return false;
+  }
+  return true;
 }
 
 }  // namespace ablate::worker

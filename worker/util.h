@@ -36,6 +36,11 @@ void Log(const Args&... args) {
   LogLine(os.str());
 }
 
+// The lease deadline for the trainer (ablate-train --lease_file, core/lease_watch.h): one line
+// "monotonic_deadline_ns <N>" with N in steady_clock (CLOCK_MONOTONIC) nanoseconds, written to path.tmp and renamed
+// over path so the trainer never reads half a line. False with *error set on failure.
+bool WriteLeaseDeadline(const std::string& path, std::chrono::steady_clock::time_point deadline, std::string* error);
+
 // Jittered exponential backoff: attempt 0 -> ~base, doubling up to cap, times a factor in [0.5, 1.5).
 std::chrono::milliseconds Backoff(int attempt, std::chrono::milliseconds base = std::chrono::milliseconds(200),
                                   std::chrono::milliseconds cap = std::chrono::milliseconds(5000));

@@ -32,6 +32,8 @@ namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
+// ablate-train's exit code when the deadline in --lease_file passed (core/train.h kExitLeaseExpired; docs/contracts.md).
+constexpr int kTrainerLeaseExpiredExit = 75;
 
 int64_t MonoMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -675,6 +677,16 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
     }
     Log("job ", job.id(), ": gang rank ", leased.rank(), " of ", leased.world_size(), ", rendezvous ", ma);
   }
+  // The trainer stops itself when this deadline passes unrenewed (core/lease_watch.h): our own self-fence below
+  // cannot act while this process is frozen (RELIABILITY F03). Moved on with every renewal in the loop below.
+  const std::string lease_file = copts.log_path + ".lease-deadline";
+  Clock::time_point lease_file_deadline = lease_sent + lease_ttl_;
+  if (WriteLeaseDeadline(lease_file, lease_file_deadline, &err)) {
+    copts.argv.push_back("--lease_file");
+    copts.argv.push_back(lease_file);
+  } else {
+    Log("job ", job.id(), ": ", err, " (the trainer runs without a lease deadline)");
+  }
   const auto spawned_at = Clock::now();
   auto child = ChildProcess::Spawn(copts, &err);
   if (!child) {
@@ -976,8 +988,11 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   std::string forced_message;
   bool draining = false;
   for (;;) {
-    if (auto st = child->TryWait()) {
-      status = *st;
+    // A child that stopped on its own lease check (ablate-train --lease_file, exit 75) got to the deadline we are
+    // about to notice: that is our self-fence, so for it the deadline is checked below before the loop ends.
+    std::optional<ExitStatus> exited = child->TryWait();
+    if (exited && !(exited->exited && exited->code == kTrainerLeaseExpiredExit)) {
+      status = *exited;
       break;
     }
     const auto now = Clock::now();
@@ -997,12 +1012,25 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
       diverged_at = run.diverged_at;
       diverged_seen = run.diverged_seen;
     }
+    if (!run.lease_lost && fence_deadline != lease_file_deadline) {
+      std::string werr;
+      if (WriteLeaseDeadline(lease_file, fence_deadline, &werr)) {
+        lease_file_deadline = fence_deadline;
+      } else {
+        Log("job ", job.id(), ": ", werr);
+      }
+    }
     if (!run.lease_lost && now > fence_deadline) {
       run.lease_lost = true;
       run.self_fenced = true;
       ++metrics_->self_fences;
       Log("EVENT self_fence job=", job.id(), " attempt=", lease0.attempt(), " mono_ms=", MonoMs(),
-          ": no lease renewal within ", lease_ttl_.count(), "ms; stopping the child");
+          ": no lease renewal within ", lease_ttl_.count(), "ms; ",
+          exited ? "the child has stopped (it watches the same deadline)" : "stopping the child");
+    }
+    if (exited) {
+      status = *exited;
+      break;
     }
     if (run.lease_lost) {
       stop_reason = run.self_fenced ? "self-fenced" : "lease lost";

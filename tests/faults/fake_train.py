@@ -11,6 +11,8 @@ Faults on demand (flags, so a sweep file's `train:` section sets them):
   --fake_fail_model M     only when --model_size is M
   --step_ms MS            time per step (default 50)
 SIGTERM: writes a checkpoint at the current step (drain), then exits 143.
+--lease_file PATH (set by the worker): before every step, if the worker's lease deadline in it ("monotonic_deadline_ns
+N", CLOCK_MONOTONIC) has passed, stops at once without saving, exit 75 (as ablate-train, core/lease_watch.h).
 Ledger: env FAKE_LEDGER=path gets one JSON line per start/step/checkpoint/end with the monotonic clock, so the
 fault suite can prove that two attempts of one job never trained at the same time (I2) and resumed where they
 should (I4).
@@ -53,6 +55,16 @@ if only and attempt not in only:
 if args.get("fake_fail_model") and args.get("fake_fail_model") != args.get("model_size"):
     faults = {}
 ledger_path = os.environ.get("FAKE_LEDGER")
+lease_file = args.get("lease_file")
+
+def lease_expired():
+    if not lease_file:
+        return False
+    try:
+        key, ns = open(lease_file).read().split()[:2]
+        return key == "monotonic_deadline_ns" and time.monotonic_ns() > int(ns)
+    except (OSError, ValueError):
+        return False  # missing or unreadable: the last deadline is unknown, not passed
 
 def ledger(kind, **kw):
     if not ledger_path:
@@ -146,6 +158,11 @@ emit({"event": "started", "total_steps": total, "params": 1234})
 nan_at = None
 for step in range(start + 1, total + 1):
     time.sleep(step_ms / 1000.0)
+    if lease_expired():
+        ledger("end", step=state["step"], why="lease_expired")
+        print("fake_train: the worker's lease deadline passed without renewal: stopping without saving",
+              file=sys.stderr)
+        sys.exit(75)
     if faults.get("hang") == step:
         ledger("hang", step=step)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a wedged process: only SIGKILL ends it

@@ -522,6 +522,34 @@ def f03(suite, st):
     return "zombie fenced; stale writes rejected by the scheduler: %d; overlap %.2fs" % (fenced, st.max_overlap)
 
 
+def f03b(suite, st):
+    """F03 with the worker frozen alone: its trainer keeps running, so only the trainer's own check of the lease
+    deadline the worker last wrote (--lease_file) can stop it before the re-dispatched attempt trains."""
+    s = st.scheduler()
+    st.submit(sweep("f03b", steps=400, save=10), s.addr)
+    w1 = st.worker("w1", s.addr)
+    st.wait_step("true", 12)
+    w2 = st.worker("w2", s.addr)
+    st.fault_at.append(time.time())
+    w1.signal(signal.SIGSTOP)  # the daemon only: its trainer is in its own process group and keeps stepping
+    st.wait(lambda: any(r["attempt"] == 1 and r["event"] == "end" for r in st.ledger_records()), L + 3,
+            "the frozen worker's trainer to stop by itself")
+    end = [r for r in st.ledger_records() if r["attempt"] == 1 and r["event"] == "end"][-1]
+    check(end["why"] == "lease_expired", "attempt 1's trainer ended for %r, not its lease deadline" % end["why"])
+    st.wait(lambda: st.qi("SELECT count(*) FROM job_attempts WHERE attempt = 2") == 1, 2 * L + 3, "re-dispatch")
+    st.wait(lambda: any(r["attempt"] == 2 and r["event"] == "start" for r in st.ledger_records()), 10,
+            "attempt 2 to start")
+    start2 = [r for r in st.ledger_records() if r["attempt"] == 2 and r["event"] == "start"][0]
+    gap = start2["mono"] - end["mono"]
+    check(gap > 0, "attempt 1's trainer stopped %.2fs after attempt 2 started" % -gap)
+    time.sleep(max(0, st.fault_at[0] + 2 * L - time.time()))
+    w1.signal(signal.SIGCONT)
+    st.wait_terminal(60)
+    check(st.q("SELECT state FROM jobs") == "succeeded", "job not succeeded")
+    finish(st, max_detect_s=L + R_MS / 1000 + 1.5)
+    return "frozen worker's trainer stopped itself at step %d, %.2fs before attempt 2 started" % (end["step"], gap)
+
+
 def f04(suite, st):
     s = st.scheduler(["--progress_timeout_s", "2"])
     st.submit(sweep("f04", steps=30, save=10, extra_train={"fake_fail": "hang@5", "fake_fail_attempts": "1"}), s.addr)
@@ -1952,7 +1980,7 @@ def f35(suite, st):
 
 
 SCENARIOS = [
-    ("F01", f01), ("F02", f02), ("F03", f03), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
+    ("F01", f01), ("F02", f02), ("F03", f03), ("F03b", f03b), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
     ("F09", f09), ("F11", f11), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F16", f16), ("F17", f17), ("F18", f18), ("F19", f19),
     ("F20", f20), ("F24", f24), ("F25", f25), ("F26", f26), ("F27", f27),
     ("F30", tool_scenario("malformed")), ("F31", f31), ("F32", tool_scenario("invalid-specs")),

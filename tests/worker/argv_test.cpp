@@ -63,6 +63,10 @@ TEST(BuildTrainCommand, RejectsUnsafeParams) {
   in.params["output_dir"] = "/tmp/elsewhere";
   EXPECT_FALSE(BuildTrainCommand(in, &cmd, &err));
   EXPECT_NE(err.find("output_dir"), std::string::npos);
+  in = Input();
+  in.params["lease_file"] = "/dev/null";  // the worker's lease deadline: a job may not point elsewhere
+  EXPECT_FALSE(BuildTrainCommand(in, &cmd, &err));
+  EXPECT_NE(err.find("lease_file"), std::string::npos);
 }
 
 TEST(BuildTrainCommand, RunNameNamesTheDirectoryAndTheLog) {
