@@ -18,9 +18,8 @@
 namespace ablate {
 
 // The deadline in a lease file; nullopt when the file is missing, unreadable or not in the format above.
+// (The writer is the worker's: WriteLeaseDeadline in worker/util.h.)
 std::optional<std::chrono::steady_clock::time_point> read_lease_deadline(const std::string& path);
-// Writes it atomically (path.tmp, then rename). Throws std::runtime_error on failure.
-void write_lease_deadline(const std::string& path, std::chrono::steady_clock::time_point deadline);
 
 // Polls `path` every `poll`; calls on_expired() once, from its own thread, when a deadline was read and
 // steady_clock::now() is past it. A missing or unreadable file is not an expiry (the last good deadline stands).

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -25,6 +26,15 @@ using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
 fs::path temp_dir(const std::string& tag) { return testing::scratch_dir("ablate-lease-watch-test", tag); }
+
+// The worker's side of the contract (docs/contracts.md §2), written here as the worker writes it.
+void write_lease_deadline(const std::string& path, Clock::time_point deadline) {
+  {
+    std::ofstream f(path + ".tmp", std::ios::trunc);
+    f << "monotonic_deadline_ns " << std::chrono::nanoseconds(deadline.time_since_epoch()).count() << "\n";
+  }
+  ASSERT_EQ(std::rename((path + ".tmp").c_str(), path.c_str()), 0);
+}
 
 TEST(LeaseFile, RoundTripAndBadContent) {
   const auto dir = temp_dir("file");
