@@ -1013,11 +1013,10 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
       diverged_seen = run.diverged_seen;
     }
     if (!run.lease_lost && fence_deadline != lease_file_deadline) {
+      lease_file_deadline = fence_deadline;  // one try per renewal: a failing disk is logged once each, not per tick
       std::string werr;
-      if (WriteLeaseDeadline(lease_file, fence_deadline, &werr)) {
-        lease_file_deadline = fence_deadline;
-      } else {
-        Log("job ", job.id(), ": ", werr);
+      if (!WriteLeaseDeadline(lease_file, fence_deadline, &werr)) {
+        Log("job ", job.id(), ": ", werr, " (the trainer may stop at the previous lease deadline)");
       }
     }
     if (!run.lease_lost && now > fence_deadline) {
