@@ -514,8 +514,8 @@ struct SaveCancelled : std::runtime_error {
 
 // Streams an archive into path (created or truncated) in 8 MiB writes, checking `cancel` between them, then
 // fsyncs; returns the file's manifest row, its SHA-256 taken from the bytes as they stream past (a 4B model's
-// ~24 GB need not be read back to be hashed). The archive's writer callback must never fail: a short count makes LibTorch's zip writer throw from its
-// destructor, which ends the process. So after a write error or a cancellation the callback swallows the rest of
+// ~24 GB need not be read back to be hashed). The archive's writer callback must never fail: a short count makes
+// LibTorch's zip writer throw from its destructor, which ends the process. So after a write error or a cancellation the callback swallows the rest of
 // the archive (serialized, not written) and the reason is thrown here once save_to has returned.
 // Test hooks: delay_ms is slept (in slices that notice `cancel`) inside the first callback, i.e. in the middle of
 // serializing; fail_errno != 0 makes the first write fail with that error.
