@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <vector>
 #include <sys/stat.h>
@@ -129,9 +130,14 @@ int CmdSubmit(const Conn& c, const std::string& file, bool wait, const std::stri
     std::cout << "dry run: sweep '" << resp.sweep().name() << "' is valid, " << jobs.size()
               << " cells (nothing stored)\n";
   } else {
+    const auto reused = std::count_if(jobs.begin(), jobs.end(), [](const v1::Job& j) { return j.reused_from_job_id() > 0; });
     std::cout << "sweep " << resp.sweep().id() << " '" << resp.sweep().name() << "' "
               << (resp.created() ? "created" : "already exists (same idempotency key)") << ": " << jobs.size()
-              << " jobs\n";
+              << " jobs";
+    if (reused > 0) {
+      std::cout << ", " << reused << " of them reused from earlier runs of the same config (not run again)";
+    }
+    std::cout << "\n";
   }
   std::cout << FormatCells(jobs);
   if (!wait || dry_run) return 0;

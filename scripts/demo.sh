@@ -12,7 +12,8 @@ done
 start=$(date +%s)
 # Two workers: the cells run two at a time (each training process uses one thread at these sizes).
 "$bin/ablate" up --state_dir .ablate --data_root data --workers "${ABLATE_DEMO_WORKERS:-2}"
-# A fresh key per run, so the demo really trains again (the same key would return the finished sweep).
+# A fresh key per run makes a new sweep; cells whose config already succeeded in this stack's database are reused,
+# not trained again (submit says so): `ablate down` and removing .ablate gives a demo that trains from scratch.
 "$bin/ablate" submit examples/demo-sweep.yaml --state_dir .ablate --idempotency_key "demo-$(date +%s)-$$" --wait
 echo "demo: finished in $(( $(date +%s) - start ))s"
 if [ "${ABLATE_DEMO_DOWN:-0}" = 1 ]; then
