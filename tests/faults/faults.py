@@ -394,14 +394,20 @@ def rpc_tool(st, *args):
     return sh([os.path.join(st.s.bin, "ablate-fault-rpc")] + [str(a) for a in args])
 
 
-def f01(suite, st):
+def real_train(suite, sid):
+    """The real ablate-train (--train_bin) for scenario sid, with the fortunes dataset prepared once per suite."""
     tb = suite.train_bin
     if not tb or not os.access(tb, os.X_OK):
-        raise Fail("F01 needs the real ablate-train (--train_bin); it was not found at '%s'" % tb)
+        raise Fail("%s needs the real ablate-train (--train_bin); it was not found at '%s'" % (sid, tb))
     data = os.path.join(suite.work, "data", "fortunes")
     if not os.path.exists(os.path.join(data, "train.bin")):
         r = sh([tb, "prepare-data", "--input", "/usr/share/games/fortunes", "--output", data])
         check(r.returncode == 0, "prepare-data: " + r.stderr[-500:])
+    return tb
+
+
+def f01(suite, st):
+    tb = real_train(suite, "F01")
     s = st.scheduler()
     st.submit("name: f01\ngrid:\n  model_size: [tiny]\n  context_length: [64]\ntrain:\n  num_train_steps: 60\n"
               "  batch_size: 4\n  save_interval: 10\n  eval_interval: 30\n  log_interval: 5\n  dataset: fortunes\n",
@@ -427,13 +433,7 @@ def f01(suite, st):
 def g01(suite, st):
     """Gang scheduling (issue #8): a 2-rank job on 2 workers (real ablate-train, CPU ring), one worker SIGKILLed
     mid-run, the gang re-dispatched to the survivor + a third worker, resumed from rank 0's checkpoint."""
-    tb = suite.train_bin
-    if not tb or not os.access(tb, os.X_OK):
-        raise Fail("G01 needs the real ablate-train (--train_bin); it was not found at '%s'" % tb)
-    data = os.path.join(suite.work, "data", "fortunes")
-    if not os.path.exists(os.path.join(data, "train.bin")):
-        r = sh([tb, "prepare-data", "--input", "/usr/share/games/fortunes", "--output", data])
-        check(r.returncode == 0, "prepare-data: " + r.stderr[-500:])
+    tb = real_train(suite, "G01")
     steps = 200
     s = st.scheduler()
     st.submit("name: g01\ngrid:\n  model_size: [tiny]\n  context_length: [64]\ntrain:\n  num_train_steps: %d\n"
@@ -1735,13 +1735,7 @@ def f27(suite, st):
     --checkpoint_deadline_s (the trainer's ABLATE_TEST_CHECKPOINT_WRITE_DELAY_MS hook sleeps inside the background
     write). Training goes on meanwhile, the slow save is abandoned and never recorded, the next ones are, the lease
     never expires, and the step-time cost is reported."""
-    tb = suite.train_bin
-    if not tb or not os.access(tb, os.X_OK):
-        raise Fail("F27 needs the real ablate-train (--train_bin); it was not found at '%s'" % tb)
-    data = os.path.join(suite.work, "data", "fortunes")
-    if not os.path.exists(os.path.join(data, "train.bin")):
-        r = sh([tb, "prepare-data", "--input", "/usr/share/games/fortunes", "--output", data])
-        check(r.returncode == 0, "prepare-data: " + r.stderr[-500:])
+    tb = real_train(suite, "F27")
     st.env["ABLATE_TEST_CHECKPOINT_WRITE_DELAY_MS"] = "4000"
     st.env["ABLATE_TEST_CHECKPOINT_WRITE_DELAY_STEPS"] = "100"
     s = st.scheduler()
