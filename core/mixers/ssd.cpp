@@ -1,5 +1,7 @@
 #include "core/mixers/ssd.h"
 
+#include <ATen/autocast_mode.h>
+
 #include <limits>
 
 namespace ablate::core {
@@ -55,6 +57,68 @@ torch::Tensor pad_time(const torch::Tensor& t, int64_t target) {
 
 }  // namespace
 
+torch::Tensor decay_matrix(const torch::Tensor& cs);
+
+namespace {
+
+// The intra-chunk term y = (CB ∘ Lmat) x̄ with a hand-written backward. Autograd through the composition kept three
+// or four per-head L × L tensors per layer for backward (fp32, (b,g,r,c,l,s): 268 MB each at batch 2 × 4K with 32
+// heads and chunk 256), which made the MDMA model use 1.4× the memory of the fla/mamba_ssm twin (bench/RESULTS.md,
+// session 6, E3). This keeps one, the decay matrix Lmat, plus CB = C Bᵀ, which is per group (r times smaller); the
+// product M = CB ∘ Lmat is rebuilt in backward, and the backward makes fewer L × L passes than autograd's did.
+// (Rebuilding Lmat as well would save one more L × L tensor but cost three more passes: measured +30 % backward
+// time on CPU.)
+// Dtypes are explicit: the GEMMs run in `gemm_dtype` (the autocast dtype when autocast was on at the call, as the
+// composition's einsums did under autocast; else the compute dtype), the decay matrix and every elementwise product
+// in the compute dtype. Autocast is excluded inside, so the backward — which runs without autocast — sees the same.
+//   Cc, Bc (b,c,l,g,n), xd (b,c,l,g,r,p), cs = cumulative log-decays (b,g,r,c,l)  ->  y (b,c,l,g,r,p), gemm dtype
+struct IntraChunkFn : torch::autograd::Function<IntraChunkFn> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& Cc, const torch::Tensor& Bc,
+                               const torch::Tensor& xd, const torch::Tensor& cs, int64_t gemm_dtype) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto gd = static_cast<torch::ScalarType>(gemm_dtype);
+    const auto CB = torch::einsum("bclgn,bcsgn->bgcls", {Cc.to(gd), Bc.to(gd)}).unsqueeze(2);  // (b,g,1,c,l,s)
+    const auto Lmat = decay_matrix(cs);                                                         // (b,g,r,c,l,s)
+    // Under autocast the forward GEMM reads CB ∘ Lmat in the half dtype anyway; keeping Lmat in it halves the
+    // largest saved tensor, and the backward's products with it still accumulate in the compute dtype.
+    ctx->save_for_backward({Cc, Bc, xd, CB, Lmat.to(gd)});
+    ctx->saved_data["gd"] = gemm_dtype;
+    ctx->saved_data["ct"] = static_cast<int64_t>(cs.scalar_type());
+    return torch::einsum("bgrcls,bcsgrp->bclgrp", {(CB * Lmat).to(gd), xd.to(gd)});
+  }
+
+  static torch::ScalarType cs_dtype(torch::autograd::AutogradContext* ctx) {
+    return static_cast<torch::ScalarType>(ctx->saved_data["ct"].toInt());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto gd = static_cast<torch::ScalarType>(ctx->saved_data["gd"].toInt());
+    const auto saved = ctx->get_saved_variables();
+    const auto &Cc = saved[0], &Bc = saved[1], &xd = saved[2], &CB = saved[3], &Lmat = saved[4];
+    const auto ct = cs_dtype(ctx);
+    const auto dy = grads[0].to(gd);
+    const auto dxd = torch::einsum("bgrcls,bclgrp->bcsgrp", {(CB * Lmat).to(gd), dy});  // (CB ∘ Lmat)ᵀ dy
+    // G = dL/d(CB ∘ Lmat) ∘ Lmat, in the compute dtype.
+    auto G = torch::einsum("bclgrp,bcsgrp->bgrcls", {dy, xd.to(gd)});
+    G = G.scalar_type() == ct ? G.mul_(Lmat) : G.to(ct).mul_(Lmat);  // (mul_ keeps G's dtype: ct)
+    const auto dCB = G.sum(2).to(gd);  // (b,g,c,l,s): the heads of a group share CB
+    const auto dC = torch::einsum("bgcls,bcsgn->bclgn", {dCB, Bc.to(gd)});
+    const auto dB = torch::einsum("bgcls,bclgn->bcsgn", {dCB, Cc.to(gd)});
+    // Lmat[l,s] = exp(cs_l - cs_s) below the diagonal: its gradient dLmat ∘ Lmat = dM ∘ CB ∘ Lmat goes to cs_l
+    // (row sums) and, negated, to cs_s (column sums). Above the diagonal Lmat is 0; the diagonal is the constant 1
+    // (see decay_matrix) and gets no gradient — zeroed here, since its row and column terms cancel only up to
+    // rounding, which would swamp the true gradient under strong decays.
+    G.mul_(CB);
+    G.diagonal(0, -2, -1).zero_();
+    const auto dcs = G.sum(-1) - G.sum(-2);  // (b,g,r,c,l)
+    return {dC.to(Cc.scalar_type()), dB.to(Bc.scalar_type()), dxd.to(xd.scalar_type()), dcs, torch::Tensor()};
+  }
+};
+
+}  // namespace
+
 torch::Tensor segment_sum(const torch::Tensor& x) {
   const int64_t L = x.size(-1);
   auto opts = torch::TensorOptions().dtype(torch::kBool).device(x.device());
@@ -99,12 +163,11 @@ std::tuple<torch::Tensor, torch::Tensor> ssd_chunked(const torch::Tensor& x, con
   // Log-decays dA = dt·A (<= 0), laid out (b,g,r,c,l) so that chunk-local scans run over the last dim.
   const auto dA = (dtf * A.to(ct)).reshape({Bn, nc, L, G, R}).permute({0, 3, 4, 1, 2});
   const auto dA_cs = torch::cumsum(dA, -1);  // log-decay from chunk start to l
-  // Lmat[l, s] = exp(sum_{s < k <= l} dA_k): decay from step s to step l inside the chunk (0 above the diagonal).
-  const auto Lmat = decay_matrix(dA_cs);  // (b,g,r,c,l,s)
 
   // 1. Intra-chunk (diagonal blocks): y_l = sum_{s <= l} (C_l·B_s) Lmat[l,s] x̄_s — masked "attention".
-  const auto CB = torch::einsum("bclgn,bcsgn->bgcls", {Cc, Bc}).unsqueeze(2);  // (b,g,1,c,l,s)
-  auto y = torch::einsum("bgrcls,bcsgrp->bclgrp", {CB * Lmat, xd});
+  const auto dev = x.device().type();
+  const auto gemm_dtype = at::autocast::is_autocast_enabled(dev) ? at::autocast::get_autocast_dtype(dev) : ct;
+  auto y = IntraChunkFn::apply(Cc, Bc, xd, dA_cs, static_cast<int64_t>(gemm_dtype));  // (b,c,l,g,r,p)
 
   // 2. Each chunk's own end state: sum_s exp(sum_{s<k<=L-1} dA_k) x̄_s B_s^T (the decay to the chunk end: Lmat's
   //    last row, taken from the cumulative sums directly).

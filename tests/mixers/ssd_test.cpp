@@ -2,9 +2,11 @@
 // gradients, numerically hostile decays, and shape errors.
 #include "core/mixers/ssd.h"
 
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <iostream>
 #include <limits>
 
 #include "tests/mixers/mixer_test_util.h"
@@ -186,6 +188,41 @@ TEST(Ssd, Bf16InputsComputeInFp32) {
   EXPECT_EQ(s16.scalar_type(), torch::kFloat32);
   EXPECT_LT(rel_err(y16, y32), 4e-3);  // one bf16 rounding: <= 2^-8 relative per element
   EXPECT_LT(rel_err(s16, s32), 1e-6);
+}
+
+// Under bf16 autocast (as in training) the chunked scan's GEMMs run in bf16 — inside the intra-chunk autograd
+// function too, whose backward runs without autocast and must pick the same dtypes itself — while decays and
+// elementwise products stay fp32. Output and every gradient must stay within bf16-level error of the fp64
+// recurrence, and must differ from the fp32 run (else autocast was not in effect and this test proves nothing).
+TEST(Ssd, UnderBf16AutocastStaysCloseToTheFp64Recurrence) {
+  const SsdCase c{2, 70, 4, 2, 8, 16, 16, true};
+  const auto in = make_inputs(c);
+  std::vector<torch::Tensor> in64;
+  for (const auto& t : in) in64.push_back(t.to(torch::kFloat64));
+  const auto wy = torch::randn({c.b, c.t, c.h, c.p}), ws = torch::randn({c.b, c.h, c.p, c.n});
+  const auto ref = grads_of(loss_fn(false, c.chunk, wy.to(torch::kFloat64), ws.to(torch::kFloat64)), in64);
+  const auto fp32 = grads_of(loss_fn(true, c.chunk, wy, ws), in);
+  at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCPU, true);
+  std::vector<torch::Tensor> bf16;
+  try {
+    bf16 = grads_of(loss_fn(true, c.chunk, wy, ws), in);
+  } catch (...) {
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+    throw;
+  }
+  at::autocast::set_autocast_enabled(at::kCPU, false);
+  at::autocast::clear_cache();
+  const char* names[] = {"x", "dt", "A", "B", "C", "initial_state"};
+  for (size_t i = 0; i < in.size(); ++i) {
+    ASSERT_EQ(bf16[i].scalar_type(), in[i].scalar_type()) << names[i];
+    const double e = rel_err(bf16[i], ref[i]);
+    std::cout << "[ error ] grad " << names[i] << ": autocast bf16 vs fp64 " << e << ", vs fp32 run "
+              << rel_err(bf16[i], fp32[i]) << ", fp32 vs fp64 " << rel_err(fp32[i], ref[i]) << "\n";
+    EXPECT_LT(e, 2e-2) << "grad " << names[i];  // bf16 GEMMs: a few 2^-8 roundings per term
+    EXPECT_GT(rel_err(bf16[i], fp32[i]), 1e-5) << "grad " << names[i] << ": autocast had no effect";
+    EXPECT_LT(rel_err(fp32[i], ref[i]), 1e-4) << "grad " << names[i];
+  }
 }
 
 TEST(Ssd, BadShapesAreRejected) {
