@@ -17,7 +17,7 @@
 # env: DEADLINE_S (default 220: later runs are skipped and reported), E3_CAP / E3_MODES (seconds and reference modes
 #      of the MDMA case, default 240 and "eager compile": the reference's first step autotunes fla's and mamba_ssm's
 #      Triton kernels, measured 113 s (eager) / 136 s (compile) with a warm Triton cache and over 160 s cold, so one
-#      device call fits one mode: E3_MODES=eager DEADLINE_S=500, then E3_MODES=compile), STEPS_4K / STEPS_32K / STEPS_4B (logged steps),
+#      device call fits one mode: E3_MODES=eager DEADLINE_S=500, then E3_MODES=compile; E3_MODES= runs ours only), STEPS_4K / STEPS_32K / STEPS_4B (logged steps),
 #      SEQ_4K / SEQ_32K (sequence lengths of e1), DEVICE=cpu with E1_MODEL=tiny SEQ_4K=128 SEQ_32K=256: a plumbing
 #      check of this script on a machine without a GPU (dense only).
 set -uo pipefail
@@ -116,7 +116,7 @@ for p in $parts; do
       ;;
     e3)
       run_case e3-mdma-4k "--model_size $e3_model --block_pattern MDMA" 4096 2 adamw 0 "$steps4k" 3 "${E3_CAP:-240}" \
-        "${E3_MODES:-eager compile}"
+        "${E3_MODES-eager compile}"
       run_case e3-nsa-4k "--model_size $e3_model --attn_type nsa" 4096 2 adamw 0 "$steps4k" 3 50 ""
       ;;
     *) log "unknown part $p (e1, e2, e3)" ;;
