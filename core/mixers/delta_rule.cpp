@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "core/mixers/half_gemms.h"
 #include "core/mixers/ssd.h"  // decay_matrix
 
 namespace ablate::core {
@@ -73,6 +74,7 @@ std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_chunked_with(ChunkScan
                                                                        const torch::Tensor& initial_state) {
   const auto d = check_delta_inputs(q, k, v, g, beta, initial_state);
   TORCH_CHECK(chunk_size > 0, "gated_delta_rule_chunked: chunk_size must be positive, got ", chunk_size);
+  const HalfInputGemms half_gemms(v);  // bf16/fp16 v: GEMMs in that dtype, as under autocast
   const auto ct = compute_dtype(v);
   const int64_t L = chunk_size, nc = (d.seqlen + L - 1) / L, Tp = nc * L;
   const int64_t Bn = d.batch, H = d.heads, K = d.dk, V = d.dv;

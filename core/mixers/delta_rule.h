@@ -9,6 +9,8 @@
 //
 // Shapes: q, k (B,T,H,K); v (B,T,H,V); g (log-decay, <= 0) and beta (B,T,H); initial_state (B,H,K,V) or undefined.
 // Returns (o (B,T,H,V) in v's dtype, final_state (B,H,K,V) in the compute dtype: fp64 for fp64 inputs, else fp32).
+// GEMM operands are bf16/fp16 for bf16/fp16 v (fp32 accumulation, as under autocast and in fla's kernels:
+// core/mixers/half_gemms.h), decays, the triangular solve and the chunk-state scan in the compute dtype.
 // scale <= 0 means 1/sqrt(K).
 #pragma once
 #include <torch/torch.h>

@@ -4,6 +4,8 @@
 
 #include <limits>
 
+#include "core/mixers/half_gemms.h"
+
 namespace ablate::core {
 namespace {
 
@@ -149,6 +151,7 @@ std::tuple<torch::Tensor, torch::Tensor> ssd_chunked(const torch::Tensor& x, con
                                                      const torch::Tensor& initial_state) {
   const auto d = check_ssd_inputs(x, dt, A, B, C, initial_state);
   TORCH_CHECK(chunk_size > 0, "ssd_chunked: chunk_size must be positive, got ", chunk_size);
+  const HalfInputGemms half_gemms(x);  // bf16/fp16 x: GEMMs in that dtype, as under autocast
   const auto ct = compute_dtype(x);
   const int64_t L = chunk_size;
   const int64_t nc = (d.seqlen + L - 1) / L;
@@ -184,7 +187,7 @@ std::tuple<torch::Tensor, torch::Tensor> ssd_chunked(const torch::Tensor& x, con
   const auto decay_chunk = torch::exp(segment_sum(chunk_decay));                        // (b,g,r,c+1,c+1)
   const auto new_states = torch::einsum("bgrzc,bcgrpn->bzgrpn", {decay_chunk, states});
   const auto states_in = new_states.narrow(1, 0, nc);  // entering chunk c
-  const auto final_state = new_states.select(1, nc).reshape({Bn, d.heads, P, N});
+  const auto final_state = new_states.select(1, nc).reshape({Bn, d.heads, P, N}).to(ct);  // bf16 GEMM under autocast
 
   // 4. State -> output inside each chunk: y_l += exp(dA_cs[l]) C_l^T S_in.
   const auto decay_out = torch::exp(dA_cs).permute({0, 3, 4, 1, 2}).unsqueeze(-1);  // (b,c,l,g,r,1)

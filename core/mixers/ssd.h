@@ -10,7 +10,9 @@
 // Shapes: x (B,T,H,P), dt (B,T,H) (already softplus-ed, > 0), A (H) (negative), B and C (B,T,G,N) with H % G == 0,
 // initial_state (B,H,P,N) or undefined (zeros). States use mamba_ssm's (B,H,P,N) layout.
 // Returns (y (B,T,H,P) in x's dtype, final_state (B,H,P,N) in the compute dtype).
-// Compute dtype: fp64 for fp64 inputs, fp32 otherwise (bf16/fp16 inputs are upcast).
+// Compute dtype: fp64 for fp64 inputs, fp32 otherwise. GEMM operands: bf16/fp16 for bf16/fp16 x (fp32 accumulation,
+// as under autocast and in mamba_ssm's kernels: core/mixers/half_gemms.h), or autocast's dtype when it is on; decays
+// and elementwise products always in the compute dtype.
 #pragma once
 #include <torch/torch.h>
 

@@ -2,6 +2,7 @@
 // finite-difference gradients, strong decays, and shape errors.
 #include "core/mixers/delta_rule.h"
 
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -181,17 +182,24 @@ TEST(DeltaRule, StrongDecaysStayFiniteAndExact) {
   }
 }
 
-TEST(DeltaRule, Bf16InputsComputeInFp32) {
+// bf16 inputs: GEMM operands in bf16 with fp32 accumulation (half_gemms.h), decays, solve and state scan in fp32 —
+// what training does under autocast and what fla's kernels do. Within bf16-level error of the fp64 recurrence, and
+// measurably different from the all-fp32 run (which would mean the GEMMs silently ran in fp32).
+TEST(DeltaRule, Bf16InputsUseBf16Gemms) {
   const DeltaCase c{2, 37, 3, 8, 6, 16, true};
   auto in = make_inputs(c, torch::kBFloat16);
-  std::vector<torch::Tensor> in32;
+  std::vector<torch::Tensor> in32, in64;
   for (const auto& t : in) in32.push_back(t.to(torch::kFloat32));
+  for (const auto& t : in) in64.push_back(t.to(torch::kFloat64));
   auto [o16, s16] = gated_delta_rule_chunked(in[0], in[1], in[2], in[3], in[4], c.chunk, -1.0, in[5]);
   auto [o32, s32] = gated_delta_rule_chunked(in32[0], in32[1], in32[2], in32[3], in32[4], c.chunk, -1.0, in32[5]);
+  auto [o64, s64] = gated_delta_rule_sequential(in64[0], in64[1], in64[2], in64[3], in64[4], -1.0, in64[5]);
   EXPECT_EQ(o16.scalar_type(), torch::kBFloat16);
   EXPECT_EQ(s16.scalar_type(), torch::kFloat32);
-  EXPECT_LT(rel_err(o16, o32), 4e-3);
-  EXPECT_LT(rel_err(s16, s32), 1e-6);
+  EXPECT_LT(rel_err(o16, o64), 1e-2);
+  EXPECT_LT(rel_err(s16, s64), 1e-2);
+  EXPECT_GT(rel_err(s16, s32), 1e-5) << "bf16 inputs ran their GEMMs in fp32";
+  EXPECT_FALSE(at::autocast::is_autocast_enabled(at::kCPU)) << "the call left autocast on";
 }
 
 TEST(DeltaRule, BadShapesAreRejected) {
