@@ -176,7 +176,16 @@ int main(int argc, char** argv) {
   }
   Log("starting ", opts.worker_id, ": scheduler=", scheduler, " auth=", auth, " train_bin=", opts.train_bin,
       " data_root=", opts.data_root, " work_dir=", opts.work_dir);
-  Worker worker(opts, channel, &metrics, &stop);
+  // Heartbeats get their own connection: a separate subchannel pool keeps gRPC from sharing the one above.
+  grpc::ChannelArguments hb_args = args;
+  hb_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  std::string hb_auth;
+  auto hb_channel = BuildSchedulerChannel(conn, hb_args, &hb_auth, &err);
+  if (!hb_channel) {
+    Log("error: ", err);
+    return 2;
+  }
+  Worker worker(opts, channel, &metrics, &stop, hb_channel);
   int rc = worker.Run();
   Log("exit");
   return rc;

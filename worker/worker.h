@@ -57,7 +57,11 @@ bool LeaseHasJob(const v1::LeaseJobResponse& r);
 
 class Worker {
  public:
-  Worker(WorkerOptions opts, std::shared_ptr<grpc::Channel> channel, WorkerMetrics* metrics, Stopper* stop);
+  // heartbeat_channel: a second connection to the scheduler that carries only lease renewals, so a metric batch or
+  // checkpoint record stalled on a slow link cannot hold them back (head-of-line blocking on one TCP connection).
+  // Null: heartbeats share `channel`.
+  Worker(WorkerOptions opts, std::shared_ptr<grpc::Channel> channel, WorkerMetrics* metrics, Stopper* stop,
+         std::shared_ptr<grpc::Channel> heartbeat_channel = nullptr);
   // Returns the process exit code: 0 after a clean stop / max_jobs / once.
   int Run();
 
@@ -70,6 +74,7 @@ class Worker {
 
   WorkerOptions opts_;
   std::unique_ptr<v1::WorkerService::Stub> stub_;
+  std::unique_ptr<v1::WorkerService::Stub> hb_stub_;  // heartbeats only
   WorkerMetrics* metrics_;
   Stopper* stop_;
   v1::Resources resources_;

@@ -7,7 +7,7 @@ injects its fault, waits for the system to settle, then checks the invariants I1
     jobs lost: 0, double-runs: 0
 Usage: faults.py --bin BIN_DIR --work DIR [--train_bin ablate-train] [--only F01,F02]
 """
-import argparse, glob, json, os, re, signal, socket, struct, subprocess, sys, threading, time, traceback, urllib.request
+import argparse, glob, json, os, queue, random, re, signal, socket, struct, subprocess, sys, threading, time, traceback, urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -1101,6 +1101,109 @@ class Proxy:
         self.conns = []
 
 
+class LossyProxy:
+    """TCP proxy that delays every chunk in each direction by 100 +- 50 ms (a round trip of 200 +- 100 ms) and, for
+    30 % of chunks, by a retransmission timeout as well (200-400 ms; lost again with 30 %, another doubled RTO) — what
+    30 % packet loss does to a TCP stream: the bytes arrive, late and in order (a late chunk holds back the ones
+    behind it). A userspace stand-in for `tc netem delay 100ms 50ms loss 30%` on both ends of the worker link (netem
+    needs CAP_NET_ADMIN, which CI does not have). Losses are capped at two per chunk, so the stream never stalls
+    for more than about 1.6 s: every lease period (3 s here) some heartbeat gets through, and any expiry is a false
+    positive. (Real TCP's exponential backoff has a longer tail — 0.3^k for k retransmissions — which at this
+    suite's 3 s TTL, five times shorter than the default, would make expiries legitimate.)"""
+
+    def __init__(self, upstream, seed=21, loss=0.3):
+        self.up = upstream.rsplit(":", 1)
+        self.rng = random.Random(seed)
+        self.loss = loss
+        self.lock = threading.Lock()
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(64)
+        self.addr = "127.0.0.1:%d" % self.ls.getsockname()[1]
+        self.delayed = self.chunks = 0
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def delay_s(self):
+        with self.lock:
+            d = self.rng.uniform(0.05, 0.15)
+            rto = self.rng.uniform(0.2, 0.4)
+            self.chunks += 1
+            lost = 0
+            while lost < 2 and self.rng.random() < self.loss:
+                d += rto
+                rto *= 2
+                lost += 1
+            self.delayed += lost > 0
+            return d
+
+    def accept(self):
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            u = socket.create_connection((self.up[0], int(self.up[1])))
+            for a, b in ((c, u), (u, c)):
+                q = queue.Queue()
+                threading.Thread(target=self.read, args=(a, b, q), daemon=True).start()
+                threading.Thread(target=self.write, args=(a, b, q), daemon=True).start()
+
+    def read(self, a, b, q):
+        last = 0.0
+        try:
+            while True:
+                d = a.recv(65536)
+                if not d:
+                    break
+                last = max(last, time.time() + self.delay_s())  # in order, like TCP
+                q.put((last, d))
+        except OSError:
+            pass
+        q.put((last, None))
+
+    def write(self, a, b, q):
+        try:
+            while True:
+                at, d = q.get()
+                time.sleep(max(0.0, at - time.time()))
+                if d is None:
+                    break
+                b.sendall(d)
+        except OSError:
+            pass
+        for x in (a, b):
+            try:
+                x.close()
+            except OSError:
+                pass
+
+
+F21_RUN_S = 30  # training time under the lossy link (RELIABILITY.md asks for 1 h; L here is 3 s, so 10 lease periods)
+
+
+def f21(suite, st):
+    """F21 30 % packet loss plus 200 +- 100 ms latency on the worker link (LossyProxy), for F21_RUN_S of training:
+    heartbeats get through with retries, no lease expires while the worker is healthy (one attempt, no self-fence),
+    the job succeeds, metric rows unique (I3 in finish)."""
+    s = st.scheduler()
+    px = LossyProxy(s.addr)
+    steps = int(F21_RUN_S * 1000 / 50)
+    st.submit(sweep("f21", steps=steps, save=50, step_ms=50), s.addr)
+    st.fault_at.append(time.time())
+    w = st.worker("w1", px.addr)
+    st.wait_terminal(F21_RUN_S * 3 + 30)
+    text = w.text()
+    hb_fail = text.count("heartbeat failed")
+    check(st.q("SELECT state FROM jobs") == "succeeded", "job not succeeded: " + st.q("SELECT state, last_error FROM jobs"))
+    check(st.qi("SELECT count(*) FROM job_attempts") == 1, "a lease expired under the lossy link (false positive): " +
+          str(attempts(st)))
+    check("self_fence" not in text, "the worker self-fenced under the lossy link")
+    finish(st)
+    return "%d steps over the lossy link, 1 attempt, %d of %d chunks delayed by loss, %d heartbeat failures retried" % (
+        steps, px.delayed, px.chunks, hb_fail)
+
+
 def f19(suite, st):
     s = st.scheduler()
     px = Proxy(s.addr)
@@ -1976,7 +2079,7 @@ def f35(suite, st):
 SCENARIOS = [
     ("F01", f01), ("F02", f02), ("F03", f03), ("F03b", f03b), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
     ("F09", f09), ("F11", f11), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F16", f16), ("F17", f17), ("F18", f18), ("F19", f19),
-    ("F20", f20), ("F24", f24), ("F25", f25), ("F26", f26), ("F27", f27),
+    ("F20", f20), ("F21", f21), ("F24", f24), ("F25", f25), ("F26", f26), ("F27", f27),
     ("F30", tool_scenario("malformed")), ("F31", f31), ("F32", tool_scenario("invalid-specs")),
     ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", f36),
 ]
