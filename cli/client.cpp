@@ -11,12 +11,12 @@
 #include <fstream>
 #include <iostream>
 #include <map>
-#include <cctype>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "cli/token.h"
+#include "scheduler/rpc/jwt.h"
 
 namespace ablate::cli {
 
@@ -64,41 +64,12 @@ ClientSecurity FromEnvironment() {
   return s;
 }
 
-// The first line of a token file, trimmed; false (and *why) when it is missing, empty, too large or has blanks or
-// control characters inside. Never quotes the content.
+// The first line of a token file, trimmed (jwt::ReadTokenFile, shared with the worker); false (and *why) when it
+// is missing, empty, too large or has blanks or control characters inside. Never quotes the content.
 bool ReadTokenLine(const std::string& path, std::string* token, std::string* why) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
-    *why = "token file " + path + ": not a readable file";
-    return false;
-  }
-  if (st.st_size > 4096) {
-    *why = "token file " + path + ": larger than 4 KiB";
-    return false;
-  }
-  std::ifstream in(path);
-  std::string line;
-  if (!in || !std::getline(in, line)) {
-    *why = "token file " + path + ": cannot read (or empty)";
-    return false;
-  }
-  auto blank = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
-  while (!line.empty() && blank(line.back())) line.pop_back();
-  size_t b = 0;
-  while (b < line.size() && blank(line[b])) ++b;
-  line.erase(0, b);
-  if (line.empty()) {
-    *why = "token file " + path + ": empty";
-    return false;
-  }
-  for (unsigned char c : line) {
-    if (c <= 0x20 || c >= 0x7f) {
-      *why = "token file " + path + ": the token has blanks or non-printable characters inside";
-      return false;
-    }
-  }
-  *token = std::move(line);
-  return true;
+  if (jwt::ReadTokenFile(path, token, nullptr, why)) return true;
+  *why = "token file " + *why;
+  return false;
 }
 
 // The explicit token sources, in order: --token_file, $ABLATE_TOKEN, $ABLATE_TOKEN_FILE. False when none is set.

@@ -11,6 +11,8 @@
 #include <grpcpp/support/client_interceptor.h>
 #include <openssl/crypto.h>
 
+#include "scheduler/rpc/jwt.h"
+
 namespace ablate::worker {
 namespace {
 
@@ -107,40 +109,12 @@ std::string TokenSource::Get() {
 }
 
 bool ReadTokenFile(const std::string& path, std::string* token, std::string* warning, std::string* error) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
-    *error = "--token_file " + path + ": not a readable file";
+  std::string warn;
+  if (!jwt::ReadTokenFile(path, token, &warn, error)) {
+    *error = "--token_file " + *error;
     return false;
   }
-  if (st.st_size > 4096) {
-    *error = "--token_file " + path + ": larger than 4 KiB (not a token file?)";
-    return false;
-  }
-  std::string all;
-  if (!Slurp(path, &all)) {
-    *error = "--token_file " + path + ": cannot read";
-    return false;
-  }
-  std::string line = all.substr(0, all.find('\n'));
-  auto blank = [](char c) { return c == ' ' || c == '\t' || c == '\r'; };
-  while (!line.empty() && blank(line.back())) line.pop_back();
-  size_t b = 0;
-  while (b < line.size() && blank(line[b])) ++b;
-  line.erase(0, b);
-  if (line.empty()) {
-    *error = "--token_file " + path + ": empty";
-    return false;
-  }
-  for (unsigned char ch : line) {
-    if (ch <= 0x20 || ch >= 0x7f) {
-      *error = "--token_file " + path + ": the token has blanks or non-printable characters inside";
-      return false;
-    }
-  }
-  if (st.st_mode & (S_IRWXG | S_IRWXO)) {
-    *warning = "--token_file " + path + " is readable by group or others (chmod 600 it)";
-  }
-  *token = std::move(line);
+  if (!warn.empty()) *warning = "--token_file " + warn;
   return true;
 }
 

@@ -43,9 +43,9 @@ class TokenSource {
   int reloads_ = 0;
 };
 
-// Reads a bearer token: the file's first line without surrounding blanks. Refuses an empty token, one with
-// blanks or control characters inside, or one over 4 KiB. *warning is set when the file is readable by group or
-// others. Errors never quote the file's content.
+// Reads a bearer token (jwt::ReadTokenFile, shared with the CLI: the file's first line without surrounding
+// blanks; refuses an empty token, one with blanks or control characters inside, or a file over 4 KiB). *warning is
+// set when the file is readable by group or others. Messages name --token_file; they never quote the content.
 bool ReadTokenFile(const std::string& path, std::string* token, std::string* warning, std::string* error);
 
 // The channel to the scheduler with the credentials the options ask for. nullptr and *error when they do not fit

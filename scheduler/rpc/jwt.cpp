@@ -280,6 +280,45 @@ bool ReadKeyFile(const std::string& path, std::vector<std::string>* keys, std::s
   return true;
 }
 
+bool ReadTokenFile(const std::string& path, std::string* token, std::string* warning, std::string* error) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+    *error = path + ": not a readable file";
+    return false;
+  }
+  if (st.st_size > 4096) {
+    *error = path + ": larger than 4 KiB (not a token file?)";
+    return false;
+  }
+  std::ifstream in(path, std::ios::binary);
+  std::string line;
+  if (!in || !std::getline(in, line)) {
+    *error = path + ": cannot read (or empty)";
+    return false;
+  }
+  auto blank = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+  while (!line.empty() && blank(line.back())) line.pop_back();
+  size_t b = 0;
+  while (b < line.size() && blank(line[b])) ++b;
+  line.erase(0, b);
+  if (line.empty()) {
+    *error = path + ": empty";
+    return false;
+  }
+  for (unsigned char c : line) {
+    if (c <= 0x20 || c >= 0x7f) {
+      OPENSSL_cleanse(line.data(), line.size());
+      *error = path + ": the token has blanks or non-printable characters inside";
+      return false;
+    }
+  }
+  if (warning && (st.st_mode & (S_IRWXG | S_IRWXO))) {
+    *warning = path + " is readable by group or others (chmod 600 it)";
+  }
+  *token = std::move(line);
+  return true;
+}
+
 std::string NewKeyFileContent() {
   unsigned char b[32];
   if (RAND_bytes(b, sizeof b) != 1) return "";

@@ -65,6 +65,11 @@ bool NewJti(std::string* out);
 bool ParseKeyFile(const std::string& content, std::vector<std::string>* keys, std::string* error);
 // Reads and parses; *warning is set when the file is readable by group or others. Errors never quote a key.
 bool ReadKeyFile(const std::string& path, std::vector<std::string>* keys, std::string* warning, std::string* error);
+// A bearer-token file (the CLI's and the worker's --token_file): the token is the first line, surrounding blanks
+// trimmed; false when the file is missing, larger than 4 KiB, empty, or the token has blanks or non-printable
+// characters inside. Errors are "<path>: ..." (the caller prefixes its flag) and never quote the content; *warning
+// (optional) is set when the file is readable by group or others.
+bool ReadTokenFile(const std::string& path, std::string* token, std::string* warning, std::string* error);
 // "<64 hex digits>\n" from 32 random bytes; empty when the RNG fails.
 std::string NewKeyFileContent();
 
