@@ -59,8 +59,6 @@ torch::Tensor pad_time(const torch::Tensor& t, int64_t target) {
 
 }  // namespace
 
-torch::Tensor decay_matrix(const torch::Tensor& cs);
-
 namespace {
 
 // The intra-chunk term y = (CB ∘ Lmat) x̄ with a hand-written backward. Autograd through the composition kept three
@@ -85,12 +83,7 @@ struct IntraChunkFn : torch::autograd::Function<IntraChunkFn> {
     // largest saved tensor, and the backward's products with it still accumulate in the compute dtype.
     ctx->save_for_backward({Cc, Bc, xd, CB, Lmat.to(gd)});
     ctx->saved_data["gd"] = gemm_dtype;
-    ctx->saved_data["ct"] = static_cast<int64_t>(cs.scalar_type());
     return torch::einsum("bgrcls,bcsgrp->bclgrp", {(CB * Lmat).to(gd), xd.to(gd)});
-  }
-
-  static torch::ScalarType cs_dtype(torch::autograd::AutogradContext* ctx) {
-    return static_cast<torch::ScalarType>(ctx->saved_data["ct"].toInt());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -99,12 +92,12 @@ struct IntraChunkFn : torch::autograd::Function<IntraChunkFn> {
     const auto gd = static_cast<torch::ScalarType>(ctx->saved_data["gd"].toInt());
     const auto saved = ctx->get_saved_variables();
     const auto &Cc = saved[0], &Bc = saved[1], &xd = saved[2], &CB = saved[3], &Lmat = saved[4];
-    const auto ct = cs_dtype(ctx);
+    const auto ct = xd.scalar_type();  // x̄ is built in the compute dtype, like cs
     const auto dy = grads[0].to(gd);
     const auto dxd = torch::einsum("bgrcls,bclgrp->bcsgrp", {(CB * Lmat).to(gd), dy});  // (CB ∘ Lmat)ᵀ dy
     // G = dL/d(CB ∘ Lmat) ∘ Lmat, in the compute dtype.
     auto G = torch::einsum("bclgrp,bcsgrp->bgrcls", {dy, xd.to(gd)});
-    G = G.scalar_type() == ct ? G.mul_(Lmat) : G.to(ct).mul_(Lmat);  // (mul_ keeps G's dtype: ct)
+    G = G.to(ct).mul_(Lmat);  // (.to is a no-op when G is already ct; mul_ keeps ct)
     const auto dCB = G.sum(2).to(gd);  // (b,g,c,l,s): the heads of a group share CB
     const auto dC = torch::einsum("bgcls,bcsgn->bclgn", {dCB, Bc.to(gd)});
     const auto dB = torch::einsum("bgcls,bclgn->bcsgn", {dCB, Cc.to(gd)});
