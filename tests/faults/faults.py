@@ -501,12 +501,18 @@ def f02(suite, st):
     return "drained at step %d, checkpoint committed, resumed there (0 lost steps)" % drain["step"]
 
 
-def f03(suite, st):
+def running_with_spare(st, spec):
+    """A scheduler, the sweep running on worker w1 (at step 12), and an idle worker w2 to take it over."""
     s = st.scheduler()
-    st.submit(sweep("f03", steps=160, save=10), s.addr)
+    st.submit(spec, s.addr)
     w1 = st.worker("w1", s.addr)
     st.wait_step("true", 12)
-    w2 = st.worker("w2", s.addr)
+    st.worker("w2", s.addr)
+    return s, w1
+
+
+def f03(suite, st):
+    s, w1 = running_with_spare(st, sweep("f03", steps=160, save=10))
     st.fault_at.append(time.time())
     st.node_signal(w1, signal.SIGSTOP)
     st.wait(lambda: st.qi("SELECT count(*) FROM job_attempts WHERE attempt = 2") == 1, 2 * L + 3, "re-dispatch")
@@ -525,11 +531,7 @@ def f03(suite, st):
 def f03b(suite, st):
     """F03 with the worker frozen alone: its trainer keeps running, so only the trainer's own check of the lease
     deadline the worker last wrote (--lease_file) can stop it before the re-dispatched attempt trains."""
-    s = st.scheduler()
-    st.submit(sweep("f03b", steps=400, save=10), s.addr)
-    w1 = st.worker("w1", s.addr)
-    st.wait_step("true", 12)
-    w2 = st.worker("w2", s.addr)
+    s, w1 = running_with_spare(st, sweep("f03b", steps=400, save=10))
     st.fault_at.append(time.time())
     w1.signal(signal.SIGSTOP)  # the daemon only: its trainer is in its own process group and keeps stepping
     st.wait(lambda: any(r["attempt"] == 1 and r["event"] == "end" for r in st.ledger_records()), L + 3,
@@ -1101,7 +1103,7 @@ class Proxy:
         self.conns = []
 
 
-class LossyProxy:
+class LossyProxy(Proxy):
     """TCP proxy that delays every chunk in each direction by 100 +- 50 ms (a round trip of 200 +- 100 ms) and, for
     30 % of chunks, by a retransmission timeout as well (200-400 ms; lost again with 30 %, another doubled RTO) — what
     30 % packet loss does to a TCP stream: the bytes arrive, late and in order (a late chunk holds back the ones
@@ -1112,17 +1114,11 @@ class LossyProxy:
     suite's 3 s TTL, five times shorter than the default, would make expiries legitimate.)"""
 
     def __init__(self, upstream, seed=21, loss=0.3):
-        self.up = upstream.rsplit(":", 1)
         self.rng = random.Random(seed)
         self.loss = loss
         self.lock = threading.Lock()
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", 0))
-        self.ls.listen(64)
-        self.addr = "127.0.0.1:%d" % self.ls.getsockname()[1]
         self.delayed = self.chunks = 0
-        threading.Thread(target=self.accept, daemon=True).start()
+        super().__init__(upstream)  # starts accepting: the fields above must exist first
 
     def delay_s(self):
         with self.lock:
@@ -1137,26 +1133,18 @@ class LossyProxy:
             self.delayed += lost > 0
             return d
 
-    def accept(self):
-        while True:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            u = socket.create_connection((self.up[0], int(self.up[1])))
-            for a, b in ((c, u), (u, c)):
-                q = queue.Queue()
-                threading.Thread(target=self.read, args=(a, b, q), daemon=True).start()
-                threading.Thread(target=self.write, args=(a, b, q), daemon=True).start()
-
-    def read(self, a, b, q):
+    def pipe(self, a, b):
+        """One direction: a reader stamps each chunk with its release time (never before the previous chunk's: in
+        order, like TCP), a writer forwards it then."""
+        q = queue.Queue()
+        threading.Thread(target=self.write, args=(a, b, q), daemon=True).start()
         last = 0.0
         try:
             while True:
                 d = a.recv(65536)
                 if not d:
                     break
-                last = max(last, time.time() + self.delay_s())  # in order, like TCP
+                last = max(last, time.time() + self.delay_s())
                 q.put((last, d))
         except OSError:
             pass
