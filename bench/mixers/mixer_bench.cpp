@@ -613,10 +613,21 @@ void bench_k3() {
     const double bytes = tokens * (2.0 * 2 * double(sh.H * sh.P) + 2.0 * 2 * double(sh.G * sh.N) + 4.0 * double(sh.H));
     const std::string shape = "B" + std::to_string(sh.Bn) + " T" + kstr(sh.T) + " H" + std::to_string(sh.H) + "x" +
                               std::to_string(sh.P) + " N" + std::to_string(sh.N) + " G" + std::to_string(sh.G);
+    // "chunked": what training runs (on CUDA the intra-chunk term on the fused kernels, kernels/ssd_intra.h);
+    // "libtorch": the same scan with the kernels switched off, for the first shape, as the in-run baseline.
     time_fwd_bwd(
         "K3", shape, "chunked",
         [&] { return std::get<0>(core::ssd_chunked(in[0], in[1], in[2], in[3], in[4], sh.chunk)); }, in, gy, flops, 3.0,
         bytes, 2.5 * bytes, "passed");
+    if (g_dev.is_cuda() && &sh == &shapes.front()) {
+      const bool was = core::ssd_fused_enabled();
+      core::ssd_set_fused_enabled(false);
+      time_fwd_bwd(
+          "K3", shape, "libtorch",
+          [&] { return std::get<0>(core::ssd_chunked(in[0], in[1], in[2], in[3], in[4], sh.chunk)); }, in, gy, flops,
+          3.0, bytes, 2.5 * bytes, "passed");
+      core::ssd_set_fused_enabled(was);
+    }
   }
 }
 

@@ -2,9 +2,19 @@
 
 #include <ATen/autocast_mode.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "core/mixers/half_gemms.h"
+#include "core/ops/kernel_dispatch.h"
+#include "kernels/ssd_intra.h"
+
+#if ABLATE_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace ablate::core {
 namespace {
@@ -112,7 +122,125 @@ struct IntraChunkFn : torch::autograd::Function<IntraChunkFn> {
   }
 };
 
+std::atomic<int64_t> g_fused_calls{0};
+
+// The fused intra-chunk kernels: on unless ABLATE_SSD_FUSED=0 (read once) or ssd_set_fused_enabled(false).
+std::atomic<bool>& fused_switch() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("ABLATE_SSD_FUSED");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }()};
+  return on;
+}
+
+#if ABLATE_WITH_CUDA
+kernels::NsaDtype kernel_dtype(torch::ScalarType t) {
+  return t == torch::kBFloat16 ? kernels::NsaDtype::kBF16
+         : t == torch::kHalf   ? kernels::NsaDtype::kF16
+                               : kernels::NsaDtype::kF32;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "ssd_chunked: intra-chunk ", what, " CUDA kernel: ", cudaGetErrorString(err));
+}
+
+// x̄ (b,c,l,g,r,p) -> the kernel shape (T = c·l; the caller padded time).
+kernels::SsdIntraShape intra_shape(const torch::Tensor& xd, torch::ScalarType gd) {
+  kernels::SsdIntraShape s;
+  s.B = xd.size(0);
+  s.nc = xd.size(1);
+  s.L = xd.size(2);
+  s.G = xd.size(3);
+  s.H = xd.size(3) * xd.size(4);
+  s.P = xd.size(5);
+  s.dtype = kernel_dtype(gd);
+  return s;
+}
+
+// The same term as IntraChunkFn on the fused kernels (kernels/ssd_intra.h): no per-head L x L tensor in memory.
+// Saves C, B, x̄ (in the GEMM dtype), C Bᵀ per group (GEMM dtype) and the log-decays (fp32). y and the gradients come
+// back in fp32 and are cast as IntraChunkFn casts them.
+struct IntraChunkFusedFn : torch::autograd::Function<IntraChunkFusedFn> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& Cc, const torch::Tensor& Bc,
+                               const torch::Tensor& xd, const torch::Tensor& cs, int64_t gemm_dtype) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto gd = static_cast<torch::ScalarType>(gemm_dtype);
+    const auto CB = torch::einsum("bclgn,bcsgn->bgcls", {Cc.to(gd), Bc.to(gd)}).contiguous();  // (b,g,c,l,s)
+    const auto xe = xd.to(gd).contiguous();
+    const auto csf = cs.to(torch::kFloat).contiguous();  // (b,g,r,c,l) = (B,H,nc,L)
+    auto y = torch::empty(xd.sizes(), xd.options().dtype(torch::kFloat));
+    kernels::SsdIntraFwdArgs a;
+    a.s = intra_shape(xd, gd);
+    a.cb = CB.data_ptr();
+    a.xd = xe.data_ptr();
+    a.cs = csf.data_ptr<float>();
+    a.y = y.data_ptr<float>();
+    const c10::cuda::CUDAGuard guard(xd.device());
+    check_launch(kernels::ssd_intra_forward_cuda(a, c10::cuda::getCurrentCUDAStream()), "forward");
+    g_fused_calls.fetch_add(1);
+    ctx->save_for_backward({Cc, Bc, xe, CB, csf});
+    ctx->saved_data["gd"] = gemm_dtype;
+    ctx->saved_data["xd_dtype"] = static_cast<int64_t>(xd.scalar_type());
+    ctx->saved_data["cs_dtype"] = static_cast<int64_t>(cs.scalar_type());
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto gd = static_cast<torch::ScalarType>(ctx->saved_data["gd"].toInt());
+    const auto saved = ctx->get_saved_variables();
+    const auto &Cc = saved[0], &Bc = saved[1], &xe = saved[2], &CB = saved[3], &csf = saved[4];
+    const auto dy = grads[0].to(gd).contiguous();
+    auto dxd = torch::empty(xe.sizes(), xe.options().dtype(torch::kFloat));
+    auto dcb = torch::zeros(CB.sizes(), CB.options().dtype(torch::kFloat));
+    auto dcs = torch::zeros(csf.sizes(), csf.options());
+    kernels::SsdIntraBwdArgs a;
+    a.s = intra_shape(xe, gd);
+    a.cb = CB.data_ptr();
+    a.xd = xe.data_ptr();
+    a.cs = csf.data_ptr<float>();
+    a.dy = dy.data_ptr();
+    a.dxd = dxd.data_ptr<float>();
+    a.dcb = dcb.data_ptr<float>();
+    a.dcs = dcs.data_ptr<float>();
+    const c10::cuda::CUDAGuard guard(xe.device());
+    check_launch(kernels::ssd_intra_backward_cuda(a, c10::cuda::getCurrentCUDAStream()), "backward");
+    const auto dCB = dcb.to(gd);
+    const auto dC = torch::einsum("bgcls,bcsgn->bclgn", {dCB, Bc.to(gd)});
+    const auto dB = torch::einsum("bgcls,bclgn->bcsgn", {dCB, Cc.to(gd)});
+    const auto xd_dtype = static_cast<torch::ScalarType>(ctx->saved_data["xd_dtype"].toInt());
+    const auto cs_dtype = static_cast<torch::ScalarType>(ctx->saved_data["cs_dtype"].toInt());
+    return {dC.to(Cc.scalar_type()), dB.to(Bc.scalar_type()), dxd.to(xd_dtype), dcs.to(cs_dtype), torch::Tensor()};
+  }
+};
+
+// Whether the fused kernels take this call: switch on, CUDA kernels built, CUDA tensors, GEMM dtype fp32/bf16/fp16
+// (not fp64), a shape the kernels take (chunk a multiple of 64, head dim 64 or 128), a device that runs the dtype.
+bool fused_takes(const torch::Tensor& xd, torch::ScalarType gd) {
+  if (!ops::kHaveCudaKernels || !xd.is_cuda() || !fused_switch().load()) return false;
+  if (gd != torch::kFloat && gd != torch::kBFloat16 && gd != torch::kHalf) return false;
+  if (xd.scalar_type() == torch::kDouble) return false;
+  if (!kernels::ssd_intra_cuda_supports(intra_shape(xd, gd))) return false;
+  const c10::cuda::CUDAGuard guard(xd.device());
+  return kernels::ssd_intra_cuda_device_ok(kernel_dtype(gd));
+}
+#endif  // ABLATE_WITH_CUDA
+
+// The intra-chunk term y = (CB ∘ Lmat) x̄ on the fused kernels when they take it, else IntraChunkFn.
+torch::Tensor intra_chunk(const torch::Tensor& Cc, const torch::Tensor& Bc, const torch::Tensor& xd,
+                          const torch::Tensor& cs, torch::ScalarType gd) {
+#if ABLATE_WITH_CUDA
+  if (fused_takes(xd, gd)) return IntraChunkFusedFn::apply(Cc, Bc, xd, cs, static_cast<int64_t>(gd));
+#endif
+  return IntraChunkFn::apply(Cc, Bc, xd, cs, static_cast<int64_t>(gd));
+}
+
 }  // namespace
+
+void ssd_set_fused_enabled(bool enabled) { fused_switch().store(enabled); }
+bool ssd_fused_enabled() { return fused_switch().load(); }
+int64_t ssd_fused_calls() { return g_fused_calls.load(); }
 
 torch::Tensor segment_sum(const torch::Tensor& x) {
   const int64_t L = x.size(-1);
@@ -163,7 +291,7 @@ std::tuple<torch::Tensor, torch::Tensor> ssd_chunked(const torch::Tensor& x, con
   // 1. Intra-chunk (diagonal blocks): y_l = sum_{s <= l} (C_l·B_s) Lmat[l,s] x̄_s — masked "attention".
   const auto dev = x.device().type();
   const auto gemm_dtype = at::autocast::is_autocast_enabled(dev) ? at::autocast::get_autocast_dtype(dev) : ct;
-  auto y = IntraChunkFn::apply(Cc, Bc, xd, dA_cs, static_cast<int64_t>(gemm_dtype));  // (b,c,l,g,r,p)
+  auto y = intra_chunk(Cc, Bc, xd, dA_cs, gemm_dtype);  // (b,c,l,g,r,p)
 
   // 2. Each chunk's own end state: sum_s exp(sum_{s<k<=L-1} dA_k) x̄_s B_s^T (the decay to the chunk end: Lmat's
   //    last row, taken from the cumulative sums directly).

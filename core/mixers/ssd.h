@@ -40,6 +40,14 @@ std::tuple<torch::Tensor, torch::Tensor> ssd_chunked(const torch::Tensor& x, con
                                                      const torch::Tensor& C, int64_t chunk_size,
                                                      const torch::Tensor& initial_state = torch::Tensor());
 
+// The intra-chunk term of ssd_chunked on fused CUDA kernels (kernels/ssd_intra.h), which never materialise per-head
+// L x L tensors: taken for CUDA tensors with a chunk size that is a multiple of 64, head dim 64 or 128 and a GEMM dtype
+// of fp32/bf16/fp16; otherwise (and on CPU) the LibTorch composition. On unless ABLATE_SSD_FUSED=0 (read once) or
+// ssd_set_fused_enabled(false); ssd_fused_calls() counts the forward calls that took the kernels.
+void ssd_set_fused_enabled(bool enabled);
+bool ssd_fused_enabled();
+int64_t ssd_fused_calls();
+
 // The plain per-step recurrence above (a loop over T); the reference for the tests.
 std::tuple<torch::Tensor, torch::Tensor> ssd_sequential(const torch::Tensor& x, const torch::Tensor& dt,
                                                         const torch::Tensor& A, const torch::Tensor& B,
