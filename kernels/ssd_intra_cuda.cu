@@ -82,7 +82,7 @@ __device__ __forceinline__ void build_m(E* dst, int ld, const E* cb_tile, int64_
     float v = 0.f;
     if (!diagonal || s <= l) {
       v = to_f(cb_tile[l * cb_ld + s]);
-      if (!diagonal || s < l) v *= __expf(csl[l] - css[s]);
+      if (!diagonal || s < l) v *= expf(csl[l] - css[s]);
     }
     if (TRANSPOSE) {
       dst[s * ld + l] = from_f<E>(v);
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) ssd_intra_dcb_kernel(SsdIntraBwdArgs
         const int m = lane + 32 * k;
         float gh = 0.f, wv = 0.f;
         if (!diagonal || m < l) {
-          gh = Ss[l * Lay::SP + m] * __expf(csl[l] - css[m]);
+          gh = Ss[l * Lay::SP + m] * expf(csl[l] - css[m]);
           wv = gh * cbv[r][k];
         } else if (m == l) {
           gh = Ss[l * Lay::SP + m];  // Lmat's diagonal is 1; W is 0 there
