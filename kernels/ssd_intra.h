@@ -19,7 +19,9 @@
 // fp16); cs (B, H, nc, L) fp32; y, dxd (B, T, H, P) fp32 (written); dcb (B, G, nc, L, L) fp32 (written where s <= l
 // only: the caller zeroes it); dcs (B, H, nc, L) fp32 (accumulated: the caller zeroes it).
 //
-// STATUS: see kernels/ssd_intra_cuda.cu (design notes at its top) and tests/mixers/ssd_intra_gpu_test.cpp.
+// STATUS: passed tests/mixers/ssd_intra_gpu_test.cpp on the H200 (2026-11-29, session 7); core/mixers/ssd.cpp takes
+// them by default on CUDA (ABLATE_SSD_FUSED=0 or ssd_set_fused_enabled(false) turns them off). Design notes at the top
+// of kernels/ssd_intra_cuda.cu; measurements in bench/RESULTS.md (K3, session 7).
 #pragma once
 #include <cstdint>
 
