@@ -260,6 +260,10 @@ int ReportRpcError(const std::string& what, const grpc::Status& status, const st
       std::cerr << "error: " << status.error_message() << "\n";
       return 2;
     case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      if (status.error_message().rfind("scheduler busy", 0) == 0) {
+        std::cerr << "error: " << what << ": " << status.error_message() << "\n";
+        return 1;
+      }
       std::cerr << "error: " << what << ": request too large for the scheduler (" << status.error_message()
                 << "): split the sweep into smaller files\n";
       return 1;

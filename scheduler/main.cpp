@@ -75,6 +75,12 @@ int main(int argc, char** argv) {
                     "(a slow or unreachable database then answers UNAVAILABLE); 0: the per-method defaults "
                     "(Heartbeat 5 s, SubmitSweep/ExtendSweep 30 s, others 10 s; streams per message)")
       ->envname("ABLATE_MAX_RPC_MS")->check(CLI::NonNegativeNumber)->capture_default_str();
+  serve->add_option("--max_client_calls", cfg.max_client_calls,
+                    "client calls (submit, list, get, compare, cancel, schedules; not watch streams) running at "
+                    "once; more wait for a slot up to half their deadline, then get RESOURCE_EXHAUSTED, so workers' "
+                    "heartbeats always find a database connection; -1: half of --db_pool_size (at least 1); 0: no "
+                    "limit")
+      ->envname("ABLATE_MAX_CLIENT_CALLS")->check(CLI::Range(-1, 1 << 20))->capture_default_str();
   serve->add_option("--max_message_bytes", cfg.max_message_bytes, "largest request accepted (RESOURCE_EXHAUSTED above)")
       ->envname("ABLATE_MAX_MESSAGE_BYTES")->check(CLI::PositiveNumber)->capture_default_str();
   serve->add_option("--max_metric_batch_bytes", cfg.max_metric_batch_bytes, "largest metric batch")

@@ -168,8 +168,13 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
   pg_store->set_reap_stall_limit_ms(std::max(1000, config.lease_ttl_s * 1000 / 4));
   s->store_ = std::move(pg_store);
   s->metrics_ = std::make_unique<metrics::SchedulerMetrics>(&s->registry_);
-  s->ctx_ = rpc::ServiceContext{s->store_.get(), s->metrics_.get(), config.lease_ttl_s, config.max_attempts,
-                                config.max_cells, &s->shutting_down_};
+  s->ctx_ = rpc::ServiceContext{};
+  s->ctx_.store = s->store_.get();
+  s->ctx_.metrics = s->metrics_.get();
+  s->ctx_.lease_ttl_s = config.lease_ttl_s;
+  s->ctx_.max_attempts = config.max_attempts;
+  s->ctx_.max_cells = config.max_cells;
+  s->ctx_.shutting_down = &s->shutting_down_;
   s->ctx_.policy = *parsed;
   s->ctx_.heartbeat_interval_ms =
       config.heartbeat_interval_ms > 0 ? config.heartbeat_interval_ms : std::max(100, config.lease_ttl_s * 1000 / 6);
@@ -179,6 +184,9 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
   s->ctx_.auth = s->auth_.get();
   s->ctx_.max_rpc_ms = config.max_rpc_ms;
   s->ctx_.store_unavailable_at_ms = &s->store_unavailable_at_ms_;
+  s->client_gate_ = std::make_unique<CallGate>(
+      config.max_client_calls < 0 ? std::max(1, config.db_pool_size / 2) : config.max_client_calls);
+  s->ctx_.client_gate = s->client_gate_.get();
   s->sweep_service_ = std::make_unique<rpc::SweepServiceImpl>(&s->ctx_);
   s->worker_service_ = std::make_unique<rpc::WorkerServiceImpl>(&s->ctx_);
 

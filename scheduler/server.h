@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "scheduler/metrics/registry.h"
 #include "scheduler/rpc/convert.h"
+#include "scheduler/util/call_gate.h"
 #include "scheduler/store/job_store.h"
 
 namespace grpc { class Server; }
@@ -40,6 +41,8 @@ struct SchedulerConfig {
   int max_stream_s = 600;                          // streaming calls end after this (clients reconnect)
   int max_rpc_ms = 0;                              // F36: every RPC handler's time (database work included) at most
                                                    // this, whatever the client's deadline; 0: per-method defaults
+  int max_client_calls = -1;                       // F13: client calls (SweepService, streams excepted) running at
+                                                   // once; -1: half the database pool (at least 1); 0: no limit
   std::string retry_policy;                        // "crash=2,hang=2,infra=5,oom=0,diverged=0" overrides
   int retry_backoff_ms = 10000;
   int retry_backoff_max_ms = 600000;
@@ -88,6 +91,7 @@ class SchedulerServer {
   // Steady-clock ms when this replica last saw the store unavailable (a call answered UNAVAILABLE, a failed
   // readiness probe, an expiry pass held up by a stall): the reaper gives leases a grace of one TTL after it.
   std::atomic<int64_t> store_unavailable_at_ms_{0};
+  std::unique_ptr<CallGate> client_gate_;  // F13: bounds the client calls so workers' calls keep connections
   rpc::ServiceContext ctx_;
   std::unique_ptr<grpc::Service> sweep_service_, worker_service_;
   std::unique_ptr<rpc::Authenticator> auth_;

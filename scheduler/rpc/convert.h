@@ -14,6 +14,7 @@
 #include "scheduler/rpc/auth.h"
 #include "scheduler/store/job_store.h"
 #include "scheduler/util/call_budget.h"
+#include "scheduler/util/call_gate.h"
 
 namespace ablate::scheduler::rpc {
 
@@ -35,6 +36,9 @@ struct ServiceContext {
   // Steady-clock ms of the last call answered UNAVAILABLE because of the store (the leader's reaper gives leases a
   // grace after it: their holders could not renew either). Owned by SchedulerServer; may be null.
   std::atomic<int64_t>* store_unavailable_at_ms = nullptr;
+  // F13: the client calls (SweepService, streams excepted) wait here for a slot, so that they cannot take every
+  // database connection from the workers' calls, which are never gated. Null: no limit.
+  CallGate* client_gate = nullptr;
 };
 
 // F36: the longest a handler of `method` may take, database work included, whatever deadline the client set (or
@@ -76,6 +80,21 @@ grpc::Status Instrumented(ServiceContext* ctx, grpc::ServerContext* sctx, const 
   if (!IsStreamingMethod(method)) budget.emplace(HandlerDeadline(ctx, sctx, method));
   Identity who;
   grpc::Status st = Authorize(ctx->auth, sctx, std::string("ablate.v1.") + service + "/" + method, &who);
+  // F13: a client call runs only with a slot of the client gate (waiting for one until its deadline), so a burst of
+  // submits and listings cannot starve the workers' heartbeats of database connections. Streams are not gated: a
+  // `watch` holds its call for minutes and does its database work one short poll at a time.
+  const bool gated = ctx->client_gate != nullptr && budget && std::string_view(service) == "SweepService";
+  std::optional<CallGate::Slot> slot;
+  if (st.ok() && gated) {
+    // Wait at most half of what is left, so the call still has time for its work once it has a slot.
+    const auto now = CallBudget::Clock::now();
+    slot.emplace(ctx->client_gate, now + (*CallBudget::Deadline() - now) / 2);
+    if (!slot->ok()) {
+      st = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        "scheduler busy: " + std::to_string(ctx->client_gate->slots()) +
+                            " client calls already running and more waiting (--max_client_calls); retry shortly");
+    }
+  }
   if (st.ok()) st = body(who);
   if (st.error_code() == grpc::StatusCode::UNAVAILABLE && sctx && !ctx->shutting_down->load()) {
     sctx->AddTrailingMetadata("ablate-store-unavailable", "1");

@@ -117,7 +117,7 @@ class Stack:
         v = self.q(sql)
         return int(v) if v else 0
 
-    def scheduler(self, extra=(), idx=None, dsn=None):
+    def scheduler(self, extra=(), idx=None, dsn=None, prefix=()):
         idx = len(self.scheds) if idx is None else idx
         out = os.path.join(self.dir, "scheduler-%d.log" % idx)
         listen = "127.0.0.1:0"
@@ -125,7 +125,7 @@ class Stack:
             i = list(extra).index("--listen")
             listen = extra[i + 1]
             extra = list(extra[:i]) + list(extra[i + 2:])
-        argv = [os.path.join(self.s.bin, "ablate-scheduler"), "serve", "--db", dsn or self.dsn, "--no_migrate",
+        argv = list(prefix) + [os.path.join(self.s.bin, "ablate-scheduler"), "serve", "--db", dsn or self.dsn, "--no_migrate",
                 "--listen", listen, "--metrics_listen", "127.0.0.1:0", "--lease_ttl_s", str(L),
                 "--heartbeat_interval_ms", str(HB_MS), "--reaper_interval_ms", str(R_MS),
                 "--retry_backoff_ms", "300",
@@ -683,6 +683,110 @@ def f11(suite, st):
     check(bad == 0, "%d transitions committed by a non-leader epoch" % bad)
     finish(st)
     return "leader killed; handover in %.1fs; epochs %s" % (handover, epochs)
+
+
+def f12(suite, st):
+    """F12: rolling upgrade of the scheduler while jobs run. Two replicas; each in turn gets SIGTERM, drains and exits,
+    and its successor starts on the same address (a StatefulSet's rolling update behind stable addresses). Workers
+    know both addresses. Pass: no job failed or re-dispatched (one attempt each, no expired lease), heartbeat error
+    rate < 1 %, leadership handed to a new replica, metrics complete. (Old and new binaries are the same build here:
+    wire compatibility across versions is the protobuf schema's rule, docs/control-plane.md, not exercised.)"""
+    steps = 300
+    r0, r1 = st.scheduler(), st.scheduler()
+    addrs = [r0.addr, r1.addr]
+    both = ",".join(addrs)
+    st.submit(sweep("f12", n_cells=4, steps=steps, save=50), r0.addr)
+    st.wait(lambda: "leader_acquired" in r0.text() + r1.text(), 10, "a leader")
+    ws = [st.worker("w%d" % i, both, extra=["--metrics_listen", "127.0.0.1:0"]) for i in range(3)]
+    st.wait_step("true", 20)
+    st.fault_at.append(time.time())
+    new = []
+    for old, addr in ((r0, addrs[0]), (r1, addrs[1])):
+        t0 = time.time()
+        old.stop(15)   # SIGTERM: drain and exit
+        check(old.p.returncode == 0, "replica at %s exited with %s after SIGTERM" % (addr, old.p.returncode))
+        check(time.time() - t0 < 10, "replica at %s took %.1fs to drain" % (addr, time.time() - t0))
+        new.append(st.scheduler(["--listen", addr]))
+        time.sleep(3)  # the successor serves a while before the next replica rolls
+    st.wait_terminal(120)
+    check(st.qi("SELECT count(*) FROM jobs WHERE state = 'succeeded' AND attempt = 1") == 4,
+          "jobs failed or re-dispatched during the roll: " + st.q("SELECT id, state, attempt, last_error FROM jobs"))
+    check(st.qi("SELECT count(*) FROM job_attempts WHERE outcome = 'expired'") == 0, "a lease expired during the roll")
+    acked = failed = 0
+    for w in ws:
+        m = re.search(r"metrics on (http://\S+/metrics)", w.text())
+        check(m is not None, "worker %s has no metrics endpoint" % w.wid)
+        body = urllib.request.urlopen(m.group(1), timeout=5).read().decode()
+        acked += int(float(re.search(r"^ablate_worker_heartbeats_total (\S+)", body, re.M).group(1)))
+        failed += w.text().count("heartbeat failed")
+    rate = failed / max(1, acked + failed)
+    check(acked >= 60, "only %d heartbeats acknowledged" % acked)
+    check(rate < 0.01, "heartbeat error rate %.1f%% (%d of %d)" % (100 * rate, failed, acked + failed))
+    check(any("leader_acquired" in p.text() for p in new), "no new replica took the leadership")
+    missing = st.qi("SELECT count(*) FROM jobs j, generate_series(1, %d) g WHERE NOT EXISTS (SELECT 1 FROM metrics m "
+                    "WHERE m.job_id = j.id AND m.name = 'train/loss' AND m.step = g)" % steps)
+    check(missing == 0, "%d train/loss points missing after the roll" % missing)
+    finish(st)
+    return "both replicas rolled (SIGTERM, successor on the same address); 4/4 jobs in one attempt, %d heartbeats, " \
+           "%d failed (%.1f%%), leader epochs %s" % (acked + failed, failed, 100 * rate,
+                                                    st.q("SELECT string_agg(epoch::text, ',' ORDER BY acquired_at) "
+                                                         "FROM leader_history"))
+
+
+def f13(suite, st):
+    """F13, CPU starvation: the scheduler shares one core with three busy loops (taskset) and 48 client threads call
+    ListJobs on a 10,000-job sweep back to back for 8 s, while two workers run two jobs. Heartbeats must come first:
+    client calls wait for the one --max_client_calls slot (half of a 2-connection pool here) or get "scheduler
+    busy", so the workers' calls always find a database connection. Pass: no lease expires (the workers are
+    healthy), every job succeeds in one attempt, < 1 % of heartbeats fail, listings answer ok or busy (never
+    "pool exhausted"). (The OOM-kill half of F13 is F09: a SIGKILLed scheduler.)"""
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    pin = ["taskset", "-c", str(cpu)]
+    # ABLATE_F13_EXTRA="--max_client_calls 0" runs it without the gate: it then fails (pool exhausted for listings
+    # and heartbeats alike).
+    s = st.scheduler(["--db_pool_size", "2"] + os.environ.get("ABLATE_F13_EXTRA", "").split(), prefix=pin)
+    steps = 400
+    st.submit(sweep("f13", n_cells=2, steps=steps, save=100), s.addr)
+    ws = [st.worker("w%d" % i, s.addr, extra=["--metrics_listen", "127.0.0.1:0"]) for i in (1, 2)]
+    st.wait_step("true", 20)
+    big = st.submit("name: f13-big\ngrid:\n  model_size: [tiny]\n  context_length: [%s]\n"
+                    "  optimizer: [adamw, adamw8bit, adamw4bit, soap]\ntrain:\n  num_train_steps: 10\n"
+                    % ", ".join(str(64 + i) for i in range(2500)), s.addr)
+    check(st.qi("SELECT count(*) FROM jobs WHERE sweep_id = %d" % big) == 10000, "the big sweep does not have 10000 jobs")
+    hogs = [subprocess.Popen(pin + [sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    st.fault_at.append(time.time())
+    try:
+        r = sh([os.path.join(suite.bin, "ablate-fault-rpc"), "flood", s.addr, "48", "8", str(big)], timeout=60)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    flood = r.stdout.strip()
+    check(r.returncode == 0, "client calls failed other than 'busy': %s %s" % (flood, r.stderr[-500:]))
+    m = re.search(r"ok (\d+) busy (\d+)", flood)
+    check(m and int(m.group(1)) > 0, "no listing completed under the flood: " + flood)
+    out = sh([os.path.join(suite.bin, "ablate"), "cancel", str(big), "--scheduler", s.addr])
+    check(out.returncode == 0, "cancel of the big sweep: " + out.stderr)
+    st.wait_terminal(90)
+    check(st.qi("SELECT count(*) FROM job_attempts WHERE outcome = 'expired'") == 0,
+          "a lease expired while its worker was healthy: " + st.q("SELECT job_id, attempt, outcome, worker_id FROM "
+                                                                 "job_attempts WHERE outcome = 'expired'"))
+    check(st.qi("SELECT count(*) FROM jobs WHERE sweep_id <> %d AND state = 'succeeded' AND attempt = 1" % big) == 2,
+          "jobs failed or re-dispatched under starvation: " + st.q("SELECT id, state, attempt, last_error FROM jobs "
+                                                                    "WHERE sweep_id <> %d" % big))
+    # Heartbeats come first: they found a connection every time. (Without the gate, --max_client_calls 0, about
+    # three in four fail with "pool exhausted" here; the leases survive only on the store-outage grace.)
+    acked = failed = 0
+    for w in ws:
+        m = re.search(r"metrics on (http://\S+/metrics)", w.text())
+        check(m is not None, "worker %s has no metrics endpoint" % w.wid)
+        body = urllib.request.urlopen(m.group(1), timeout=5).read().decode()
+        acked += int(float(re.search(r"^ablate_worker_heartbeats_total (\S+)", body, re.M).group(1)))
+        failed += w.text().count("heartbeat failed")
+    check(failed <= 0.01 * (acked + failed), "%d of %d heartbeats failed under the flood" % (failed, acked + failed))
+    finish(st, expect_states={"*": ("succeeded", "cancelled")})
+    return "scheduler on one core with 3 busy loops, %s; 0 expiries, 2/2 jobs in one attempt, %d of %d heartbeats " \
+           "failed" % (flood, failed, acked + failed)
 
 
 def pg_outage(suite, st, down_s, name):
@@ -1726,8 +1830,9 @@ def f36(suite, st):
     --max_stream_s (2 s). Unary: every unary RPC, called with no deadline and with a 1-hour one while another session
     holds every table of the scheduler locked (so each handler would otherwise wait for lock_timeout, 5 s), answers
     UNAVAILABLE within the per-method cap (--max_rpc_ms F36_CAP_MS), as measured by the client and by the
-    scheduler's own handler-time histogram."""
-    s = st.scheduler(["--max_stream_s", "2", "--max_rpc_ms", str(F36_CAP_MS)])
+    scheduler's own handler-time histogram. The client-call gate (F13) is off here (--max_client_calls 0): the 38
+    calls go out at once, and each must reach the locked database, not stop at the gate with "scheduler busy"."""
+    s = st.scheduler(["--max_stream_s", "2", "--max_rpc_ms", str(F36_CAP_MS), "--max_client_calls", "0"])
     r = rpc_tool(st, "deadlines", s.addr)
     check(r.returncode == 0, "deadlines: %s%s" % (r.stdout[-2000:], r.stderr[-1000:]))
     notes = [r.stdout.strip().splitlines()[-1]]
@@ -2066,7 +2171,7 @@ def f35(suite, st):
 
 SCENARIOS = [
     ("F01", f01), ("F02", f02), ("F03", f03), ("F03b", f03b), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
-    ("F09", f09), ("F11", f11), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F16", f16), ("F17", f17), ("F18", f18), ("F19", f19),
+    ("F09", f09), ("F11", f11), ("F12", f12), ("F13", f13), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F16", f16), ("F17", f17), ("F18", f18), ("F19", f19),
     ("F20", f20), ("F21", f21), ("F24", f24), ("F25", f25), ("F26", f26), ("F27", f27),
     ("F30", tool_scenario("malformed")), ("F31", f31), ("F32", tool_scenario("invalid-specs")),
     ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", f36),

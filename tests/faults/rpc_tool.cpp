@@ -916,6 +916,47 @@ int TokenLease(const std::string& addr, const std::string& ca, const std::string
 
 }  // namespace
 
+// F13: THREADS client threads call ListJobs(SWEEP) back to back for SECONDS (10 s deadline each, a fresh channel per
+// thread so they do not share one HTTP/2 connection). Prints "flood: calls N ok A busy B other C" (busy: the
+// scheduler's RESOURCE_EXHAUSTED "scheduler busy"); exit 0 unless a call failed otherwise.
+int Flood(const std::string& addr, int threads, double seconds, int64_t sweep_id) {
+  std::atomic<int64_t> ok{0}, busy{0}, other{0};
+  std::mutex mu;
+  std::string first_other;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      grpc::ChannelArguments a;
+      a.SetInt("flood.thread", t);  // distinct arguments: a channel (and connection) of its own
+      auto stub = v1::SweepService::NewStub(grpc::CreateCustomChannel(addr, grpc::InsecureChannelCredentials(), a));
+      while (std::chrono::steady_clock::now() < until) {
+        grpc::ClientContext ctx;
+        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+        v1::ListJobsRequest req;
+        req.set_sweep_id(sweep_id);
+        v1::ListJobsResponse resp;
+        const grpc::Status st = stub->ListJobs(&ctx, req, &resp);
+        if (st.ok()) {
+          ++ok;
+        } else if (st.error_code() == grpc::RESOURCE_EXHAUSTED &&
+                   st.error_message().rfind("scheduler busy", 0) == 0) {
+          ++busy;
+        } else {
+          ++other;
+          std::lock_guard<std::mutex> lk(mu);
+          if (first_other.empty()) first_other = std::to_string(st.error_code()) + " " + st.error_message();
+        }
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  std::cout << "flood: calls " << ok + busy + other << " ok " << ok << " busy " << busy << " other " << other;
+  if (!first_other.empty()) std::cout << " (first: " << first_other << ")";
+  std::cout << std::endl;
+  return other == 0 ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   std::vector<std::string> a(argv + 1, argv + argc);
   if (a.size() >= 2) {
@@ -927,6 +968,7 @@ int main(int argc, char** argv) {
     if (cmd == "invalid-specs") return InvalidSpecs(a[1]);
     if (cmd == "dup-submit") return DupSubmit(a[1]);
     if (cmd == "deadlines") return Deadlines(a[1]);
+    if (cmd == "flood" && a.size() == 5) return Flood(a[1], std::stoi(a[2]), std::stod(a[3]), std::stoll(a[4]));
     if (cmd == "deadline-cap" && a.size() == 4) return DeadlineCap(a[1], std::stoi(a[2]), std::stoi(a[3]));
     if (cmd == "hb-probe" && a.size() == 10)
       return HbProbe(a[1], std::stod(a[2]), std::stoi(a[3]), a[4], std::stoll(a[5]), std::stoi(a[6]),
@@ -958,6 +1000,6 @@ int main(int argc, char** argv) {
     if (cmd == "token-lease" && a.size() == 8) return TokenLease(a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
   }
   std::cerr << "usage: ablate-fault-rpc stale-write|malformed|oversize|invalid-specs|dup-submit|deadlines|"
-               "deadline-cap|hb-probe|authz-matrix|token-lease ADDR ...\n";
+               "deadline-cap|hb-probe|authz-matrix|token-lease|flood ADDR ...\n";
   return 2;
 }
