@@ -685,6 +685,19 @@ def f11(suite, st):
     return "leader killed; handover in %.1fs; epochs %s" % (handover, epochs)
 
 
+def heartbeat_counts(workers):
+    """(acknowledged, failed) heartbeats of workers started with --metrics_listen: the worker's own counter and its
+    'heartbeat failed' log lines."""
+    acked = failed = 0
+    for w in workers:
+        m = re.search(r"metrics on (http://\S+/metrics)", w.text())
+        check(m is not None, "worker %s has no metrics endpoint" % w.wid)
+        body = urllib.request.urlopen(m.group(1), timeout=5).read().decode()
+        acked += int(float(re.search(r"^ablate_worker_heartbeats_total (\S+)", body, re.M).group(1)))
+        failed += w.text().count("heartbeat failed")
+    return acked, failed
+
+
 def f12(suite, st):
     """F12: rolling upgrade of the scheduler while jobs run. Two replicas; each in turn gets SIGTERM, drains and exits,
     and its successor starts on the same address (a StatefulSet's rolling update behind stable addresses). Workers
@@ -712,13 +725,7 @@ def f12(suite, st):
     check(st.qi("SELECT count(*) FROM jobs WHERE state = 'succeeded' AND attempt = 1") == 4,
           "jobs failed or re-dispatched during the roll: " + st.q("SELECT id, state, attempt, last_error FROM jobs"))
     check(st.qi("SELECT count(*) FROM job_attempts WHERE outcome = 'expired'") == 0, "a lease expired during the roll")
-    acked = failed = 0
-    for w in ws:
-        m = re.search(r"metrics on (http://\S+/metrics)", w.text())
-        check(m is not None, "worker %s has no metrics endpoint" % w.wid)
-        body = urllib.request.urlopen(m.group(1), timeout=5).read().decode()
-        acked += int(float(re.search(r"^ablate_worker_heartbeats_total (\S+)", body, re.M).group(1)))
-        failed += w.text().count("heartbeat failed")
+    acked, failed = heartbeat_counts(ws)
     rate = failed / max(1, acked + failed)
     check(acked >= 60, "only %d heartbeats acknowledged" % acked)
     check(rate < 0.01, "heartbeat error rate %.1f%% (%d of %d)" % (100 * rate, failed, acked + failed))
@@ -776,13 +783,7 @@ def f13(suite, st):
                                                                     "WHERE sweep_id <> %d" % big))
     # Heartbeats come first: they found a connection every time. (Without the gate, --max_client_calls 0, about
     # three in four fail with "pool exhausted" here; the leases survive only on the store-outage grace.)
-    acked = failed = 0
-    for w in ws:
-        m = re.search(r"metrics on (http://\S+/metrics)", w.text())
-        check(m is not None, "worker %s has no metrics endpoint" % w.wid)
-        body = urllib.request.urlopen(m.group(1), timeout=5).read().decode()
-        acked += int(float(re.search(r"^ablate_worker_heartbeats_total (\S+)", body, re.M).group(1)))
-        failed += w.text().count("heartbeat failed")
+    acked, failed = heartbeat_counts(ws)
     check(failed <= 0.01 * (acked + failed), "%d of %d heartbeats failed under the flood" % (failed, acked + failed))
     finish(st, expect_states={"*": ("succeeded", "cancelled")})
     return "scheduler on one core with 3 busy loops, %s; 0 expiries, 2/2 jobs in one attempt, %d of %d heartbeats " \
