@@ -92,72 +92,53 @@ __device__ __forceinline__ void build_m(E* dst, int ld, const E* cb_tile, int64_
   }
 }
 
-// y[b, c, tile i] for head h: grid (row tiles, nc, B*H), row tile i = nt - 1 - blockIdx.x (heaviest first).
-template <typename E, int P>
-__global__ void __launch_bounds__(kThreads) ssd_intra_fwd_kernel(SsdIntraFwdArgs a) {
+// The forward and the dxd kernel are one loop with the roles of rows and columns swapped. Forward: block tile i
+// (= nt - 1 - blockIdx.x, heaviest first) of y for head h, columns j = 0 .. i: y[i] += M[i, j] xd[j]. dxd (BWD):
+// block tile j (= blockIdx.x, heaviest first), rows i = j .. nt - 1: dxd[j] += M[i, j]ᵀ dy[i] (Mᵀ built in shared
+// memory by a transposed store). Grid (tiles, nc, B*H). src: xd or dy; out: y or dxd (fp32, written).
+template <typename E, int P, bool BWD>
+__device__ __forceinline__ void mx_tiles(const SsdIntraShape& s, const E* cb_all, const float* cs_all, const E* src,
+                                         float* out) {
   using Lay = MxLayout<E, P>;
   extern __shared__ __align__(128) unsigned char smem[];
   E* Ms = reinterpret_cast<E*>(smem + Lay::kM);
   E* Xs = reinterpret_cast<E*>(smem + Lay::kX);
-  float* csl = reinterpret_cast<float*>(smem + Lay::kCs);
+  float* csl = reinterpret_cast<float*>(smem + Lay::kCs);  // cs of rows (tile i), then of columns (tile j)
   float* css = csl + kTile;
-  const auto& s = a.s;
   const int nt = static_cast<int>(s.L / kTile);
-  const int i = nt - 1 - static_cast<int>(blockIdx.x);
+  const int fixed = BWD ? static_cast<int>(blockIdx.x) : nt - 1 - static_cast<int>(blockIdx.x);
   const int64_t c = blockIdx.y, bh = blockIdx.z, b = bh / s.H, h = bh % s.H, g = h / (s.H / s.G);
   const int w = static_cast<int>(threadIdx.x) >> 5;
-  const E* xd = static_cast<const E*>(a.xd);
-  const E* cb = static_cast<const E*>(a.cb) + ((b * s.G + g) * s.nc + c) * s.L * s.L;
-  const float* cs = a.cs + (bh * s.nc + c) * s.L;
+  const E* cb = cb_all + ((b * s.G + g) * s.nc + c) * s.L * s.L;
+  const float* cs = cs_all + (bh * s.nc + c) * s.L;
   const int64_t row0 = b * s.nc * s.L + c * s.L;  // (b, c, 0) as a row of the (B*T, H, P) layout
-  if (threadIdx.x < kTile) csl[threadIdx.x] = cs[i * kTile + threadIdx.x];
   WarpAcc<E, P> acc;
   acc.zero();
-  for (int j = 0; j <= i; ++j) {
-    if (threadIdx.x < kTile) css[threadIdx.x] = cs[j * kTile + threadIdx.x];
-    copy_rows<E, P, Lay::XP, kTile, kThreads>(
-        Xs, [&](int r) { return xd + ((row0 + j * kTile + r) * s.H + h) * s.P; });
+  const int first = BWD ? fixed : 0, last = BWD ? nt - 1 : fixed;
+  for (int u = first; u <= last; ++u) {
+    const int i = BWD ? u : fixed, j = BWD ? fixed : u;
+    static_assert(kThreads == 2 * kTile, "one thread per entry of csl and css");
+    const int t = static_cast<int>(threadIdx.x);
+    csl[t] = t < kTile ? cs[i * kTile + t] : cs[j * kTile + t - kTile];  // css = csl + kTile
+    copy_rows<E, P, Lay::XP, kTile, kThreads>(Xs,
+                                              [&](int r) { return src + ((row0 + u * kTile + r) * s.H + h) * s.P; });
     __syncthreads();
-    build_m<E, false>(Ms, Lay::MP, cb + int64_t(i) * kTile * s.L + j * kTile, s.L, csl, css, i == j);
+    build_m<E, BWD>(Ms, Lay::MP, cb + int64_t(i) * kTile * s.L + j * kTile, s.L, csl, css, i == j);
     __syncthreads();
     acc.template ab<kTile>(Ms + 16 * w * Lay::MP, Lay::MP, Xs, Lay::XP);
     __syncthreads();
   }
-  acc.store(a.y + ((row0 + i * kTile + 16 * w) * s.H + h) * s.P, static_cast<int>(s.H * s.P));
+  acc.store(out + ((row0 + fixed * kTile + 16 * w) * s.H + h) * s.P, static_cast<int>(s.H * s.P));
 }
 
-// dxd[b, c, tile j] for head h: grid (column tiles, nc, B*H), column tile j = blockIdx.x (heaviest first).
+template <typename E, int P>
+__global__ void __launch_bounds__(kThreads) ssd_intra_fwd_kernel(SsdIntraFwdArgs a) {
+  mx_tiles<E, P, false>(a.s, static_cast<const E*>(a.cb), a.cs, static_cast<const E*>(a.xd), a.y);
+}
+
 template <typename E, int P>
 __global__ void __launch_bounds__(kThreads) ssd_intra_dxd_kernel(SsdIntraBwdArgs a) {
-  using Lay = MxLayout<E, P>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  E* Mt = reinterpret_cast<E*>(smem + Lay::kM);
-  E* Ds = reinterpret_cast<E*>(smem + Lay::kX);
-  float* csl = reinterpret_cast<float*>(smem + Lay::kCs);
-  float* css = csl + kTile;
-  const auto& s = a.s;
-  const int nt = static_cast<int>(s.L / kTile);
-  const int j = static_cast<int>(blockIdx.x);
-  const int64_t c = blockIdx.y, bh = blockIdx.z, b = bh / s.H, h = bh % s.H, g = h / (s.H / s.G);
-  const int w = static_cast<int>(threadIdx.x) >> 5;
-  const E* dy = static_cast<const E*>(a.dy);
-  const E* cb = static_cast<const E*>(a.cb) + ((b * s.G + g) * s.nc + c) * s.L * s.L;
-  const float* cs = a.cs + (bh * s.nc + c) * s.L;
-  const int64_t row0 = b * s.nc * s.L + c * s.L;
-  if (threadIdx.x < kTile) css[threadIdx.x] = cs[j * kTile + threadIdx.x];
-  WarpAcc<E, P> acc;
-  acc.zero();
-  for (int i = j; i < nt; ++i) {
-    if (threadIdx.x < kTile) csl[threadIdx.x] = cs[i * kTile + threadIdx.x];
-    copy_rows<E, P, Lay::XP, kTile, kThreads>(
-        Ds, [&](int r) { return dy + ((row0 + i * kTile + r) * s.H + h) * s.P; });
-    __syncthreads();
-    build_m<E, true>(Mt, Lay::MP, cb + int64_t(i) * kTile * s.L + j * kTile, s.L, csl, css, i == j);
-    __syncthreads();
-    acc.template ab<kTile>(Mt + 16 * w * Lay::MP, Lay::MP, Ds, Lay::XP);
-    __syncthreads();
-  }
-  acc.store(a.dxd + ((row0 + j * kTile + 16 * w) * s.H + h) * s.P, static_cast<int>(s.H * s.P));
+  mx_tiles<E, P, true>(a.s, static_cast<const E*>(a.cb), a.cs, static_cast<const E*>(a.dy), a.dxd);
 }
 
 // dCB and dcs: grid (tile pairs, nc, B*G); pair p -> (i, j), j <= i, in row-major order of the lower triangle.
