@@ -12,8 +12,8 @@
 //   M = CB ∘ Lmat (64 x 64, rounded to the element type) in shared memory from CB and cs, loads xd's rows of tile j
 //   and warp w accumulates y[16w .. 16w + 15] += M xd in registers; the accumulator is stored straight to y (fp32).
 //   Tiles with more work (larger i) are issued first.
-// - dxd: the same with roles swapped: one block per (b·h, chunk, column tile j), row tiles i >= j, Mᵀ built in shared
-//   memory (transposed store), dxd[j] += Mᵀ dy[i].
+// - dxd: the same loop with roles swapped (one function, mx_tiles<..., BWD>): one block per (b·h, chunk, column tile
+//   j), row tiles i >= j, Mᵀ built in shared memory (transposed store), dxd[j] += Mᵀ dy[i].
 // - dCB / dcs: one block per (b·g, chunk, tile pair i >= j); it walks the H / G heads of the group: S = dy[i] xd[j]ᵀ
 //   on the warps (16 rows each) into fp32 shared memory, then each lane takes rows of its own warp, two columns:
 //   Gh = S ∘ Lmat is added to dCB (registers, summed over the heads, written once at the end — no atomics), and
