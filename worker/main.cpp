@@ -3,10 +3,12 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "worker/credentials.h"
 #include "worker/metrics.h"
@@ -185,7 +187,28 @@ int main(int argc, char** argv) {
     Log("error: ", err);
     return 2;
   }
-  Worker worker(opts, channel, &metrics, &stop, hb_channel);
+  // Several replicas: one more heartbeat channel per replica, for a heartbeat that one replica answers "database
+  // down" (only its own path to PostgreSQL may be broken; see Worker).
+  std::vector<std::shared_ptr<grpc::Channel>> replica_channels;
+  if (scheduler.find(',') != std::string::npos && scheduler.rfind("dns:", 0) != 0) {
+    std::string rest = scheduler;
+    if (rest.rfind("ipv4:", 0) == 0) rest = rest.substr(5);
+    for (size_t pos = 0; pos <= rest.size();) {
+      const size_t comma = std::min(rest.find(',', pos), rest.size());
+      SchedulerConnection one = conn;
+      one.target = rest.substr(pos, comma - pos);
+      pos = comma + 1;
+      if (one.target.empty()) continue;
+      std::string one_auth;
+      auto ch = BuildSchedulerChannel(one, hb_args, &one_auth, &err);
+      if (!ch) {
+        Log("error: ", err);
+        return 2;
+      }
+      replica_channels.push_back(std::move(ch));
+    }
+  }
+  Worker worker(opts, channel, &metrics, &stop, hb_channel, replica_channels);
   int rc = worker.Run();
   Log("exit");
   return rc;

@@ -30,6 +30,9 @@ std::string WorkerMetrics::Render() const {
   one("ablate_worker_child_running", "gauge", "1 while an ablate-train child is running.", child_running.load());
   one("ablate_worker_heartbeats_total", "counter", "Heartbeats acknowledged by the scheduler.", heartbeats.load());
   one("ablate_worker_heartbeat_failures_total", "counter", "Heartbeats that failed.", heartbeat_failures.load());
+  one("ablate_worker_heartbeat_failovers_total", "counter",
+      "Heartbeats renewed by another scheduler replica after the first answered 'database down'.",
+      heartbeat_failovers.load());
   one("ablate_worker_metric_points_sent_total", "counter", "Metric points written to the scheduler stream.",
       points_sent.load());
   one("ablate_worker_metric_points_dropped_total", "counter",

@@ -421,12 +421,14 @@ v1::Resources DetectResources(const std::string& gpus_override) {
 }
 
 Worker::Worker(WorkerOptions opts, std::shared_ptr<grpc::Channel> channel, WorkerMetrics* metrics, Stopper* stop,
-               std::shared_ptr<grpc::Channel> heartbeat_channel)
+               std::shared_ptr<grpc::Channel> heartbeat_channel,
+               std::vector<std::shared_ptr<grpc::Channel>> replica_channels)
     : opts_(std::move(opts)),
       stub_(v1::WorkerService::NewStub(channel)),
       hb_stub_(v1::WorkerService::NewStub(heartbeat_channel ? heartbeat_channel : channel)),
       metrics_(metrics),
       stop_(stop) {
+  for (const auto& ch : replica_channels) replica_hb_stubs_.push_back(v1::WorkerService::NewStub(ch));
   resources_ = DetectResources(opts_.gpus_override);
 }
 
@@ -940,11 +942,80 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   // lease is then lost only if no beat gets through within a TTL. With one beat at a time, a deadline of one
   // interval and the metric traffic on the same connection, F21 self-fenced a healthy lease within seconds; with a
   // deadline of half the TTL, still after a 2.5 s stall.
+  // "Scheduler up, database down": the answer carries the store trailer.
+  auto store_trailer = [](const grpc::ClientContext& ctx) {
+    for (const auto& [k, v] : ctx.GetServerTrailingMetadata()) {
+      if (std::string(k.data(), k.size()) == "ablate-store-unavailable") return true;
+    }
+    return false;
+  };
   auto beat = [&](v1::HeartbeatRequest req, Clock::time_point sent) {
     v1::HeartbeatResponse resp;
     grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::max<std::chrono::milliseconds>(lease_ttl_, 200ms));
+    const auto now = std::chrono::system_clock::now();
+    const auto deadline = now + std::max<std::chrono::milliseconds>(lease_ttl_, 200ms);
+    // With several replicas the channel's pick gets a third of the TTL: a replica whose own database path is
+    // blackholed answers "database down" only when its handler's budget (from this deadline) runs out, and the
+    // other replicas need the rest of the TTL to renew the lease in time.
+    const bool replicas = !replica_hb_stubs_.empty();
+    ctx.set_deadline(replicas ? now + std::max<std::chrono::milliseconds>(lease_ttl_ / 3, 200ms) : deadline);
     grpc::Status s = hb_stub_->Heartbeat(&ctx, req, &resp);
+    bool store_down = !s.ok() && !IsFenced(s) && store_trailer(ctx);
+    // Only the replica the channel picked may have lost its database (or be unreachable): ask every replica at once
+    // (one of them may be that same blackholed replica, which would hold a sequential try until the deadline); the
+    // first answer that settles the lease (renewed, or fenced) counts, the others are cancelled.
+    if (replicas && !s.ok() && !IsFenced(s)) {
+      struct Fan {
+        std::mutex mu;
+        std::condition_variable cv;
+        size_t pending = 0;
+        bool settled = false, store_down = false;
+        grpc::Status status;
+        v1::HeartbeatResponse resp;
+        std::vector<std::unique_ptr<grpc::ClientContext>> ctxs;
+        std::vector<v1::HeartbeatResponse> resps;
+      } fan;
+      const size_t n = replica_hb_stubs_.size();
+      fan.pending = n;
+      fan.resps.resize(n);
+      for (size_t r = 0; r < n; ++r) {
+        fan.ctxs.push_back(std::make_unique<grpc::ClientContext>());
+        fan.ctxs[r]->set_deadline(deadline);
+      }
+      for (size_t r = 0; r < n; ++r) {
+        auto done = [&fan, r, &store_trailer](grpc::Status rs) {
+          std::lock_guard<std::mutex> lk(fan.mu);
+          if (!fan.settled && (rs.ok() || IsFenced(rs))) {
+            fan.settled = true;
+            fan.status = rs;
+            fan.resp = fan.resps[r];
+          } else if (!rs.ok() && !IsFenced(rs) && store_trailer(*fan.ctxs[r])) {
+            fan.store_down = true;
+          }
+          --fan.pending;
+          fan.cv.notify_all();
+        };
+        replica_hb_stubs_[r]->async()->Heartbeat(fan.ctxs[r].get(), &req, &fan.resps[r], std::move(done));
+      }
+      bool cancel;
+      {
+        std::unique_lock<std::mutex> lk(fan.mu);
+        fan.cv.wait(lk, [&] { return fan.settled || fan.pending == 0; });
+        cancel = fan.pending > 0;
+      }
+      if (cancel)  // settled: the slower calls are not needed (outside the lock: a callback takes it)
+        for (auto& c : fan.ctxs) c->TryCancel();
+      std::unique_lock<std::mutex> lk(fan.mu);
+      fan.cv.wait(lk, [&] { return fan.pending == 0; });  // the contexts outlive their calls
+      if (fan.settled) {
+        s = fan.status;
+        resp = fan.resp;
+        store_down = false;
+        if (s.ok()) ++metrics_->heartbeat_failovers;
+      } else if (fan.store_down) {
+        store_down = true;  // a replica up with its database down: the outage grace applies
+      }
+    }
     if (s.ok()) {
       ++metrics_->heartbeats;
       std::lock_guard<std::mutex> lk(run.mu);
@@ -971,10 +1042,6 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
       }
     } else {
       ++metrics_->heartbeat_failures;
-      bool store_down = false;
-      for (const auto& [k, v] : ctx.GetServerTrailingMetadata()) {
-        if (std::string(k.data(), k.size()) == "ablate-store-unavailable") store_down = true;
-      }
       if (store_down) {
         std::lock_guard<std::mutex> lk(run.mu);
         if (!run.store_contact_at || sent > *run.store_contact_at) run.store_contact_at = sent;

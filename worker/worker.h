@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <vector>
 #include <string>
 
 #include "ablate/v1/ablate.grpc.pb.h"
@@ -60,8 +61,13 @@ class Worker {
   // heartbeat_channel: a second connection to the scheduler that carries only lease renewals, so a metric batch or
   // checkpoint record stalled on a slow link cannot hold them back (head-of-line blocking on one TCP connection).
   // Null: heartbeats share `channel`.
+  // replica_channels: with several scheduler replicas, one channel per replica. A heartbeat answered "scheduler up,
+  // database down" by the replica the heartbeat channel picked is tried on each of them: when only that replica's
+  // path to PostgreSQL is broken, another one renews the lease (else the leader, whose path is fine, would reap it
+  // while this worker kept training on the store-outage tolerance: a double run).
   Worker(WorkerOptions opts, std::shared_ptr<grpc::Channel> channel, WorkerMetrics* metrics, Stopper* stop,
-         std::shared_ptr<grpc::Channel> heartbeat_channel = nullptr);
+         std::shared_ptr<grpc::Channel> heartbeat_channel = nullptr,
+         std::vector<std::shared_ptr<grpc::Channel>> replica_channels = {});
   // Returns the process exit code: 0 after a clean stop / max_jobs / once.
   int Run();
 
@@ -75,6 +81,7 @@ class Worker {
   WorkerOptions opts_;
   std::unique_ptr<v1::WorkerService::Stub> stub_;
   std::unique_ptr<v1::WorkerService::Stub> hb_stub_;  // heartbeats only
+  std::vector<std::unique_ptr<v1::WorkerService::Stub>> replica_hb_stubs_;  // one per replica (several only)
   WorkerMetrics* metrics_;
   Stopper* stop_;
   v1::Resources resources_;

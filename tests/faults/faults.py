@@ -1748,6 +1748,52 @@ def f18(suite, st):
         px.close()
 
 
+def f18b(suite, st):
+    """F18b: one of two replicas loses its path to PostgreSQL (a blackhole, as F18) while the leader keeps its own.
+    The workers' channel picked that replica, which answers their heartbeats "scheduler up, database down". Before,
+    the workers kept training on that answer while the leader, whose database was fine, reaped their leases after
+    L: a double run, ended by fencing. Now a heartbeat answered "database down" is tried on each replica, the leader
+    renews it, and nothing is reaped. Pass: 0 expiries, both jobs succeed in one attempt, metrics complete, and the
+    workers counted failovers (so the path was exercised)."""
+    hold_s = 2 * L + 2
+    leader = st.scheduler()
+    st.wait(lambda: "leader_acquired" in leader.text(), 10, "a leader")
+    px = HoldProxy(suite.pg_socket)
+    try:
+        cut = st.scheduler(dsn="host=127.0.0.1 port=%d dbname=%s user=ablate" % (px.port, st.db))
+        both = "%s,%s" % (cut.addr, leader.addr)  # pick_first: the workers talk to `cut` first
+        steps = 100 + int((hold_s + 4) * 1000 / 50)
+        st.submit(sweep("f18b", n_cells=2, steps=steps, save=50), leader.addr)
+        ws = [st.worker("w%d" % i, both, extra=["--metrics_listen", "127.0.0.1:0"]) for i in (1, 2)]
+        st.wait(lambda: st.qi("SELECT count(*) FROM jobs WHERE state = 'running' AND latest_step >= 5") == 2, 30,
+                "both jobs running")
+        st.fault_at.append(time.time())
+        px.hold()
+        time.sleep(hold_s)
+        px.release()
+        st.wait_terminal(90)
+        check(st.qi("SELECT count(*) FROM job_attempts WHERE outcome = 'expired'") == 0,
+              "leases reaped while their workers were healthy: " + st.q("SELECT job_id, attempt, outcome, worker_id FROM "
+                                                                       "job_attempts ORDER BY job_id, attempt"))
+        check(st.qi("SELECT count(*) FROM jobs WHERE state = 'succeeded' AND attempt = 1") == 2,
+              "not all jobs succeeded in one attempt: " + st.q("SELECT id, state, attempt, last_error FROM jobs"))
+        missing = st.qi("SELECT count(*) FROM jobs j, generate_series(1, %d) g WHERE NOT EXISTS (SELECT 1 FROM metrics m "
+                        "WHERE m.job_id = j.id AND m.name = 'train/loss' AND m.step = g)" % steps)
+        check(missing == 0, "%d train/loss points missing" % missing)
+        failovers = 0
+        for w in ws:
+            m = re.search(r"metrics on (http://\S+/metrics)", w.text())
+            check(m is not None, "worker %s has no metrics endpoint" % w.wid)
+            body = urllib.request.urlopen(m.group(1), timeout=5).read().decode()
+            failovers += int(float(re.search(r"^ablate_worker_heartbeat_failovers_total (\S+)", body, re.M).group(1)))
+        check(failovers > 0, "no heartbeat failed over to the other replica: the path under test did not run")
+        finish(st)
+        return "replica's database path blackholed %ds: %d heartbeats renewed by the other replica, 0 expiries, 2/2 " \
+               "jobs in one attempt, metrics complete" % (hold_s, failovers)
+    finally:
+        px.close()
+
+
 def f20(suite, st):
     """F20 asymmetric partitions for 2 L, two at once: worker z-send's proxy forwards only worker -> scheduler (the
     scheduler's answers are held), worker z-recv's only scheduler -> worker (its requests are held). As F19: each
@@ -2172,7 +2218,7 @@ def f35(suite, st):
 
 SCENARIOS = [
     ("F01", f01), ("F02", f02), ("F03", f03), ("F03b", f03b), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
-    ("F09", f09), ("F11", f11), ("F12", f12), ("F13", f13), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F16", f16), ("F17", f17), ("F18", f18), ("F19", f19),
+    ("F09", f09), ("F11", f11), ("F12", f12), ("F13", f13), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F16", f16), ("F17", f17), ("F18", f18), ("F18b", f18b), ("F19", f19),
     ("F20", f20), ("F21", f21), ("F24", f24), ("F25", f25), ("F26", f26), ("F27", f27),
     ("F30", tool_scenario("malformed")), ("F31", f31), ("F32", tool_scenario("invalid-specs")),
     ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", f36),
