@@ -1,4 +1,5 @@
 // ablate-scheduler: `serve` (gRPC + /metrics + lease reaper) and `migrate`.
+#include <algorithm>
 #include <CLI/CLI.hpp>
 
 #include <csignal>
@@ -138,6 +139,11 @@ int main(int argc, char** argv) {
                                  {"metrics_listen", cfg.metrics_listen},
                                  {"lease_ttl_s", std::to_string(cfg.lease_ttl_s)},
                                  {"max_attempts", std::to_string(cfg.max_attempts)},
+                                 {"db_pool_size", std::to_string(cfg.db_pool_size)},
+                                 {"max_client_calls", cfg.max_client_calls < 0
+                                                          ? std::to_string(std::max(1, cfg.db_pool_size / 2))
+                                                          : cfg.max_client_calls == 0 ? "unlimited"
+                                                                                      : std::to_string(cfg.max_client_calls)},
                                  {"tls", cfg.tls_cert.empty() ? "off" : "on"},
                                  {"client_ca", cfg.tls_client_ca.empty() ? "off" : "on"},
                                  {"tokens_file", cfg.tokens_file.empty() ? "off" : "on"},
