@@ -57,10 +57,7 @@ std::atomic<int64_t> g_cmp_fused_calls{0};
 
 // The fused compressed-branch kernels: on unless ABLATE_NSA_CMP_FUSED=0 (read once) or nsa_set_cmp_fused_enabled.
 std::atomic<bool>& cmp_fused_switch() {
-  static std::atomic<bool> on{[] {
-    const char* e = std::getenv("ABLATE_NSA_CMP_FUSED");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }()};
+  static std::atomic<bool> on{ops::env_switch_default("ABLATE_NSA_CMP_FUSED")};
   return on;
 }
 
@@ -196,12 +193,6 @@ int64_t cmp_chunk(int64_t B, int64_t H, int64_t nc, const NsaAttentionOptions& o
 
 Tensor kernel_operand(const Tensor& t);  // selected branch, below
 
-kernels::NsaDtype nsa_dtype(c10::ScalarType t) {
-  return t == torch::kBFloat16 ? kernels::NsaDtype::kBF16
-         : t == torch::kHalf   ? kernels::NsaDtype::kF16
-                               : kernels::NsaDtype::kF32;
-}
-
 // Switch on, CUDA build, CUDA tensors of one fp32/bf16/fp16 dtype, head_dim 64/128, G <= 16, a device that runs them.
 bool cmp_kernel_takes(const Tensor& q, const Tensor& kc, const Tensor& vc, const NsaAttentionOptions& o) {
   if (!ops::kHaveCudaKernels || !q.is_cuda() || !cmp_fused_switch().load()) return false;
@@ -213,7 +204,7 @@ bool cmp_kernel_takes(const Tensor& q, const Tensor& kc, const Tensor& vc, const
   if (q.size(1) >= (int64_t{1} << 31)) return false;
   if (!kernels::nsa_cmp_cuda_supports(o.head_dim(), o.num_heads() / o.num_kv_heads())) return false;
   const c10::cuda::CUDAGuard guard(q.device());
-  return kernels::nsa_cmp_cuda_device_ok(nsa_dtype(st));
+  return kernels::nsa_cmp_cuda_device_ok(ops::kernel_dtype(st));
 }
 
 kernels::NsaCmpShape cmp_shape(const Tensor& q, const Tensor& kc, const NsaAttentionOptions& o) {
@@ -228,7 +219,7 @@ kernels::NsaCmpShape cmp_shape(const Tensor& q, const Tensor& kc, const NsaAtten
   s.cmp_stride = o.cmp_stride();
   s.slc_block = o.slc_block();
   s.scale = static_cast<float>(o.scale());
-  s.dtype = nsa_dtype(q.scalar_type());
+  s.dtype = ops::kernel_dtype(q.scalar_type());
   return s;
 }
 
@@ -463,9 +454,7 @@ kernels::NsaSelectShape slc_shape(const Tensor& q, const NsaAttentionOptions& o)
   s.num_selected = o.num_selected();
   s.block = o.slc_block();
   s.scale = static_cast<float>(o.scale());
-  s.dtype = q.scalar_type() == torch::kBFloat16 ? kernels::NsaDtype::kBF16
-            : q.scalar_type() == torch::kHalf   ? kernels::NsaDtype::kF16
-                                                : kernels::NsaDtype::kF32;
+  s.dtype = ops::kernel_dtype(q.scalar_type());
   return s;
 }
 

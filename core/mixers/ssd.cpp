@@ -3,8 +3,6 @@
 #include <ATen/autocast_mode.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #include "core/mixers/half_gemms.h"
@@ -71,6 +69,13 @@ torch::Tensor pad_time(const torch::Tensor& t, int64_t target) {
 
 namespace {
 
+// dC and dB from the gradient of C Bᵀ (per group, (b,g,c,l,s)), GEMMs in `gd`: dC = dCB B, dB = dCBᵀ C.
+std::pair<torch::Tensor, torch::Tensor> cb_input_grads(const torch::Tensor& dCB, const torch::Tensor& Cc,
+                                                       const torch::Tensor& Bc, torch::ScalarType gd) {
+  const auto d = dCB.to(gd);
+  return {torch::einsum("bgcls,bcsgn->bclgn", {d, Bc.to(gd)}), torch::einsum("bgcls,bclgn->bcsgn", {d, Cc.to(gd)})};
+}
+
 // The intra-chunk term y = (CB ∘ Lmat) x̄ with a hand-written backward. Autograd through the composition kept three
 // or four per-head L × L tensors per layer for backward (fp32, (b,g,r,c,l,s): 268 MB each at batch 2 × 4K with 32
 // heads and chunk 256), which made the MDMA model use 1.4× the memory of the fla/mamba_ssm twin (bench/RESULTS.md,
@@ -108,9 +113,7 @@ struct IntraChunkFn : torch::autograd::Function<IntraChunkFn> {
     // G = dL/d(CB ∘ Lmat) ∘ Lmat, in the compute dtype.
     auto G = torch::einsum("bclgrp,bcsgrp->bgrcls", {dy, xd.to(gd)});
     G = G.to(ct).mul_(Lmat);  // (.to is a no-op when G is already ct; mul_ keeps ct)
-    const auto dCB = G.sum(2).to(gd);  // (b,g,c,l,s): the heads of a group share CB
-    const auto dC = torch::einsum("bgcls,bcsgn->bclgn", {dCB, Bc.to(gd)});
-    const auto dB = torch::einsum("bgcls,bclgn->bcsgn", {dCB, Cc.to(gd)});
+    const auto [dC, dB] = cb_input_grads(G.sum(2), Cc, Bc, gd);  // the heads of a group share CB
     // Lmat[l,s] = exp(cs_l - cs_s) below the diagonal: its gradient dLmat ∘ Lmat = dM ∘ CB ∘ Lmat goes to cs_l
     // (row sums) and, negated, to cs_s (column sums). Above the diagonal Lmat is 0; the diagonal is the constant 1
     // (see decay_matrix) and gets no gradient — zeroed here, since its row and column terms cancel only up to
@@ -126,20 +129,11 @@ std::atomic<int64_t> g_fused_calls{0};
 
 // The fused intra-chunk kernels: on unless ABLATE_SSD_FUSED=0 (read once) or ssd_set_fused_enabled(false).
 std::atomic<bool>& fused_switch() {
-  static std::atomic<bool> on{[] {
-    const char* e = std::getenv("ABLATE_SSD_FUSED");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }()};
+  static std::atomic<bool> on{ops::env_switch_default("ABLATE_SSD_FUSED")};
   return on;
 }
 
 #if ABLATE_WITH_CUDA
-kernels::NsaDtype kernel_dtype(torch::ScalarType t) {
-  return t == torch::kBFloat16 ? kernels::NsaDtype::kBF16
-         : t == torch::kHalf   ? kernels::NsaDtype::kF16
-                               : kernels::NsaDtype::kF32;
-}
-
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "ssd_chunked: intra-chunk ", what, " CUDA kernel: ", cudaGetErrorString(err));
 }
@@ -153,7 +147,7 @@ kernels::SsdIntraShape intra_shape(const torch::Tensor& xd, torch::ScalarType gd
   s.G = xd.size(3);
   s.H = xd.size(3) * xd.size(4);
   s.P = xd.size(5);
-  s.dtype = kernel_dtype(gd);
+  s.dtype = ops::kernel_dtype(gd);
   return s;
 }
 
@@ -206,9 +200,7 @@ struct IntraChunkFusedFn : torch::autograd::Function<IntraChunkFusedFn> {
     a.dcs = dcs.data_ptr<float>();
     const c10::cuda::CUDAGuard guard(xe.device());
     check_launch(kernels::ssd_intra_backward_cuda(a, c10::cuda::getCurrentCUDAStream()), "backward");
-    const auto dCB = dcb.to(gd);
-    const auto dC = torch::einsum("bgcls,bcsgn->bclgn", {dCB, Bc.to(gd)});
-    const auto dB = torch::einsum("bgcls,bclgn->bcsgn", {dCB, Cc.to(gd)});
+    const auto [dC, dB] = cb_input_grads(dcb, Cc, Bc, gd);
     const auto xd_dtype = static_cast<torch::ScalarType>(ctx->saved_data["xd_dtype"].toInt());
     const auto cs_dtype = static_cast<torch::ScalarType>(ctx->saved_data["cs_dtype"].toInt());
     return {dC.to(Cc.scalar_type()), dB.to(Bc.scalar_type()), dxd.to(xd_dtype), dcs.to(cs_dtype), torch::Tensor()};
@@ -223,7 +215,7 @@ bool fused_takes(const torch::Tensor& xd, torch::ScalarType gd) {
   if (xd.scalar_type() == torch::kDouble) return false;
   if (!kernels::ssd_intra_cuda_supports(intra_shape(xd, gd))) return false;
   const c10::cuda::CUDAGuard guard(xd.device());
-  return kernels::ssd_intra_cuda_device_ok(kernel_dtype(gd));
+  return kernels::ssd_intra_cuda_device_ok(ops::kernel_dtype(gd));
 }
 #endif  // ABLATE_WITH_CUDA
 
