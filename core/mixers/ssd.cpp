@@ -159,6 +159,8 @@ struct IntraChunkFusedFn : torch::autograd::Function<IntraChunkFusedFn> {
                                const torch::Tensor& xd, const torch::Tensor& cs, int64_t gemm_dtype) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const auto gd = static_cast<torch::ScalarType>(gemm_dtype);
+    // ssd_chunked builds C, x̄ and the log-decays in one compute dtype; the backward casts its gradients back to it.
+    TORCH_INTERNAL_ASSERT(xd.scalar_type() == Cc.scalar_type() && cs.scalar_type() == Cc.scalar_type());
     const auto CB = torch::einsum("bclgn,bcsgn->bgcls", {Cc.to(gd), Bc.to(gd)}).contiguous();  // (b,g,c,l,s)
     const auto xe = xd.to(gd).contiguous();
     const auto csf = cs.to(torch::kFloat).contiguous();  // (b,g,r,c,l) = (B,H,nc,L)
@@ -174,8 +176,6 @@ struct IntraChunkFusedFn : torch::autograd::Function<IntraChunkFusedFn> {
     g_fused_calls.fetch_add(1);
     ctx->save_for_backward({Cc, Bc, xe, CB, csf});
     ctx->saved_data["gd"] = gemm_dtype;
-    ctx->saved_data["xd_dtype"] = static_cast<int64_t>(xd.scalar_type());
-    ctx->saved_data["cs_dtype"] = static_cast<int64_t>(cs.scalar_type());
     return y;
   }
 
@@ -201,9 +201,8 @@ struct IntraChunkFusedFn : torch::autograd::Function<IntraChunkFusedFn> {
     const c10::cuda::CUDAGuard guard(xe.device());
     check_launch(kernels::ssd_intra_backward_cuda(a, c10::cuda::getCurrentCUDAStream()), "backward");
     const auto [dC, dB] = cb_input_grads(dcb, Cc, Bc, gd);
-    const auto xd_dtype = static_cast<torch::ScalarType>(ctx->saved_data["xd_dtype"].toInt());
-    const auto cs_dtype = static_cast<torch::ScalarType>(ctx->saved_data["cs_dtype"].toInt());
-    return {dC.to(Cc.scalar_type()), dB.to(Bc.scalar_type()), dxd.to(xd_dtype), dcs.to(cs_dtype), torch::Tensor()};
+    const auto ct = Cc.scalar_type();  // x̄ and the log-decays are built in the compute dtype, like C
+    return {dC.to(ct), dB.to(Bc.scalar_type()), dxd.to(ct), dcs.to(ct), torch::Tensor()};
   }
 };
 

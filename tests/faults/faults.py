@@ -685,17 +685,22 @@ def f11(suite, st):
     return "leader killed; handover in %.1fs; epochs %s" % (handover, epochs)
 
 
-def heartbeat_counts(workers):
-    """(acknowledged, failed) heartbeats of workers started with --metrics_listen: the worker's own counter and its
-    'heartbeat failed' log lines."""
-    acked = failed = 0
+def worker_counter(workers, name):
+    """The sum of the Prometheus counter `name` over workers started with --metrics_listen."""
+    total = 0
     for w in workers:
         m = re.search(r"metrics on (http://\S+/metrics)", w.text())
         check(m is not None, "worker %s has no metrics endpoint" % w.wid)
         body = urllib.request.urlopen(m.group(1), timeout=5).read().decode()
-        acked += int(float(re.search(r"^ablate_worker_heartbeats_total (\S+)", body, re.M).group(1)))
-        failed += w.text().count("heartbeat failed")
-    return acked, failed
+        total += int(float(re.search(r"^%s (\S+)" % re.escape(name), body, re.M).group(1)))
+    return total
+
+
+def heartbeat_counts(workers):
+    """(acknowledged, failed) heartbeats of workers started with --metrics_listen: the worker's own counter and its
+    'heartbeat failed' log lines."""
+    return (worker_counter(workers, "ablate_worker_heartbeats_total"),
+            sum(w.text().count("heartbeat failed") for w in workers))
 
 
 def f12(suite, st):
@@ -1780,12 +1785,7 @@ def f18b(suite, st):
         missing = st.qi("SELECT count(*) FROM jobs j, generate_series(1, %d) g WHERE NOT EXISTS (SELECT 1 FROM metrics m "
                         "WHERE m.job_id = j.id AND m.name = 'train/loss' AND m.step = g)" % steps)
         check(missing == 0, "%d train/loss points missing" % missing)
-        failovers = 0
-        for w in ws:
-            m = re.search(r"metrics on (http://\S+/metrics)", w.text())
-            check(m is not None, "worker %s has no metrics endpoint" % w.wid)
-            body = urllib.request.urlopen(m.group(1), timeout=5).read().decode()
-            failovers += int(float(re.search(r"^ablate_worker_heartbeat_failovers_total (\S+)", body, re.M).group(1)))
+        failovers = worker_counter(ws, "ablate_worker_heartbeat_failovers_total")
         check(failovers > 0, "no heartbeat failed over to the other replica: the path under test did not run")
         finish(st)
         return "replica's database path blackholed %ds: %d heartbeats renewed by the other replica, 0 expiries, 2/2 " \
