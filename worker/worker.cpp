@@ -591,347 +591,11 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   const v1::Job& job = leased.job();
   const v1::Lease lease0 = leased.lease();
 
-  // Resume from the newest reported checkpoint that still verifies; a corrupt one is skipped with an alert.
-  std::string resume;
-  int64_t resume_step = -1;
-  for (int i = 0; i < leased.resume_candidates_size(); ++i) {
-    std::string why;
-    if (VerifyCheckpoint(leased.resume_candidates(i), &why)) {
-      resume = leased.resume_candidates(i);
-      resume_step = i < leased.resume_candidate_steps_size() ? leased.resume_candidate_steps(i) : -1;
-      break;
-    }
-    ++metrics_->checkpoint_verify_failures;
-    Log("ALERT checkpoint_corrupt job=", job.id(), " path=", leased.resume_candidates(i), ": ", why,
-        "; falling back to an older checkpoint");
-  }
-  if (resume.empty() && leased.resume_candidates_size() == 0 && !leased.resume_checkpoint().empty()) {
-    std::string why;
-    if (VerifyCheckpoint(leased.resume_checkpoint(), &why)) resume = leased.resume_checkpoint();
-  }
-  Log("leased job ", job.id(), " attempt ", lease0.attempt(), " (sweep ", job.sweep_id(), ", cell ", job.cell_index(),
-      ", epoch ", lease0.lease_epoch(), ")", resume.empty() ? std::string() : ", resuming from " + resume);
-
-  TrainCommandInput in;
-  in.train_bin = opts_.train_bin;
-  in.params = std::map<std::string, std::string>(job.params().begin(), job.params().end());
-  in.job_id = job.id();
-  in.attempt = lease0.attempt();
-  in.data_root = opts_.data_root;
-  in.work_dir = opts_.work_dir;
-  in.resume_checkpoint = resume;
-  TrainCommand cmd;
-  std::string err;
-  // The attempt number can be reissued after a database failover while the old holder's trainer still runs
-  // (F16): this grant's own run directory, never one that another grant's trainer writes and prunes.
-  in.run_name = ClaimRunName(opts_.work_dir + "/job-" + std::to_string(job.id()), lease0.attempt(),
-                             lease0.lease_nonce(), &err);
-  if (in.run_name.empty()) {
-    Log("job ", job.id(), ": ", err);
-    Complete(lease0, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, err, 0);
-    return true;
-  }
-  if (in.run_name != "attempt-" + std::to_string(lease0.attempt())) {
-    Log("job ", job.id(), " attempt ", lease0.attempt(), ": attempt-", lease0.attempt(),
-        " belongs to another lease of the same number (reissued after a database rollback); running in ", in.run_name);
-  }
-  if (!BuildTrainCommand(in, &cmd, &err)) {
-    Log("job ", job.id(), ": invalid params: ", err);
-    Complete(lease0, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INVALID_CONFIG, err, 0);
-    return false;
-  }
-  std::error_code ec;
-  std::filesystem::create_directories(cmd.output_dir, ec);
-  if (ec) {
-    std::string msg = "cannot create " + cmd.output_dir + ": " + ec.message();
-    Log("job ", job.id(), ": ", msg);
-    Complete(lease0, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, msg, 0);
-    return true;
-  }
-  std::string argv_str;
-  for (const auto& a : cmd.argv) argv_str += (argv_str.empty() ? "" : " ") + a;
-  Log("job ", job.id(), ": starting ", argv_str, " (log ", cmd.log_path, ")");
-
-  ChildProcess::Options copts{cmd.argv, cmd.log_path, 3, {}};
-  if (leased.assigned_gpus_size() > 0) {
-    std::string devs;
-    for (int i = 0; i < leased.assigned_gpus_size(); ++i) devs += (i ? "," : "") + std::to_string(leased.assigned_gpus(i));
-    copts.env.push_back("CUDA_VISIBLE_DEVICES=" + devs);
-  }
-  copts.env.push_back("ABLATE_JOB_ID=" + std::to_string(job.id()));
-  copts.env.push_back("ABLATE_ATTEMPT=" + std::to_string(lease0.attempt()));
-  copts.env.push_back("ABLATE_WORKER_ID=" + opts_.worker_id);
-  const bool gang = leased.world_size() > 1;
-  if (gang) {
-    // One rank of a gang-scheduled job (torchrun-style env; rank 0's TCPStore at MASTER_ADDR:MASTER_PORT).
-    const std::string& ma = leased.master_addr();
-    const auto colon = ma.rfind(':');
-    if (colon == std::string::npos || colon == 0 || colon + 1 == ma.size()) {
-      std::string msg = "gang lease without a rendezvous address ('" + ma + "')";
-      Log("job ", job.id(), ": ", msg);
-      Complete(lease0, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, msg, 0);
-      return true;
-    }
-    // Workers of one gang may share --work_dir (rank 0's checkpoints must be readable by all): own log per rank.
-    if (leased.rank() > 0) copts.log_path += ".rank" + std::to_string(leased.rank());
-    copts.env.push_back("RANK=" + std::to_string(leased.rank()));
-    copts.env.push_back("WORLD_SIZE=" + std::to_string(leased.world_size()));
-    copts.env.push_back("LOCAL_RANK=0");
-    copts.env.push_back("MASTER_ADDR=" + ma.substr(0, colon));
-    copts.env.push_back("MASTER_PORT=" + ma.substr(colon + 1));
-    in_addr probe{};
-    if (::inet_pton(AF_INET, opts_.rendezvous_host.c_str(), &probe) == 1 && !std::getenv("ABLATE_DIST_HOST")) {
-      copts.env.push_back("ABLATE_DIST_HOST=" + opts_.rendezvous_host);  // the CPU ring's listening interface
-    }
-    Log("job ", job.id(), ": gang rank ", leased.rank(), " of ", leased.world_size(), ", rendezvous ", ma);
-  }
-  // The trainer stops itself when this deadline passes unrenewed (core/lease_watch.h): our own self-fence below
-  // cannot act while this process is frozen (RELIABILITY F03). Moved on with every renewal in the loop below.
-  const std::string lease_file = copts.log_path + ".lease-deadline";
-  Clock::time_point lease_file_deadline = lease_sent + lease_ttl_;
-  if (WriteLeaseDeadline(lease_file, lease_file_deadline, &err)) {
-    copts.argv.push_back("--lease_file");
-    copts.argv.push_back(lease_file);
-  } else {
-    Log("job ", job.id(), ": ", err, " (the trainer runs without a lease deadline)");
-  }
-  const auto spawned_at = Clock::now();
-  auto child = ChildProcess::Spawn(copts, &err);
-  if (!child) {
-    Log("job ", job.id(), ": spawn failed: ", err);
-    Complete(lease0, v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, "spawn failed: " + err, 0);
-    return true;
-  }
-  metrics_->child_running = 1;
-  // Machine-readable lines for the fault suite's history checker (monotonic clock: comparable across processes).
-  Log("EVENT child_start job=", job.id(), " attempt=", lease0.attempt(), " epoch=", lease0.lease_epoch(),
-      " pid=", child->pid(), " mono_ms=", MonoMs(), " resume_step=", resume_step);
-
+  // The lease is renewed from the moment it is granted: verifying a resume checkpoint (hashing tens of GB for a
+  // multi-billion-parameter run) or starting the child may take longer than a TTL.
   JobRun run;
   run.lease = lease0;
-  {
-    // Undelivered metric points spill to disk (bounded); the lease goes next to them for a restarted worker.
-    const std::string root = SpillRoot(opts_);
-    const std::string dir = root.empty() ? std::string()
-                                         : root + "/job-" + std::to_string(job.id()) + "-a" + std::to_string(lease0.attempt());
-    std::string err;
-    run.spill = std::make_unique<MetricSpill>(dir, SpillOptions(opts_), &err);
-    if (run.spill->on_disk()) {
-      std::ofstream lf(dir + "/lease.pb", std::ios::binary | std::ios::trunc);
-      lf << lease0.SerializeAsString();
-    } else {
-      if (!err.empty()) Log("job ", job.id(), ": metric spill in memory (", err, ")");
-      MetricSpill::Options mo;
-      mo.max_bytes = std::min<uint64_t>(opts_.metric_spill_max_bytes, uint64_t{8} << 20);
-      run.spill = std::make_unique<MetricSpill>("", mo);
-    }
-  }
   run.renewed_at = lease_sent;
-  run.progress_at = spawned_at;
-  // Ranks other than 0 of a gang report no steps (only rank 0 writes events): no progress watchdog there; a hung
-  // collective still ends them (ablate-train's own watchdog, exit 5) and rank 0's worker watches progress.
-  const auto progress_timeout = gang && leased.rank() > 0 ? std::chrono::milliseconds(0)
-                                : leased.progress_timeout_ms() > 0 ? std::chrono::milliseconds(leased.progress_timeout_ms())
-                                                                   : opts_.progress_timeout;
-
-  // Event pump: the child's pipe -> queues. Never blocks on the network, so the child never blocks on us.
-  std::thread pump([&] {
-    EventStats st = PumpEvents(
-        child->events_fd(),
-        [&](const Event& ev) {
-          if (auto* m = std::get_if<MetricsEvent>(&ev)) {
-            if (m->step > run.latest_step.load()) {
-              run.latest_step = m->step;
-              std::lock_guard<std::mutex> lk(run.mu);
-              run.progress_at = Clock::now();
-            }
-            int64_t t = m->time_unix_ms > 0 ? m->time_unix_ms : NowUnixMs();
-            std::vector<v1::MetricPoint> pts;
-            std::lock_guard<std::mutex> lk(run.mu);
-            for (const auto& [name, value] : m->values) {
-              // NaN guard: a non-finite loss marks divergence at this step; no checkpoint at or after it is recorded.
-              if ((name == "train/loss" || name == "eval/loss") && !std::isfinite(value) && run.diverged_at < 0) {
-                run.diverged_at = m->step;
-                run.diverged_seen = Clock::now();
-              }
-              v1::MetricPoint p;
-              p.set_step(m->step);
-              p.set_name(name);
-              p.set_value(value);
-              p.set_time_unix_ms(t);
-              pts.push_back(std::move(p));
-            }
-            // Over the spill's cap new points are refused and counted (the gap is explicit, never silent).
-            if (size_t refused = run.spill->Append(pts); refused > 0) {
-              metrics_->points_dropped += static_cast<int64_t>(refused);
-              if (run.spill->dropped() == static_cast<int64_t>(refused)) {  // the first drop of this attempt
-                Log("ALERT metric_spill_full job=", job.id(), " step=", m->step, ": dropping points over the cap (",
-                    run.spill->bytes(), " bytes buffered)");
-              }
-            }
-            run.cv.notify_all();
-          } else if (auto* c = std::get_if<CheckpointEvent>(&ev)) {
-            std::string why;
-            std::lock_guard<std::mutex> lk(run.mu);
-            if (run.diverged_at >= 0 && c->step >= run.diverged_at) {
-              Log("job ", job.id(), ": NOT recording checkpoint at step ", c->step, " (loss diverged at step ",
-                  run.diverged_at, ")");
-            } else if (!VerifyCheckpoint(c->path, &why)) {
-              ++metrics_->checkpoint_verify_failures;
-              Log("ALERT checkpoint_invalid job=", job.id(), " step=", c->step, ": ", why, " (not recorded)");
-            } else {
-              Log("job ", job.id(), ": checkpoint at step ", c->step, " verified: ", c->path);
-              run.checkpoints.push_back(*c);
-              run.cv.notify_all();
-            }
-          } else if (auto* s = std::get_if<StartedEvent>(&ev)) {
-            Log("job ", job.id(), ": started, total_steps=", s->total_steps, " params=", s->params);
-            std::lock_guard<std::mutex> lk(run.mu);
-            run.started = true;
-            run.progress_at = Clock::now();
-          } else if (auto* f = std::get_if<FinishedEvent>(&ev)) {
-            Log("job ", job.id(), ": child reports finished ", f->succeeded ? "succeeded" : "failed",
-                f->failure_class.empty() ? "" : " (" + f->failure_class + ")",
-                f->message.empty() ? "" : ": " + f->message);
-            std::lock_guard<std::mutex> lk(run.mu);
-            run.finished = *f;
-          } else if (auto* a = std::get_if<CheckpointAbandonedEvent>(&ev)) {
-            // Nothing was committed (ablate-train removed the temporary directory); the next save tries again.
-            Log("ALERT checkpoint_abandoned job=", job.id(), " step=", a->step, ": ", a->reason);
-          }
-        },
-        [&](std::string_view line, const std::string& why) {
-          ++metrics_->malformed_event_lines;
-          Log("job ", job.id(), ": ignoring malformed event line (", why, "): ", std::string(line.substr(0, 200)));
-        });
-    std::lock_guard<std::mutex> lk(run.mu);
-    run.events_closed = true;
-    run.cv.notify_all();
-    (void)st;
-  });
-
-  // Metric and checkpoint sender. Each flush is one short client stream that ends with the scheduler's ack, so
-  // a batch is only acknowledged in the spill (and its log truncated) once it is stored; a failed flush leaves it
-  // there (fsync'ed) and is retried (the scheduler stores points idempotently, keyed (job, name, step)).
-  // Checkpoints go after the metrics of their step. After the child exited it goes on until everything is delivered
-  // (the attempt is reported only then, so its lease is still the one to deliver with, however long the scheduler or
-  // its database is away), the lease is lost, or the worker stops: then, after kStopGrace of failed tries, what is
-  // left stays on disk for the next start (counted as dropped when the spill is in memory).
-  std::thread sender([&] {
-    constexpr auto kStopGrace = 10s;
-    std::optional<Clock::time_point> stopping_since;
-    int failures = 0;
-    for (;;) {
-      std::vector<v1::MetricPoint> batch;
-      std::vector<CheckpointEvent> cps;
-      bool closed;
-      {
-        std::unique_lock<std::mutex> lk(run.mu);
-        run.cv.wait_for(lk, 250ms,
-                        [&] { return run.spill->pending() > 0 || !run.checkpoints.empty() || run.events_closed; });
-        batch = run.spill->Peek(JobRun::kBatchPoints * 8);
-        cps.assign(run.checkpoints.begin(), run.checkpoints.end());
-        run.checkpoints.clear();
-        closed = run.events_closed;
-      }
-      if (run.lease_lost) {
-        std::lock_guard<std::mutex> lk(run.mu);
-        int64_t dropped = static_cast<int64_t>(run.spill->pending());
-        if (dropped > 0) Log("job ", job.id(), ": dropping ", dropped, " undelivered metric points (lease lost)");
-        metrics_->points_dropped += dropped;
-        run.spill->Remove();
-        break;
-      }
-      if (closed && stop_->stopped() && failures > 0) {
-        if (!stopping_since) stopping_since = Clock::now();
-        if (Clock::now() - *stopping_since > kStopGrace) {
-          std::lock_guard<std::mutex> lk(run.mu);
-          const int64_t left = static_cast<int64_t>(run.spill->pending());
-          if (run.spill->on_disk()) {
-            run.spill->Sync();
-            run.kept = true;
-            Log("job ", job.id(), ": stopping with ", left, " undelivered metric points; kept in ", run.spill->dir(),
-                " for the next start");
-          } else {
-            Log("job ", job.id(), ": stopping; dropping ", left, " undelivered metric points (no spill directory)");
-            metrics_->points_dropped += left;
-          }
-          break;
-        }
-      }
-      bool ok = true;
-      if (!batch.empty()) {
-        grpc::Status s = SendPoints(stub_.get(), opts_, run.CurrentLease(), batch, JobRun::kBatchPoints);
-        ok = s.ok();
-        if (ok) {
-          metrics_->points_sent += static_cast<int64_t>(batch.size());
-          failures = 0;
-          std::lock_guard<std::mutex> lk(run.mu);
-          run.spill->Ack(batch.size());
-        } else if (IsFenced(s)) {
-          run.lease_lost = true;
-          Log("job ", job.id(), ": metrics rejected, lease lost (", s.error_message(), ")");
-        } else if (IsPermanentRejection(s)) {
-          // No retry can change this answer: drop the batch (counted) rather than hold it forever.
-          Log("job ", job.id(), ": metric batch refused (", Describe(s), "); dropping its ", batch.size(), " points");
-          metrics_->points_dropped += static_cast<int64_t>(batch.size());
-          std::lock_guard<std::mutex> lk(run.mu);
-          run.spill->Ack(batch.size());
-          ok = true;
-        } else {
-          auto wait = Backoff(failures++, 200ms, 5000ms);
-          if (failures == 1 || failures % 10 == 0)
-            Log("job ", job.id(), ": metrics flush failed (", Describe(s), "), retrying in ", wait.count(), "ms");
-          std::lock_guard<std::mutex> lk(run.mu);
-          run.spill->Sync();  // the batch stays in the spill; make it durable while the scheduler is away
-          for (auto it = cps.rbegin(); it != cps.rend(); ++it) run.checkpoints.push_front(*it);
-          cps.clear();
-        }
-        if (!ok && !run.lease_lost) {
-          std::this_thread::sleep_for(Backoff(failures, 200ms, 5000ms));
-          continue;
-        }
-      }
-      for (size_t k = 0; k < cps.size(); ++k) {
-        const auto& c = cps[k];
-        v1::ReportCheckpointRequest req;
-        req.set_worker_id(opts_.worker_id);
-        *req.mutable_lease() = run.CurrentLease();
-        req.set_step(c.step);
-        req.set_path(c.path);
-        v1::ReportCheckpointResponse resp;
-        grpc::ClientContext cc;
-        cc.set_deadline(std::chrono::system_clock::now() + opts_.rpc_timeout);
-        grpc::Status s = stub_->ReportCheckpoint(&cc, req, &resp);
-        if (s.ok()) {
-          failures = 0;
-          ++metrics_->checkpoints_reported;
-          Log("job ", job.id(), ": checkpoint step ", c.step, " recorded");
-        } else if (IsFenced(s)) {
-          run.lease_lost = true;
-          Log("job ", job.id(), ": checkpoint rejected, lease lost (", s.error_message(), ")");
-          break;
-        } else if (IsPermanentRejection(s)) {
-          Log("job ", job.id(), ": checkpoint step ", c.step, " refused (", Describe(s), "); not recorded");
-        } else {
-          if (failures++ == 0 || failures % 10 == 0)
-            Log("job ", job.id(), ": ReportCheckpoint step ", c.step, " failed: ", Describe(s), "; will retry");
-          {
-            std::lock_guard<std::mutex> lk(run.mu);
-            for (size_t r = cps.size(); r-- > k;) run.checkpoints.push_front(cps[r]);
-          }
-          std::this_thread::sleep_for(Backoff(failures, 200ms, 5000ms));
-          break;
-        }
-      }
-      if (closed) {
-        std::lock_guard<std::mutex> lk(run.mu);
-        // Everything stored; the spill directory goes once the attempt's report is accepted too.
-        if (run.spill->pending() == 0 && run.checkpoints.empty()) break;
-      }
-    }
-  });
-
   // Heartbeater: renews the lease, carries the latest step, learns about cancellation and lost leases. The
   // renewal time is when the request was sent: the scheduler's expiry is later than sent + TTL, never earlier. It
   // goes on after the child exited, while the rest of its points are delivered, until the attempt is reported.
@@ -1056,10 +720,12 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
     auto reap = [&] {
       while (!beats.empty() && beats.front().wait_for(0s) == std::future_status::ready) beats.pop_front();
     };
-    for (;;) {
+    // The first beat goes at once: the grant's own round trip already used part of the TTL (F21: on a slow lossy
+    // link, a grant answered 1.4 s late and a first beat one interval later left too little of a 3 s TTL).
+    for (bool first = true;; first = false) {
       {
         std::unique_lock<std::mutex> lk(run.mu);
-        if (run.cv.wait_for(lk, heartbeat_interval_, [&] { return run.stop_heartbeats; })) break;
+        if (run.cv.wait_for(lk, first ? 0ms : heartbeat_interval_, [&] { return run.stop_heartbeats; })) break;
       }
       reap();
       if (run.lease_lost || beats.size() >= kBeatsInFlight) continue;
@@ -1071,6 +737,394 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
     }
     for (auto& f : beats) f.wait();
   });
+  // Stops the heartbeater (idempotent): before the attempt is reported, and on every early return.
+  auto stop_heartbeats = [&] {
+    {
+      std::lock_guard<std::mutex> lk(run.mu);
+      run.stop_heartbeats = true;
+      run.cv.notify_all();
+    }
+    if (heartbeater.joinable()) heartbeater.join();
+  };
+  struct JoinOnExit {
+    std::function<void()> fn;
+    ~JoinOnExit() { fn(); }
+  } join_heartbeater{stop_heartbeats};
+
+  // Resume from the newest reported checkpoint that still verifies; a corrupt one is skipped with an alert.
+  std::string resume;
+  int64_t resume_step = -1;
+  for (int i = 0; i < leased.resume_candidates_size(); ++i) {
+    std::string why;
+    if (VerifyCheckpoint(leased.resume_candidates(i), &why)) {
+      resume = leased.resume_candidates(i);
+      resume_step = i < leased.resume_candidate_steps_size() ? leased.resume_candidate_steps(i) : -1;
+      break;
+    }
+    ++metrics_->checkpoint_verify_failures;
+    Log("ALERT checkpoint_corrupt job=", job.id(), " path=", leased.resume_candidates(i), ": ", why,
+        "; falling back to an older checkpoint");
+  }
+  if (resume.empty() && leased.resume_candidates_size() == 0 && !leased.resume_checkpoint().empty()) {
+    std::string why;
+    if (VerifyCheckpoint(leased.resume_checkpoint(), &why)) resume = leased.resume_checkpoint();
+  }
+  Log("leased job ", job.id(), " attempt ", lease0.attempt(), " (sweep ", job.sweep_id(), ", cell ", job.cell_index(),
+      ", epoch ", lease0.lease_epoch(), ")", resume.empty() ? std::string() : ", resuming from " + resume);
+
+  TrainCommandInput in;
+  in.train_bin = opts_.train_bin;
+  in.params = std::map<std::string, std::string>(job.params().begin(), job.params().end());
+  in.job_id = job.id();
+  in.attempt = lease0.attempt();
+  in.data_root = opts_.data_root;
+  in.work_dir = opts_.work_dir;
+  in.resume_checkpoint = resume;
+  TrainCommand cmd;
+  std::string err;
+  // The attempt number can be reissued after a database failover while the old holder's trainer still runs
+  // (F16): this grant's own run directory, never one that another grant's trainer writes and prunes.
+  in.run_name = ClaimRunName(opts_.work_dir + "/job-" + std::to_string(job.id()), lease0.attempt(),
+                             lease0.lease_nonce(), &err);
+  if (in.run_name.empty()) {
+    Log("job ", job.id(), ": ", err);
+    stop_heartbeats();
+    Complete(run.CurrentLease(), v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, err, 0);
+    return true;
+  }
+  if (in.run_name != "attempt-" + std::to_string(lease0.attempt())) {
+    Log("job ", job.id(), " attempt ", lease0.attempt(), ": attempt-", lease0.attempt(),
+        " belongs to another lease of the same number (reissued after a database rollback); running in ", in.run_name);
+  }
+  if (!BuildTrainCommand(in, &cmd, &err)) {
+    Log("job ", job.id(), ": invalid params: ", err);
+    stop_heartbeats();
+    Complete(run.CurrentLease(), v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INVALID_CONFIG, err, 0);
+    return false;
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(cmd.output_dir, ec);
+  if (ec) {
+    std::string msg = "cannot create " + cmd.output_dir + ": " + ec.message();
+    Log("job ", job.id(), ": ", msg);
+    stop_heartbeats();
+    Complete(run.CurrentLease(), v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, msg, 0);
+    return true;
+  }
+  std::string argv_str;
+  for (const auto& a : cmd.argv) argv_str += (argv_str.empty() ? "" : " ") + a;
+  Log("job ", job.id(), ": starting ", argv_str, " (log ", cmd.log_path, ")");
+
+  ChildProcess::Options copts{cmd.argv, cmd.log_path, 3, {}};
+  if (leased.assigned_gpus_size() > 0) {
+    std::string devs;
+    for (int i = 0; i < leased.assigned_gpus_size(); ++i) devs += (i ? "," : "") + std::to_string(leased.assigned_gpus(i));
+    copts.env.push_back("CUDA_VISIBLE_DEVICES=" + devs);
+  }
+  copts.env.push_back("ABLATE_JOB_ID=" + std::to_string(job.id()));
+  copts.env.push_back("ABLATE_ATTEMPT=" + std::to_string(lease0.attempt()));
+  copts.env.push_back("ABLATE_WORKER_ID=" + opts_.worker_id);
+  const bool gang = leased.world_size() > 1;
+  if (gang) {
+    // One rank of a gang-scheduled job (torchrun-style env; rank 0's TCPStore at MASTER_ADDR:MASTER_PORT).
+    const std::string& ma = leased.master_addr();
+    const auto colon = ma.rfind(':');
+    if (colon == std::string::npos || colon == 0 || colon + 1 == ma.size()) {
+      std::string msg = "gang lease without a rendezvous address ('" + ma + "')";
+      Log("job ", job.id(), ": ", msg);
+      stop_heartbeats();
+      Complete(run.CurrentLease(), v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, msg, 0);
+      return true;
+    }
+    // Workers of one gang may share --work_dir (rank 0's checkpoints must be readable by all): own log per rank.
+    if (leased.rank() > 0) copts.log_path += ".rank" + std::to_string(leased.rank());
+    copts.env.push_back("RANK=" + std::to_string(leased.rank()));
+    copts.env.push_back("WORLD_SIZE=" + std::to_string(leased.world_size()));
+    copts.env.push_back("LOCAL_RANK=0");
+    copts.env.push_back("MASTER_ADDR=" + ma.substr(0, colon));
+    copts.env.push_back("MASTER_PORT=" + ma.substr(colon + 1));
+    in_addr probe{};
+    if (::inet_pton(AF_INET, opts_.rendezvous_host.c_str(), &probe) == 1 && !std::getenv("ABLATE_DIST_HOST")) {
+      copts.env.push_back("ABLATE_DIST_HOST=" + opts_.rendezvous_host);  // the CPU ring's listening interface
+    }
+    Log("job ", job.id(), ": gang rank ", leased.rank(), " of ", leased.world_size(), ", rendezvous ", ma);
+  }
+  // The trainer stops itself when this deadline passes unrenewed (core/lease_watch.h): our own self-fence below
+  // cannot act while this process is frozen (RELIABILITY F03). Moved on with every renewal in the loop below.
+  const std::string lease_file = copts.log_path + ".lease-deadline";
+  Clock::time_point lease_file_deadline;
+  {
+    std::lock_guard<std::mutex> lk(run.mu);
+    lease_file_deadline = run.renewed_at + lease_ttl_;
+  }
+  // The preparation above may have outlived the lease (a scheduler that fenced us, or no renewal got through):
+  // then the job is someone else's and no child is started.
+  if (run.lease_lost || Clock::now() > lease_file_deadline) {
+    const bool fenced = run.lease_lost;
+    stop_heartbeats();
+    if (fenced) {
+      Log("job ", job.id(), " attempt ", lease0.attempt(), ": lease lost before the child started; not starting it");
+    } else {
+      ++metrics_->self_fences;
+      Log("EVENT self_fence job=", job.id(), " attempt=", lease0.attempt(), " mono_ms=", MonoMs(),
+          ": no lease renewal within ", lease_ttl_.count(), "ms before the child started; not starting it");
+      Complete(run.CurrentLease(), v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA,
+               "worker self-fenced before the start: lease not renewed in time", 0, false);
+    }
+    return !fenced;
+  }
+  if (WriteLeaseDeadline(lease_file, lease_file_deadline, &err)) {
+    copts.argv.push_back("--lease_file");
+    copts.argv.push_back(lease_file);
+  } else {
+    Log("job ", job.id(), ": ", err, " (the trainer runs without a lease deadline)");
+  }
+  const auto spawned_at = Clock::now();
+  auto child = ChildProcess::Spawn(copts, &err);
+  if (!child) {
+    Log("job ", job.id(), ": spawn failed: ", err);
+    stop_heartbeats();
+    Complete(run.CurrentLease(), v1::OUTCOME_FAILED, v1::FAILURE_CLASS_INFRA, "spawn failed: " + err, 0);
+    return true;
+  }
+  metrics_->child_running = 1;
+  // Machine-readable lines for the fault suite's history checker (monotonic clock: comparable across processes).
+  Log("EVENT child_start job=", job.id(), " attempt=", lease0.attempt(), " epoch=", lease0.lease_epoch(),
+      " pid=", child->pid(), " mono_ms=", MonoMs(), " resume_step=", resume_step);
+
+  {
+    // Undelivered metric points spill to disk (bounded); the lease goes next to them for a restarted worker.
+    const std::string root = SpillRoot(opts_);
+    const std::string dir = root.empty() ? std::string()
+                                         : root + "/job-" + std::to_string(job.id()) + "-a" + std::to_string(lease0.attempt());
+    std::string err;
+    run.spill = std::make_unique<MetricSpill>(dir, SpillOptions(opts_), &err);
+    if (run.spill->on_disk()) {
+      std::ofstream lf(dir + "/lease.pb", std::ios::binary | std::ios::trunc);
+      lf << lease0.SerializeAsString();
+    } else {
+      if (!err.empty()) Log("job ", job.id(), ": metric spill in memory (", err, ")");
+      MetricSpill::Options mo;
+      mo.max_bytes = std::min<uint64_t>(opts_.metric_spill_max_bytes, uint64_t{8} << 20);
+      run.spill = std::make_unique<MetricSpill>("", mo);
+    }
+  }
+  run.progress_at = spawned_at;
+  // Ranks other than 0 of a gang report no steps (only rank 0 writes events): no progress watchdog there; a hung
+  // collective still ends them (ablate-train's own watchdog, exit 5) and rank 0's worker watches progress.
+  const auto progress_timeout = gang && leased.rank() > 0 ? std::chrono::milliseconds(0)
+                                : leased.progress_timeout_ms() > 0 ? std::chrono::milliseconds(leased.progress_timeout_ms())
+                                                                   : opts_.progress_timeout;
+
+  // Event pump: the child's pipe -> queues. Never blocks on the network, so the child never blocks on us.
+  std::thread pump([&] {
+    EventStats st = PumpEvents(
+        child->events_fd(),
+        [&](const Event& ev) {
+          if (auto* m = std::get_if<MetricsEvent>(&ev)) {
+            if (m->step > run.latest_step.load()) {
+              run.latest_step = m->step;
+              std::lock_guard<std::mutex> lk(run.mu);
+              run.progress_at = Clock::now();
+            }
+            int64_t t = m->time_unix_ms > 0 ? m->time_unix_ms : NowUnixMs();
+            std::vector<v1::MetricPoint> pts;
+            std::lock_guard<std::mutex> lk(run.mu);
+            for (const auto& [name, value] : m->values) {
+              // NaN guard: a non-finite loss marks divergence at this step; no checkpoint at or after it is recorded.
+              if ((name == "train/loss" || name == "eval/loss") && !std::isfinite(value) && run.diverged_at < 0) {
+                run.diverged_at = m->step;
+                run.diverged_seen = Clock::now();
+              }
+              v1::MetricPoint p;
+              p.set_step(m->step);
+              p.set_name(name);
+              p.set_value(value);
+              p.set_time_unix_ms(t);
+              pts.push_back(std::move(p));
+            }
+            // Over the spill's cap new points are refused and counted (the gap is explicit, never silent).
+            if (size_t refused = run.spill->Append(pts); refused > 0) {
+              metrics_->points_dropped += static_cast<int64_t>(refused);
+              if (run.spill->dropped() == static_cast<int64_t>(refused)) {  // the first drop of this attempt
+                Log("ALERT metric_spill_full job=", job.id(), " step=", m->step, ": dropping points over the cap (",
+                    run.spill->bytes(), " bytes buffered)");
+              }
+            }
+            run.cv.notify_all();
+          } else if (auto* c = std::get_if<CheckpointEvent>(&ev)) {
+            // Verified by the sender: hashing a large checkpoint must hold up neither this pipe (the child would
+            // block on its events) nor run.mu (the heartbeater waits on it).
+            std::lock_guard<std::mutex> lk(run.mu);
+            if (run.diverged_at >= 0 && c->step >= run.diverged_at) {
+              Log("job ", job.id(), ": NOT recording checkpoint at step ", c->step, " (loss diverged at step ",
+                  run.diverged_at, ")");
+            } else {
+              run.checkpoints.push_back(*c);
+              run.cv.notify_all();
+            }
+          } else if (auto* s = std::get_if<StartedEvent>(&ev)) {
+            Log("job ", job.id(), ": started, total_steps=", s->total_steps, " params=", s->params);
+            std::lock_guard<std::mutex> lk(run.mu);
+            run.started = true;
+            run.progress_at = Clock::now();
+          } else if (auto* f = std::get_if<FinishedEvent>(&ev)) {
+            Log("job ", job.id(), ": child reports finished ", f->succeeded ? "succeeded" : "failed",
+                f->failure_class.empty() ? "" : " (" + f->failure_class + ")",
+                f->message.empty() ? "" : ": " + f->message);
+            std::lock_guard<std::mutex> lk(run.mu);
+            run.finished = *f;
+          } else if (auto* a = std::get_if<CheckpointAbandonedEvent>(&ev)) {
+            // Nothing was committed (ablate-train removed the temporary directory); the next save tries again.
+            Log("ALERT checkpoint_abandoned job=", job.id(), " step=", a->step, ": ", a->reason);
+          }
+        },
+        [&](std::string_view line, const std::string& why) {
+          ++metrics_->malformed_event_lines;
+          Log("job ", job.id(), ": ignoring malformed event line (", why, "): ", std::string(line.substr(0, 200)));
+        });
+    std::lock_guard<std::mutex> lk(run.mu);
+    run.events_closed = true;
+    run.cv.notify_all();
+    (void)st;
+  });
+
+  // Metric and checkpoint sender. Each flush is one short client stream that ends with the scheduler's ack, so
+  // a batch is only acknowledged in the spill (and its log truncated) once it is stored; a failed flush leaves it
+  // there (fsync'ed) and is retried (the scheduler stores points idempotently, keyed (job, name, step)).
+  // Checkpoints go after the metrics of their step. After the child exited it goes on until everything is delivered
+  // (the attempt is reported only then, so its lease is still the one to deliver with, however long the scheduler or
+  // its database is away), the lease is lost, or the worker stops: then, after kStopGrace of failed tries, what is
+  // left stays on disk for the next start (counted as dropped when the spill is in memory).
+  std::thread sender([&] {
+    constexpr auto kStopGrace = 10s;
+    std::optional<Clock::time_point> stopping_since;
+    int failures = 0;
+    std::map<std::string, bool> verified;  // path -> hashes match: a retried report does not hash the files again
+    for (;;) {
+      std::vector<v1::MetricPoint> batch;
+      std::vector<CheckpointEvent> cps;
+      bool closed;
+      {
+        std::unique_lock<std::mutex> lk(run.mu);
+        run.cv.wait_for(lk, 250ms,
+                        [&] { return run.spill->pending() > 0 || !run.checkpoints.empty() || run.events_closed; });
+        batch = run.spill->Peek(JobRun::kBatchPoints * 8);
+        cps.assign(run.checkpoints.begin(), run.checkpoints.end());
+        run.checkpoints.clear();
+        closed = run.events_closed;
+      }
+      if (run.lease_lost) {
+        std::lock_guard<std::mutex> lk(run.mu);
+        int64_t dropped = static_cast<int64_t>(run.spill->pending());
+        if (dropped > 0) Log("job ", job.id(), ": dropping ", dropped, " undelivered metric points (lease lost)");
+        metrics_->points_dropped += dropped;
+        run.spill->Remove();
+        break;
+      }
+      if (closed && stop_->stopped() && failures > 0) {
+        if (!stopping_since) stopping_since = Clock::now();
+        if (Clock::now() - *stopping_since > kStopGrace) {
+          std::lock_guard<std::mutex> lk(run.mu);
+          const int64_t left = static_cast<int64_t>(run.spill->pending());
+          if (run.spill->on_disk()) {
+            run.spill->Sync();
+            run.kept = true;
+            Log("job ", job.id(), ": stopping with ", left, " undelivered metric points; kept in ", run.spill->dir(),
+                " for the next start");
+          } else {
+            Log("job ", job.id(), ": stopping; dropping ", left, " undelivered metric points (no spill directory)");
+            metrics_->points_dropped += left;
+          }
+          break;
+        }
+      }
+      bool ok = true;
+      if (!batch.empty()) {
+        grpc::Status s = SendPoints(stub_.get(), opts_, run.CurrentLease(), batch, JobRun::kBatchPoints);
+        ok = s.ok();
+        if (ok) {
+          metrics_->points_sent += static_cast<int64_t>(batch.size());
+          failures = 0;
+          std::lock_guard<std::mutex> lk(run.mu);
+          run.spill->Ack(batch.size());
+        } else if (IsFenced(s)) {
+          run.lease_lost = true;
+          Log("job ", job.id(), ": metrics rejected, lease lost (", s.error_message(), ")");
+        } else if (IsPermanentRejection(s)) {
+          // No retry can change this answer: drop the batch (counted) rather than hold it forever.
+          Log("job ", job.id(), ": metric batch refused (", Describe(s), "); dropping its ", batch.size(), " points");
+          metrics_->points_dropped += static_cast<int64_t>(batch.size());
+          std::lock_guard<std::mutex> lk(run.mu);
+          run.spill->Ack(batch.size());
+          ok = true;
+        } else {
+          auto wait = Backoff(failures++, 200ms, 5000ms);
+          if (failures == 1 || failures % 10 == 0)
+            Log("job ", job.id(), ": metrics flush failed (", Describe(s), "), retrying in ", wait.count(), "ms");
+          std::lock_guard<std::mutex> lk(run.mu);
+          run.spill->Sync();  // the batch stays in the spill; make it durable while the scheduler is away
+          for (auto it = cps.rbegin(); it != cps.rend(); ++it) run.checkpoints.push_front(*it);
+          cps.clear();
+        }
+        if (!ok && !run.lease_lost) {
+          std::this_thread::sleep_for(Backoff(failures, 200ms, 5000ms));
+          continue;
+        }
+      }
+      for (size_t k = 0; k < cps.size(); ++k) {
+        const auto& c = cps[k];
+        auto [known, fresh] = verified.try_emplace(c.path, false);
+        if (fresh) {
+          std::string why;
+          known->second = VerifyCheckpoint(c.path, &why);
+          if (!known->second) {
+            ++metrics_->checkpoint_verify_failures;
+            Log("ALERT checkpoint_invalid job=", job.id(), " step=", c.step, ": ", why, " (not recorded)");
+          } else {
+            Log("job ", job.id(), ": checkpoint at step ", c.step, " verified: ", c.path);
+          }
+        }
+        if (!known->second) continue;
+        if (run.lease_lost) break;
+        v1::ReportCheckpointRequest req;
+        req.set_worker_id(opts_.worker_id);
+        *req.mutable_lease() = run.CurrentLease();
+        req.set_step(c.step);
+        req.set_path(c.path);
+        v1::ReportCheckpointResponse resp;
+        grpc::ClientContext cc;
+        cc.set_deadline(std::chrono::system_clock::now() + opts_.rpc_timeout);
+        grpc::Status s = stub_->ReportCheckpoint(&cc, req, &resp);
+        if (s.ok()) {
+          failures = 0;
+          ++metrics_->checkpoints_reported;
+          Log("job ", job.id(), ": checkpoint step ", c.step, " recorded");
+        } else if (IsFenced(s)) {
+          run.lease_lost = true;
+          Log("job ", job.id(), ": checkpoint rejected, lease lost (", s.error_message(), ")");
+          break;
+        } else if (IsPermanentRejection(s)) {
+          Log("job ", job.id(), ": checkpoint step ", c.step, " refused (", Describe(s), "); not recorded");
+        } else {
+          if (failures++ == 0 || failures % 10 == 0)
+            Log("job ", job.id(), ": ReportCheckpoint step ", c.step, " failed: ", Describe(s), "; will retry");
+          {
+            std::lock_guard<std::mutex> lk(run.mu);
+            for (size_t r = cps.size(); r-- > k;) run.checkpoints.push_front(cps[r]);
+          }
+          std::this_thread::sleep_for(Backoff(failures, 200ms, 5000ms));
+          break;
+        }
+      }
+      if (closed) {
+        std::lock_guard<std::mutex> lk(run.mu);
+        // Everything stored; the spill directory goes once the attempt's report is accepted too.
+        if (run.spill->pending() == 0 && run.checkpoints.empty()) break;
+      }
+    }
+  });
+
 
   // Supervise: wait for the child, or stop it when the lease is lost (rejected, or not renewed within the TTL on
   // our monotonic clock: self-fence), the job is cancelled, it hangs, it diverged, or we drain.
@@ -1172,15 +1226,6 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   }
   Log("job ", job.id(), ": child exited ",
       status.exited ? "with code " + std::to_string(status.code) : "by signal " + std::to_string(status.signal));
-  auto stop_heartbeats = [&] {
-    {
-      std::lock_guard<std::mutex> lk(run.mu);
-      run.stop_heartbeats = true;
-      run.cv.notify_all();
-    }
-    if (heartbeater.joinable()) heartbeater.join();
-  };
-
   // The report is decided now, when the child has ended: a cancel that arrives while the rest of its points are
   // delivered changes nothing (the run already finished; report what it did).
   v1::CompleteJobRequest report;

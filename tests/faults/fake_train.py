@@ -5,7 +5,9 @@ Speaks the same protocol: JSON-line events on --events_fd (started, metrics, che
 in <output_dir>/<run_name>/checkpoint-<step>/ written to a temp dir and renamed, manifest.json (per-file size and
 sha256) written last, --resume_from verified before use, exit codes 0 ok / 2 invalid config / 3 diverged / 4 OOM.
 Faults on demand (flags, so a sweep file's `train:` section sets them):
-  --fake_fail KIND@STEP   oom | nan | nan_continue | hang | crash | enospc | slow_ckpt (KIND@STEP, comma list)
+  --fake_fail KIND@STEP   oom | nan | nan_continue | hang | crash | enospc | slow_ckpt | big_ckpt (KIND@STEP, comma
+                          list); big_ckpt adds a sparse file of FAKE_BIG_CKPT_BYTES (default 8 GiB) whose manifest
+                          hash is wrong: a checkpoint whose hashing outlasts a lease TTL, then fails
                           startup_crash (no step: dies by SIGSEGV before the started event)
   --fake_fail_attempts N  only on these attempts (comma list; default: every attempt)
   --fake_fail_model M     only when --model_size is M
@@ -99,7 +101,14 @@ def verify(d):
     except Exception:
         return None
 
-def save(step, slow=False, enospc=False):
+def add_big_file(d, files):
+    """A sparse file (no disk space) that the worker must read and hash in full, listed with a wrong sha256."""
+    n = int(os.environ.get("FAKE_BIG_CKPT_BYTES", str(8 << 30)))
+    with open(os.path.join(d, "shard.bin"), "wb") as f:
+        f.truncate(n)
+    files["shard.bin"] = {"bytes": n, "sha256": "0" * 64}
+
+def save(step, slow=False, enospc=False, big=False):
     final = os.path.join(run_dir, "checkpoint-%d" % step)
     tmp = final + ".tmp-%d" % os.getpid()
     os.makedirs(tmp, exist_ok=True)
@@ -120,6 +129,8 @@ def save(step, slow=False, enospc=False):
     for n in ("model.pt", "state.json"):
         p = os.path.join(tmp, n)
         files[n] = {"bytes": os.path.getsize(p), "sha256": sha256(p)}
+    if big:
+        add_big_file(tmp, files)
     with open(os.path.join(tmp, "manifest.json.tmp"), "w") as f:
         json.dump({"format": "ablate-checkpoint-v1", "step": step, "files": files}, f)
         f.flush(); os.fsync(f.fileno())
@@ -190,7 +201,7 @@ for step in range(start + 1, total + 1):
         sys.exit(3)
     if step % save_interval == 0 or step == total:
         save(step, slow=faults.get("slow_ckpt", -1) <= step and "slow_ckpt" in faults,
-             enospc=faults.get("enospc") == step)
+             enospc=faults.get("enospc") == step, big=faults.get("big_ckpt") == step)
 emit({"event": "metrics", "step": total, "values": {"eval/loss": 1.0}})
 emit({"event": "finished", "status": "succeeded"})
 ledger("end", step=total, why="done")

@@ -7,7 +7,7 @@ injects its fault, waits for the system to settle, then checks the invariants I1
     jobs lost: 0, double-runs: 0
 Usage: faults.py --bin BIN_DIR --work DIR [--train_bin ablate-train] [--only F01,F02]
 """
-import argparse, glob, json, os, queue, random, re, signal, socket, struct, subprocess, sys, threading, time, traceback, urllib.request
+import argparse, glob, hashlib, json, os, queue, random, re, signal, socket, struct, subprocess, sys, threading, time, traceback, urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -1973,6 +1973,67 @@ def f26(suite, st):
     return "bit flip in checkpoint %s detected; resumed from %d" % (step, prev)
 
 
+def f26b(suite, st):
+    """Checkpoints whose hashing outlasts the lease TTL (a multi-billion-parameter run's tens of GB): a sparse 8 GiB
+    file with a wrong hash, once in a checkpoint written mid-run (the worker verifies it while the trainer goes on)
+    and once added to the newest recorded checkpoint before a resume (verified between the grant and the start).
+    The worker keeps renewing its lease through both: no self-fence, no expiry; both are refused and the job
+    resumes from the checkpoint before."""
+    n, rate = big_checkpoint_bytes(st, 2 * L)
+    st.env["FAKE_BIG_CKPT_BYTES"] = str(n)
+    s = st.scheduler()
+    st.submit(sweep("f26b", steps=400, save=10, extra_train={"fake_fail": "big_ckpt@20", "fake_fail_attempts": "1"}),
+              s.addr)
+    w1 = st.worker("w1", s.addr)
+    st.wait(lambda: "checkpoint_invalid" in w1.text(), 10 * L + 30, "the mid-run big checkpoint refused")
+    st.wait(lambda: st.qi("SELECT count(*) FROM checkpoints WHERE step >= 40") >= 1, 30, "checkpoint 40 recorded")
+    st.node_signal(w1, signal.SIGKILL)
+    check(st.qi("SELECT count(*) FROM job_attempts") == 1, "a lease expired while a mid-run checkpoint was hashed: " +
+          str(attempts(st)))
+    check("self_fence" not in w1.text(), "w1 self-fenced while hashing a mid-run checkpoint")
+    check(st.qi("SELECT count(*) FROM checkpoints WHERE step = 20") == 0, "the bad checkpoint 20 was recorded")
+    newest, step = st.q("SELECT path || '|' || step FROM checkpoints ORDER BY step DESC LIMIT 1").split("|")
+    prev = st.qi("SELECT step FROM checkpoints ORDER BY step DESC OFFSET 1 LIMIT 1")
+    mpath = os.path.join(newest, "manifest.json")
+    m = json.load(open(mpath))
+    with open(os.path.join(newest, "shard.bin"), "wb") as f:
+        f.truncate(n)
+    m["files"]["shard.bin"] = {"bytes": n, "sha256": "0" * 64}
+    json.dump(m, open(mpath, "w"))
+    st.corrupted = True
+    t0 = time.monotonic()
+    w2 = st.worker("w2", s.addr)
+    st.wait_terminal(90)
+    check(st.q("SELECT state FROM jobs") == "succeeded", "job not succeeded: " + st.q("SELECT state, last_error FROM jobs"))
+    check(st.qi("SELECT count(*) FROM job_attempts") == 2, "a lease expired while a checkpoint was verified: " +
+          str(attempts(st)))
+    check("self_fence" not in w2.text(), "w2 self-fenced while verifying the resume checkpoint")
+    check("checkpoint_corrupt" in w2.text(), "no corruption alert for the oversized resume checkpoint")
+    r2 = ledger_first(st, "start", attempt=2)
+    check(r2 and r2["resume_step"] == prev, "attempt 2 resumed at %s; expected fallback to %d" % (r2, prev))
+    wait_s = r2["mono"] - t0 if r2 else 0
+    finish(st)
+    return "%.1f GiB checkpoints (%.0f MB/s to hash here) refused mid-run and before a resume (child started " \
+           "%.1fs after w2; TTL %ds): no self-fence, no expiry; resumed from %d" % (n / 2**30, rate / 1e6, wait_s, L, prev)
+
+
+def big_checkpoint_bytes(st, seconds):
+    """The size of a sparse file that takes about `seconds` to read and hash on this machine (holes cost page-cache
+    zeroing: ~0.3-2 GB/s, varies by filesystem), measured on 256 MiB; at least 256 MiB, at most 32 GiB."""
+    probe = os.path.join(st.dir, "hash-probe.bin")
+    size = 256 << 20
+    with open(probe, "wb") as f:
+        f.truncate(size)
+    t = time.monotonic()
+    h = hashlib.sha256()
+    with open(probe, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            h.update(chunk)
+    rate = size / max(time.monotonic() - t, 1e-3)
+    os.unlink(probe)
+    return int(min(max(rate * seconds, 256 << 20), 32 << 30)), rate
+
+
 def f27(suite, st):
     """Slow checkpoint store (RELIABILITY F27), real ablate-train: the save of step 100 is slowed past
     --checkpoint_deadline_s (the trainer's ABLATE_TEST_CHECKPOINT_WRITE_DELAY_MS hook sleeps inside the background
@@ -2219,7 +2280,7 @@ def f35(suite, st):
 SCENARIOS = [
     ("F01", f01), ("F02", f02), ("F03", f03), ("F03b", f03b), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
     ("F09", f09), ("F11", f11), ("F12", f12), ("F13", f13), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F16", f16), ("F17", f17), ("F18", f18), ("F18b", f18b), ("F19", f19),
-    ("F20", f20), ("F21", f21), ("F24", f24), ("F25", f25), ("F26", f26), ("F27", f27),
+    ("F20", f20), ("F21", f21), ("F24", f24), ("F25", f25), ("F26", f26), ("F26b", f26b), ("F27", f27),
     ("F30", tool_scenario("malformed")), ("F31", f31), ("F32", tool_scenario("invalid-specs")),
     ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", f36),
 ]
