@@ -80,6 +80,8 @@ if has profile; then
                      --gradient_checkpointing" ;;
       mdma-nsa-32k) args="--data_dir data/fortunes --model_size 0.6B --block_pattern MDMA --attn_type nsa
                           --context_length 32768 --batch_size 1 --gradient_checkpointing" ;;
+      deltanet-32k) args="--data_dir data/fortunes --model_size 0.6B --mamba_type deltanet --context_length 32768
+                          --batch_size 1 --gradient_checkpointing" ;;
       *) log "profile: unknown run $name"; continue ;;
     esac
     # shellcheck disable=SC2086

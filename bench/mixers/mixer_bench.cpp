@@ -5,7 +5,8 @@
 //                              always (no K/V copy)
 //   K2 NSA                     core/mixers/nsa.h public functions: "cmp+slc" = compress_keys/values (the module's
 //                              MLPs) + nsa_compressed_attention (with top-n selection) + nsa_selected_attention;
-//                              "swa" = nsa_window_attention; paper config l=32, d=16, l'=64, n=16, w=512;
+//                              "swa" = nsa_window_attention ("swa_sdpa": with FlashAttention-2 off); paper config
+//                              l=32, d=16, l'=64, n=16, w=512;
 //                              "cmp" / "slc" = the two halves of cmp+slc alone, "cmp" forced onto the chunked
 //                              LibTorch path, "cmp_fused" = "cmp" on the fused CUDA kernels of
 //                              kernels/nsa_compress.h (the default on CUDA, so "cmp+slc" runs them too)
@@ -509,6 +510,13 @@ void bench_k2() {
     time_fwd_bwd(
         "K2", shape, "swa", [&] { return core::nsa_window_attention(q, k, v, o); }, {q, k, v}, gy, per_key * keys.swa,
         3.5, bytes, 2.5 * bytes, "passed");
+    if (g_dev.is_cuda() && core::nsa_swa_flash_enabled()) {  // the window before FlashAttention's local mode
+      core::nsa_set_swa_flash_enabled(false);
+      time_fwd_bwd(
+          "K2", shape, "swa_sdpa", [&] { return core::nsa_window_attention(q, k, v, o); }, {q, k, v}, gy,
+          per_key * keys.swa, 3.5, bytes, 2.5 * bytes, "passed");
+      core::nsa_set_swa_flash_enabled(true);
+    }
     // Where cmp+slc's time goes (up to 32K, to keep the run short): the compressed branch with its top-n alone,
     // and the selected branch alone on a fixed selection.
     if (sh.T <= 32768) {

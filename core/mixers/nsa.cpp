@@ -10,8 +10,8 @@
 //   dS = P * (dP - rowsum(P * dP))); nothing per chunk is kept between forward and backward.
 // - On CUDA the selected branch runs the kernels of kernels/nsa_select.h instead (no gathered K/V at all):
 //   query-centric forward and dq, key-centric dk/dv over an inverse index built here with sort/bincount/cumsum.
-// - On CUDA the sliding-window branch goes through SDPA's fused kernels (chunked, band mask, autograd) when SDPA
-//   picks a fused backend for it.
+// - On CUDA the sliding-window branch runs FlashAttention-2's local mode (bf16/fp16; ABLATE_NSA_SWA_FLASH=0 turns
+//   it off), else SDPA's fused kernels (chunked, band mask, autograd) when SDPA picks a fused backend for it.
 // - The compressed branch is the LibTorch Function below unless the fused kernels of kernels/nsa_compress.h are
 //   switched off (ABLATE_NSA_CMP_FUSED=0 / nsa_set_cmp_fused_enabled(false); on by default since the H200 run of
 //   2026-11-29: GPU test passed, 3.7x faster fwd+bwd at 32K, see bench/RESULTS.md):
@@ -37,6 +37,7 @@
 #include "kernels/nsa_select.h"
 
 #if ABLATE_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -53,6 +54,14 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 std::atomic<int64_t> g_max_chunk_numel{0};
 std::atomic<bool> g_slc_kernels{true};
 std::atomic<bool> g_swa_sdpa{true};
+std::atomic<int64_t> g_swa_flash_calls{0};
+
+// FlashAttention-2's local mode for the window branch: on unless ABLATE_NSA_SWA_FLASH=0 (read once) or
+// nsa_set_swa_flash_enabled(false).
+std::atomic<bool>& swa_flash_switch() {
+  static std::atomic<bool> on{ops::env_switch_default("ABLATE_NSA_SWA_FLASH")};
+  return on;
+}
 std::atomic<int64_t> g_cmp_fused_calls{0};
 
 // The fused compressed-branch kernels: on unless ABLATE_NSA_CMP_FUSED=0 (read once) or nsa_set_cmp_fused_enabled.
@@ -685,7 +694,53 @@ struct SwaFn : torch::autograd::Function<SwaFn> {
   }
 };
 
-// ---- sliding-window branch on CUDA: SDPA's fused kernels over query chunks ----
+// ---- sliding-window branch on CUDA: FlashAttention-2's local mode ----
+//
+// LibTorch carries FlashAttention-2 (at::_flash_attention_forward/_backward) with its window arguments: causal with
+// window_size_left = w - 1 is exactly keys [t - w + 1, t]. (B, T, H, hd) is the kernels' own layout and GQA K/V go
+// in as they are (the backward sums dk/dv over each group), so there is no chunking, no mask and no expanded K/V;
+// the kernel visits only the key tiles that meet the band. Saved for backward: q, k, v, o and the fp32 lse.
+struct SwaFlashFn : torch::autograd::Function<SwaFlashFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v, int64_t w,
+                        double scale) {
+    const auto T = q.size(1);
+    auto [o, lse, rng, unused, dbg] = at::_flash_attention_forward(q, k, v, std::nullopt, std::nullopt, T, T, 0.0,
+                                                                   /*is_causal=*/true, /*return_debug_mask=*/false,
+                                                                   scale, w - 1, 0);
+    ctx->save_for_backward({q, k, v, o, lse, rng, unused});
+    ctx->saved_data["w"] = w;
+    ctx->saved_data["scale"] = scale;
+    g_swa_flash_calls.fetch_add(1, std::memory_order_relaxed);
+    return o;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const int64_t w = ctx->saved_data["w"].toInt();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const auto T = s[0].size(1);
+    auto [dq, dk, dv] = at::_flash_attention_backward(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], Tensor(),
+                                                      Tensor(), T, T, 0.0, /*is_causal=*/true, s[5], s[6], scale,
+                                                      w - 1, 0);
+    return {dq, dk, dv, Tensor(), Tensor()};
+  }
+};
+
+// Where FlashAttention-2 runs: CUDA, sm_80 or newer, bf16/fp16, head_dim a multiple of 8 up to 256.
+std::optional<Tensor> swa_flash(const Tensor& q, const Tensor& k, const Tensor& v, const NsaAttentionOptions& o) {
+  const auto st = q.scalar_type();
+  const auto hd = q.size(3);
+  if (!q.is_cuda() || !swa_flash_switch().load() || !(st == torch::kBFloat16 || st == torch::kHalf) ||
+      hd % 8 != 0 || hd > 256 || q.size(1) == 0) {
+    return std::nullopt;
+  }
+#if ABLATE_WITH_CUDA
+  if (at::cuda::getDeviceProperties(q.get_device())->major < 8) return std::nullopt;
+#endif
+  auto last_dim_dense = [](const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  return SwaFlashFn::apply(last_dim_dense(q), last_dim_dense(k), last_dim_dense(v), o.window(), o.scale());
+}
+
+// ---- sliding-window branch on CUDA in fp32 (or FlashAttention off): SDPA's fused kernels over query chunks ----
 //
 // Chunk [t0, t0 + C) attends to keys [t0 - w + 1, t0 + C) under the band mask; K/V are expanded to the H heads
 // (SDPA's memory-efficient kernel takes a mask but no GQA). C = 2w: the fused kernel computes C x (C + w) scores
@@ -924,6 +979,7 @@ Tensor nsa_selected_attention(const Tensor& q, const Tensor& k, const Tensor& v,
 Tensor nsa_window_attention(const Tensor& q, const Tensor& k, const Tensor& v, const NsaAttentionOptions& o) {
   o.validate();
   check_qkv(q, k, v, o);
+  if (auto r = swa_flash(q, k, v, o)) return *r;
   if (auto r = swa_sdpa(q, k, v, o)) return *r;
   return SwaFn::apply(q, k, v, o);
 }
@@ -1019,6 +1075,12 @@ bool nsa_slc_kernels_enabled() { return g_slc_kernels.load(); }
 void nsa_set_swa_sdpa_enabled(bool enabled) { g_swa_sdpa.store(enabled); }
 
 bool nsa_swa_sdpa_enabled() { return g_swa_sdpa.load(); }
+
+void nsa_set_swa_flash_enabled(bool enabled) { swa_flash_switch().store(enabled); }
+
+bool nsa_swa_flash_enabled() { return swa_flash_switch().load(); }
+
+int64_t nsa_swa_flash_calls() { return g_swa_flash_calls.load(); }
 
 void nsa_set_cmp_fused_enabled(bool enabled) { cmp_fused_switch().store(enabled); }
 

@@ -154,6 +154,14 @@ bool nsa_slc_kernels_enabled();
 void nsa_set_swa_sdpa_enabled(bool enabled);
 bool nsa_swa_sdpa_enabled();
 
+// Whether nsa_window_attention runs FlashAttention-2's local (sliding-window) kernels that LibTorch carries
+// (at::_flash_attention_forward/_backward with window_size_left = window - 1) on CUDA bf16/fp16 tensors of sm_80+
+// with head_dim a multiple of 8 up to 256; ahead of the SDPA path above. Default on unless the environment has
+// ABLATE_NSA_SWA_FLASH=0, read once. nsa_swa_flash_calls counts its forward calls (tests).
+void nsa_set_swa_flash_enabled(bool enabled);
+bool nsa_swa_flash_enabled();
+int64_t nsa_swa_flash_calls();
+
 // Whether nsa_compressed_attention runs the fused CUDA kernels (kernels/nsa_compress.h: online-softmax forward,
 // importance recomputed from the saved lse, FlashAttention-2 style backward) on CUDA tensors of fp32/bf16/fp16 with
 // head_dim 64 or 128 and G <= 16, instead of the chunked LibTorch Function. Default on (validated on the H200:

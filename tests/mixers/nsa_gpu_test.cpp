@@ -44,9 +44,18 @@ struct TcSwitch {
   bool prev;
 };
 
+// The window branch's CUDA paths: SDPA on chunks and FlashAttention-2's local mode (restored on exit to what they
+// were: FlashAttention follows ABLATE_NSA_SWA_FLASH).
 struct SdpaSwitch {
-  explicit SdpaSwitch(bool on) { nsa_set_swa_sdpa_enabled(on); }
-  ~SdpaSwitch() { nsa_set_swa_sdpa_enabled(true); }
+  explicit SdpaSwitch(bool sdpa, bool flash = false) : flash_was(nsa_swa_flash_enabled()) {
+    nsa_set_swa_sdpa_enabled(sdpa);
+    nsa_set_swa_flash_enabled(flash);
+  }
+  ~SdpaSwitch() {
+    nsa_set_swa_sdpa_enabled(true);
+    nsa_set_swa_flash_enabled(flash_was);
+  }
+  bool flash_was;
 };
 
 NsaAttentionOptions slc_options(int64_t H, int64_t KV, int64_t hd, int64_t lp, int64_t n) {
@@ -246,8 +255,9 @@ TEST(NsaSelectGpu, TensorCoresMatchFmaKernels) {
   std::printf("[nsa slc tc] %d failing comparisons\n", failures);
 }
 
-// The window branch through SDPA (CUDA) against the chunked LibTorch Function, forward and gradients; fp32
-// tight, half types no worse than twice the Function's own error against fp64.
+// The window branch through SDPA and through FlashAttention-2's local mode (CUDA; bf16/fp16 only) against the
+// chunked LibTorch Function, forward and gradients; fp32 tight, half types no worse than twice the Function's own
+// error against fp64.
 TEST(NsaSelectGpu, WindowSdpaMatchesLibTorchPath) {
   ABLATE_REQUIRE_CUDA();
   const torch::Device dev(torch::kCUDA);
@@ -262,8 +272,8 @@ TEST(NsaSelectGpu, WindowSdpaMatchesLibTorchPath) {
     auto q = torch::randn({1, c.T, c.H, c.hd}, fopt), k = torch::randn({1, c.T, c.KV, c.hd}, fopt);
     auto v = torch::randn({1, c.T, c.KV, c.hd}, fopt), w = torch::randn({1, c.T, c.H, c.hd}, fopt);
     for (const auto dt : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
-      auto run = [&](torch::Dtype rdt, bool sdpa) {
-        SdpaSwitch sd(sdpa);
+      auto run = [&](torch::Dtype rdt, bool sdpa, bool flash = false) {
+        SdpaSwitch sd(sdpa, flash);
         auto qq = q.to(dt).to(rdt).detach().requires_grad_(), kk = k.to(dt).to(rdt).detach().requires_grad_();
         auto vv = v.to(dt).to(rdt).detach().requires_grad_();
         auto out = nsa_window_attention(qq, kk, vv, o);
@@ -272,18 +282,24 @@ TEST(NsaSelectGpu, WindowSdpaMatchesLibTorchPath) {
                                    kk.grad().to(torch::kDouble), vv.grad().to(torch::kDouble)};
       };
       auto ref = run(torch::kDouble, false), comp = run(dt, false), fast = run(dt, true);
+      const int64_t flash_before = nsa_swa_flash_calls();
+      auto flash = run(dt, false, true);
+      const bool flash_ran = nsa_swa_flash_calls() > flash_before;
+      EXPECT_EQ(flash_ran, dt != torch::kFloat) << "FlashAttention path taken for " << dt << ": " << flash_ran;
       const char* names[4] = {"o", "dq", "dk", "dv"};
       std::string line;
       for (int i = 0; i < 4; ++i) {
-        const double ec = max_err(comp[i], ref[i]), ef = max_err(fast[i], ref[i]);
-        char buf[128];
-        std::snprintf(buf, sizeof buf, "  %s sdpa %.2e (libtorch %.2e)", names[i], ef, ec);
+        const double ec = max_err(comp[i], ref[i]), ef = max_err(fast[i], ref[i]), eh = max_err(flash[i], ref[i]);
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "  %s sdpa %.2e flash %.2e (libtorch %.2e)", names[i], ef, eh, ec);
         line += buf;
         const double tol = dt == torch::kFloat ? 5e-5 : 2.0 * ec + 1e-6;
-        const bool ok = std::isfinite(ef) && ef <= tol;
-        if (!ok) ++failures;
-        EXPECT_TRUE(ok) << "window T=" << c.T << " H=" << c.H << " dtype " << dt << " " << names[i] << ": " << ef
-                        << " > " << tol;
+        for (const auto& [path, e] : {std::pair<const char*, double>{"sdpa", ef}, {"flash", eh}}) {
+          const bool ok = std::isfinite(e) && e <= tol;
+          if (!ok) ++failures;
+          EXPECT_TRUE(ok) << "window " << path << " T=" << c.T << " H=" << c.H << " dtype " << dt << " " << names[i]
+                          << ": " << e << " > " << tol;
+        }
       }
       std::printf("[nsa swa gpu] T=%ld H=%ld KV=%ld hd=%ld w=%ld %s%s\n", static_cast<long>(c.T),
                   static_cast<long>(c.H), static_cast<long>(c.KV), static_cast<long>(c.hd), static_cast<long>(c.w),
@@ -484,16 +500,16 @@ TEST(NsaSelectGpu, TimingCompressedAndWindowBranchesPaperScale) {
   };
   const double cmp_f = time_ms([&] { torch::NoGradGuard ng; nsa_compressed_attention(q, kc, vc, o); }, 3, 1);
   const double cmp_fb = time_ms([&] { clear(); nsa_compressed_attention(q, kc, vc, o).out.backward(w); }, 3, 1);
-  double swa_f[2], swa_fb[2];
-  for (int sdpa = 0; sdpa < 2; ++sdpa) {
-    SdpaSwitch sd(sdpa == 1);
-    swa_f[sdpa] = time_ms([&] { torch::NoGradGuard ng; nsa_window_attention(q, k, v, o); }, 3, 1);
-    swa_fb[sdpa] = time_ms([&] { clear(); nsa_window_attention(q, k, v, o).backward(w); }, 3, 1);
+  double swa_f[3], swa_fb[3];
+  for (int path = 0; path < 3; ++path) {  // LibTorch Function, SDPA on chunks, FlashAttention-2 local
+    SdpaSwitch sd(path >= 1, path == 2);
+    swa_f[path] = time_ms([&] { torch::NoGradGuard ng; nsa_window_attention(q, k, v, o); }, 3, 1);
+    swa_fb[path] = time_ms([&] { clear(); nsa_window_attention(q, k, v, o).backward(w); }, 3, 1);
   }
   std::printf("[nsa branch timing] B=1 T=32768 H=32 KV=8 hd=64 bf16: compressed (Nc=%ld, incl. selection) fwd %.1f ms, "
-              "fwd+bwd %.1f ms; window (w=512) LibTorch Function fwd %.1f ms, fwd+bwd %.1f ms; window via SDPA fwd "
-              "%.1f ms, fwd+bwd %.1f ms\n",
-              static_cast<long>(nc), cmp_f, cmp_fb, swa_f[0], swa_fb[0], swa_f[1], swa_fb[1]);
+              "fwd+bwd %.1f ms; window (w=512) LibTorch Function fwd %.1f ms, fwd+bwd %.1f ms; via SDPA fwd "
+              "%.1f ms, fwd+bwd %.1f ms; via FlashAttention-2 local fwd %.2f ms, fwd+bwd %.2f ms\n",
+              static_cast<long>(nc), cmp_f, cmp_fb, swa_f[0], swa_fb[0], swa_f[1], swa_fb[1], swa_f[2], swa_fb[2]);
   EXPECT_GT(cmp_f, 0.0);
 #endif
 }
