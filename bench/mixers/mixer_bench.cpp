@@ -5,8 +5,8 @@
 //                              always (no K/V copy)
 //   K2 NSA                     core/mixers/nsa.h public functions: "cmp+slc" = compress_keys/values (the module's
 //                              MLPs) + nsa_compressed_attention (with top-n selection) + nsa_selected_attention;
-//                              "swa" = nsa_window_attention ("swa_sdpa": with FlashAttention-2 off); paper config
-//                              l=32, d=16, l'=64, n=16, w=512;
+//                              "swa" = nsa_window_attention ("swa_flash" / "swa_sdpa": its other CUDA path, with
+//                              FlashAttention-2's local mode switched); paper config l=32, d=16, l'=64, n=16, w=512;
 //                              "cmp" / "slc" = the two halves of cmp+slc alone, "cmp" forced onto the chunked
 //                              LibTorch path, "cmp_fused" = "cmp" on the fused CUDA kernels of
 //                              kernels/nsa_compress.h (the default on CUDA, so "cmp+slc" runs them too)
@@ -510,12 +510,13 @@ void bench_k2() {
     time_fwd_bwd(
         "K2", shape, "swa", [&] { return core::nsa_window_attention(q, k, v, o); }, {q, k, v}, gy, per_key * keys.swa,
         3.5, bytes, 2.5 * bytes, "passed");
-    if (g_dev.is_cuda() && core::nsa_swa_flash_enabled()) {  // the window before FlashAttention's local mode
-      core::nsa_set_swa_flash_enabled(false);
+    if (g_dev.is_cuda()) {  // the window's other CUDA path: FlashAttention-2 local vs SDPA on chunks
+      const bool flash = core::nsa_swa_flash_enabled();
+      core::nsa_set_swa_flash_enabled(!flash);
       time_fwd_bwd(
-          "K2", shape, "swa_sdpa", [&] { return core::nsa_window_attention(q, k, v, o); }, {q, k, v}, gy,
-          per_key * keys.swa, 3.5, bytes, 2.5 * bytes, "passed");
-      core::nsa_set_swa_flash_enabled(true);
+          "K2", shape, flash ? "swa_sdpa" : "swa_flash", [&] { return core::nsa_window_attention(q, k, v, o); },
+          {q, k, v}, gy, per_key * keys.swa, 3.5, bytes, 2.5 * bytes, "passed");
+      core::nsa_set_swa_flash_enabled(flash);
     }
     // Where cmp+slc's time goes (up to 32K, to keep the run short): the compressed branch with its top-n alone,
     // and the selected branch alone on a fixed selection.

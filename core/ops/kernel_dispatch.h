@@ -29,10 +29,11 @@ inline kernels::NsaDtype kernel_dtype(torch::ScalarType t) {
                                : kernels::NsaDtype::kF32;
 }
 
-// The initial state of a fused-kernel switch: on unless the environment variable `env` is "0".
-inline bool env_switch_default(const char* env) {
+// The initial state of a fused-kernel switch: `unset` when the environment variable `env` is not set, else on
+// unless it is "0". (A path not yet run on a GPU starts off: unset = false.)
+inline bool env_switch_default(const char* env, bool unset = true) {
   const char* e = std::getenv(env);
-  return e == nullptr || std::strcmp(e, "0") != 0;
+  return e == nullptr ? unset : std::strcmp(e, "0") != 0;
 }
 
 }  // namespace ablate::ops
