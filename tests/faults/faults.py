@@ -2277,12 +2277,214 @@ def f35(suite, st):
     return "; ".join(notes)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# F38: a chaos soak. In the suite a short one (a minute of chaos on 2 cores); RELIABILITY's weekly 24 h soak is the
+# same scenario with ABLATE_F38_SECONDS=86400 ABLATE_F38_FAULT_EVERY_S=60 ABLATE_F38_SEEDS=5000 (10,000 jobs) and a
+# longer hold (docs/control-plane.md, "F38").
+# ---------------------------------------------------------------------------------------------------------------
+F38_S = float(os.environ.get("ABLATE_F38_SECONDS", "60"))            # chaos time (RELIABILITY: 24 h)
+F38_EVERY = float(os.environ.get("ABLATE_F38_FAULT_EVERY_S", "6"))   # one fault per period (RELIABILITY: 60 s)
+F38_SEEDS = int(os.environ.get("ABLATE_F38_SEEDS", "750"))           # context lengths x 2 sizes = jobs (RELIABILITY: 10,000)
+F38_WORKERS = int(os.environ.get("ABLATE_F38_WORKERS", "100"))       # simulated workers (RELIABILITY: 100)
+F38_HB_MS = int(os.environ.get("ABLATE_F38_HB_MS", "1000"))          # their heartbeat (RELIABILITY: 5 s at L = 30 s)
+F38_HOLD_MS = int(os.environ.get("ABLATE_F38_HOLD_MS", "3000"))      # mean time a simulated worker holds a job
+F38_SERIES_BUDGET = 2000      # Prometheus series per scheduler
+F38_UNBOUNDED = ("job_id", "job", "step", "tag", "sweep_id", "sweep", "attempt")  # labels with unbounded values
+
+
+def proc_cpu_rss(pid):
+    """(CPU seconds, RSS bytes) of a process from /proc."""
+    f = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"), int(f[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+F38_CAPPED = ("ablate_job_latest", 256)  # the one per-job family: running jobs only, capped (README, "Metrics")
+
+
+def prom_series(text):
+    """(series count, label names seen outside the capped per-job family, that family's series count) of a
+    Prometheus text exposition."""
+    lines = [l for l in text.splitlines() if l and not l.startswith("#")]
+    capped = [l for l in lines if re.match(r"%s[{ ]" % F38_CAPPED[0], l)]
+    rest = "\n".join(l for l in lines if not re.match(r"%s[{ ]" % F38_CAPPED[0], l))
+    return len(lines), set(re.findall(r"[{,]\s*([a-zA-Z_][a-zA-Z0-9_]*)=", rest)), len(capped)
+
+
+def f38(suite, st):
+    """F38, chaos soak: a sweep of 2 x F38_SEEDS jobs (2 model sizes x F38_SEEDS context lengths), F38_WORKERS simulated workers on the real WorkerService API
+    (heartbeats, metric points, completions; fenced and self-fenced like the real worker) beside two real workers
+    running the fake trainer, two scheduler replicas; every F38_EVERY s one fault from RELIABILITY's classes: a worker
+    node SIGKILLed (A), a worker node frozen for 2 L (A), the second replica SIGKILLed and restarted (B), PostgreSQL
+    restarted (C), the schedulers' database sessions terminated (C), the real worker's link partitioned for 2 L (D),
+    malformed and oversized requests (F), and a new sweep submitted. Pass: every job succeeds once the faults stop
+    (I7), I1-I8, submit p99 <= 10 s, heartbeat p99 <= 200 ms outside the windows of the scheduler/database faults,
+    the first replica (never killed) < 1 core and its RSS flat, its Prometheus series within budget and free of
+    per-job labels (except the capped ablate_job_latest, at most 256 series). Table bloat is reported (asserted in
+    runs of an hour or more)."""
+    r0, r1 = st.scheduler(), st.scheduler()
+    addrs = [r0.addr, r1.addr]
+    both = ",".join(addrs)
+    rng = random.Random(int(os.environ.get("ABLATE_F38_SEED", "38")))
+
+    def spec(name, contexts):  # distinct cells in every sweep (the scheduler would reuse a finished cell's result)
+        return ("name: %s\ngrid:\n  model_size: [tiny, mini]\n  context_length: [%s]\ntrain:\n"
+                "  num_train_steps: 20\n  save_interval: 10\n  step_ms: 50\n" % (name, ", ".join(str(i) for i in contexts)))
+    submit_s = []
+    t = time.time()
+    st.submit(spec("f38", range(64, 64 + F38_SEEDS)), r0.addr)
+    submit_s.append(time.time() - t)
+    check(st.qi("SELECT count(*) FROM jobs") == 2 * F38_SEEDS, "the sweep did not expand to %d jobs" % (2 * F38_SEEDS))
+    st.wait(lambda: "leader_acquired" in r0.text() + r1.text(), 10, "a leader")
+    px = Proxy(r0.addr)
+    nodes = {"a": st.worker("w1", px.addr), "b": st.worker("w2", both)}
+    hb_file = os.path.join(st.dir, "sim-heartbeats.txt")
+    sim = Proc([os.path.join(suite.bin, "ablate-fault-rpc"), "sim-workers", both, str(F38_WORKERS), str(F38_HB_MS),
+                str(F38_HOLD_MS), str(L * 1000), str(F38_S + 900), hb_file], os.path.join(st.dir, "sim-workers.log"))
+    t0 = time.time()
+    samples = []           # (t, cpu_s, rss) of r0
+    series = []            # (t, count) of r0's /metrics
+    labels = set()
+    stop = threading.Event()
+
+    def monitor():
+        while not stop.is_set():
+            try:
+                samples.append((time.time(),) + proc_cpu_rss(r0.p.pid))
+            except OSError:
+                pass
+            stop.wait(1.0)
+    mon = threading.Thread(target=monitor, daemon=True)
+    mon.start()
+    kinds = ["kill-node", "freeze-node", "kill-replica", "pg-restart", "pg-terminate", "partition", "bad-input",
+             "submit"]
+    order, injected, windows, timers, extra_jobs, n_node = [], [], [], [], 0, 0
+    while time.time() - t0 < F38_S:
+        time.sleep(max(0.0, t0 + F38_EVERY * (len(injected) + 1) - time.time()))
+        if not order:
+            order = kinds[:]
+            rng.shuffle(order)
+        kind = order.pop()
+        tf = time.time()
+        st.fault_at.append(tf)
+        if kind == "kill-node":  # the node's worker and trainer die; a replacement node joins under a new id
+            st.node_signal(nodes["b"], signal.SIGKILL)
+            n_node += 1
+            time.sleep(1.0)
+            nodes["b"] = st.worker("w2-%d" % n_node, both)
+        elif kind == "freeze-node":
+            w = nodes["a"]
+            st.node_signal(w, signal.SIGSTOP)
+            timers.append(threading.Timer(2 * L, st.node_signal, args=(w, signal.SIGCONT)))
+            timers[-1].start()
+        elif kind == "kill-replica":
+            r1.p.kill()
+            r1.p.wait()
+            time.sleep(0.5)
+            r1 = st.scheduler(["--listen", addrs[1]], idx=1)
+        elif kind == "pg-restart":
+            sh([os.path.join(SRC, "scripts", "pg-local.sh"), "stop", suite.pgdir])
+            time.sleep(1.0)
+            check(sh([os.path.join(SRC, "scripts", "pg-local.sh"), "start", suite.pgdir]).returncode == 0,
+                  "PostgreSQL did not restart")
+        elif kind == "pg-terminate":
+            sh(["psql", "-Atq", suite.admin_dsn, "-c", "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = '%s' AND pid <> pg_backend_pid()" % st.db])
+        elif kind == "partition":
+            px.cut = True
+            timers.append(threading.Timer(2 * L, px.heal))
+            timers[-1].start()
+        elif kind == "bad-input":
+            for cmd in ("malformed", "oversize"):
+                r = rpc_tool(st, cmd, r0.addr)
+                check(r.returncode == 0, "%s requests during the soak: %s" % (cmd, r.stdout[-500:] + r.stderr[-500:]))
+        elif kind == "submit":
+            t = time.time()
+            st.submit(spec("f38-%d" % len(injected), range(20000 + 5 * len(injected), 20005 + 5 * len(injected))),
+                      r0.addr)
+            submit_s.append(time.time() - t)
+            extra_jobs += 10
+        if kind in ("kill-replica", "pg-restart", "pg-terminate"):
+            windows.append((tf - 0.5, time.time() + 2 * L))
+        injected.append((tf - t0, kind))
+        if len(injected) == max(1, int(F38_S / F38_EVERY / 3)):  # a third in: the series baseline
+            n, lb, nc = prom_series(st.scrape(r0))
+            series.append((time.time(), n, nc))
+            labels |= lb
+    for tm in timers:
+        tm.join()
+    chaos_s = time.time() - t0
+    total = 2 * F38_SEEDS + extra_jobs
+    t_heal = time.time()
+    st.wait_terminal(300)
+    drain_s = time.time() - t_heal
+    n, lb, nc = prom_series(st.scrape(r0))
+    series.append((time.time(), n, nc))
+    labels |= lb
+    stop.set()
+    mon.join()
+    sim.stop(30)
+    m = re.search(r"sim: cycles (\d+) fenced (\d+) self_fenced (\d+) errors (\d+) beats (\d+)", sim.text())
+    check(m is not None, "the simulated workers printed no summary: " + sim.text()[-800:])
+    cycles, fenced, self_fenced, errors, beats = (int(x) for x in m.groups())
+    # I7: every job succeeded once the faults stopped.
+    ok = st.qi("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
+    check(ok == total, "%d of %d jobs succeeded: %s" % (ok, total, st.q(
+        "SELECT state, count(*), max(last_error) FROM jobs GROUP BY state")))
+    check(max(submit_s) <= 10, "submit p99 %.1fs > 10 s" % max(submit_s))
+    # Heartbeats outside the scheduler/database fault windows.
+    quiet, quiet_fail, all_lat = [], 0, []
+    for line in open(hb_file):
+        f = line.split()
+        if len(f) != 4:
+            continue
+        ts, lat, code = int(f[1]) / 1000.0, float(f[2]), int(f[3])
+        all_lat.append(lat)
+        if any(a <= ts <= b for a, b in windows):
+            continue
+        if code == 0:
+            quiet.append(lat)
+        else:
+            quiet_fail += 1
+    check(len(quiet) > 100, "only %d heartbeats outside the fault windows" % len(quiet))
+    p99 = pct(quiet, 0.99)
+    check(p99 <= 200, "heartbeat p99 %.0f ms outside the fault windows (> 200 ms)" % p99)
+    check(quiet_fail <= 0.01 * len(quiet), "%d heartbeats failed outside the fault windows" % quiet_fail)
+    # The first replica: CPU, RSS (from a third of the chaos on: the sweep submitted, caches warm), series.
+    first = [x for x in samples if x[0] >= t0 + chaos_s / 3] or samples
+    cores = (samples[-1][1] - samples[0][1]) / max(1e-3, samples[-1][0] - samples[0][0])
+    check(cores < 1.0, "scheduler used %.2f cores" % cores)
+    growth = (samples[-1][2] - first[0][2]) / max(1, first[0][2])
+    bound = 0.05 if F38_S >= 3600 else 0.25
+    check(growth < bound, "scheduler RSS grew %.1f%% (%.0f -> %.0f MB), bound %.0f%%" % (
+        100 * growth, first[0][2] / 2**20, samples[-1][2] / 2**20, 100 * bound))
+    check(series[-1][1] <= F38_SERIES_BUDGET, "%d Prometheus series (budget %d)" % (series[-1][1], F38_SERIES_BUDGET))
+    bad_labels = sorted(labels & set(F38_UNBOUNDED))
+    check(not bad_labels, "unbounded Prometheus labels: %s" % bad_labels)
+    check(max(c for _, _, c in series) <= F38_CAPPED[1], "%s over its cap: %s series" % (
+        F38_CAPPED[0], max(c for _, _, c in series)))
+    bloat = st.q("SELECT string_agg(relname || ' ' || n_live_tup || '/' || n_dead_tup || "
+                 "CASE WHEN last_autovacuum IS NULL THEN '' ELSE ' (autovacuumed)' END, ', ' ORDER BY relname) "
+                 "FROM pg_stat_user_tables WHERE relname IN ('jobs', 'job_attempts', 'workers', 'metrics')")
+    if F38_S >= 3600:
+        worst = st.q("SELECT max(n_dead_tup::float / greatest(1, n_live_tup + n_dead_tup)) FROM pg_stat_user_tables "
+                     "WHERE relname IN ('jobs', 'job_attempts', 'workers', 'metrics')")
+        check(float(worst or 0) < 0.5, "dead tuples %.0f%% of a table: %s" % (100 * float(worst or 0), bloat))
+    finish(st)
+    kinds_done = ",".join(sorted(set(k for _, k in injected)))
+    return ("%d jobs, %d simulated workers + 2 real, %.0fs of chaos, %d faults (%s); all succeeded %.1fs after the "
+            "last; sim: %d cycles, %d fenced, %d self-fenced, %d beats; submit max %.2fs; heartbeat p99 %.0f ms "
+            "outside fault windows (%.0f ms all), %d failed there; scheduler %.2f cores, RSS %+.1f%%; series %s; "
+            "tables live/dead: %s" % (total, F38_WORKERS, chaos_s, len(injected), kinds_done, drain_s, cycles, fenced,
+                                      self_fenced, beats, max(submit_s), p99, pct(all_lat, 0.99), quiet_fail, cores,
+                                      100 * growth, "->".join("%d (%d per-job)" % (c, k) for _, c, k in series), bloat))
+
+
 SCENARIOS = [
     ("F01", f01), ("F02", f02), ("F03", f03), ("F03b", f03b), ("F04", f04), ("F05", f05), ("F06", f06), ("F07", f07), ("F08", f08),
     ("F09", f09), ("F11", f11), ("F12", f12), ("F13", f13), ("F14", f14), ("F15", f15), ("F15b", f15b), ("F16", f16), ("F17", f17), ("F18", f18), ("F18b", f18b), ("F19", f19),
     ("F20", f20), ("F21", f21), ("F24", f24), ("F25", f25), ("F26", f26), ("F26b", f26b), ("F27", f27),
     ("F30", tool_scenario("malformed")), ("F31", f31), ("F32", tool_scenario("invalid-specs")),
-    ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", f36),
+    ("F34", tool_scenario("dup-submit")), ("F35", f35), ("F36", f36), ("F38", f38),
 ]
 
 

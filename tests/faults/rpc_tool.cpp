@@ -1,11 +1,13 @@
 // ablate-fault-rpc: the fault suite's gRPC client for the API-abuse scenarios (F19 stale writes, F30 malformed
 // bytes, F31 oversized messages, F32 invalid specs, F34 duplicate submission, F35 authorization matrix and worker
-// tokens, F36 deadlines and per-method caps) and the heartbeat/readiness probe of F17/F18. Exit 0 when every
-// expectation holds; prints what it saw.
+// tokens, F36 deadlines and per-method caps), the heartbeat/readiness probe of F17/F18, the ListJobs flood of F13
+// and F38's simulated workers. Exit 0 when every expectation holds; prints what it saw.
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <chrono>
+#include <csignal>
 #include <condition_variable>
 #include <cstdlib>
 #include <iomanip>
@@ -957,6 +959,189 @@ int Flood(const std::string& addr, int threads, double seconds, int64_t sweep_id
   return other == 0 ? 0 : 1;
 }
 
+// F38: WORKERS simulated workers speak the real WorkerService API until SIGTERM (or SECONDS): each leases a job
+// (asks again after 200 ms when there is none), holds it HOLD_MS (uniform in [HOLD_MS/2, 3 HOLD_MS/2]) with a
+// heartbeat every HB_MS and one train/loss point per beat (steps 1, 2, ...: a one-batch ReportMetrics stream), then
+// completes it as succeeded. As the real worker does, a write answered FAILED_PRECONDITION drops the lease
+// (fenced), no renewal within TTL_MS of the last renewed send on the monotonic clock drops it too (self-fence), and
+// nothing more is written for a dropped lease; other errors are retried on the next beat (another replica of ADDRS,
+// a comma list, on UNAVAILABLE). On SIGTERM a held job is completed, then the worker stops.
+// Writes "HB <start_unix_ms> <latency_ms> <grpc code>" per heartbeat to HB_FILE, and at the end
+// "sim: cycles N fenced F self_fenced S errors E beats B" on stdout.
+std::atomic<bool> g_sim_stop{false};
+
+int SimWorkers(const std::string& addrs_csv, int workers, int hb_ms, int hold_ms, int ttl_ms, double seconds,
+               const std::string& hb_file) {
+  std::vector<std::string> addrs;
+  std::stringstream as(addrs_csv);
+  for (std::string x; std::getline(as, x, ',');)
+    if (!x.empty()) addrs.push_back(x);
+  if (addrs.empty()) return 2;
+  std::signal(SIGTERM, [](int) { g_sim_stop = true; });
+  // A few connections per replica, shared by the workers (as many processes' workers would share a network).
+  std::vector<std::vector<std::shared_ptr<grpc::Channel>>> chans(addrs.size());
+  for (size_t r = 0; r < addrs.size(); ++r) {
+    for (int c = 0; c < 8; ++c) {
+      grpc::ChannelArguments a;
+      a.SetInt("sim.channel", c);
+      chans[r].push_back(grpc::CreateCustomChannel(addrs[r], grpc::InsecureChannelCredentials(), a));
+    }
+  }
+  std::ofstream hbf(hb_file);
+  std::mutex hb_mu;
+  std::atomic<int64_t> cycles{0}, fenced{0}, self_fenced{0}, errors{0}, beats{0};
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  auto now_ms = [] {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  };
+  auto deadline = [](grpc::ClientContext& c, int ms) {
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(ms));
+  };
+  std::vector<std::thread> ts;
+  for (int w = 0; w < workers; ++w) {
+    ts.emplace_back([&, w] {
+      std::mt19937 rng(1000 + w);
+      const std::string id = "sim-" + std::to_string(w);
+      size_t replica = w % addrs.size();
+      auto stub = [&] { return v1::WorkerService::NewStub(chans[replica][w % 8]); };
+      auto next_replica = [&](const grpc::Status& s) {
+        if (s.error_code() == grpc::UNAVAILABLE || s.error_code() == grpc::DEADLINE_EXCEEDED)
+          replica = (replica + 1) % addrs.size();
+      };
+      bool registered = false;
+      auto sleep_ms = [](int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); };
+      while (!g_sim_stop && std::chrono::steady_clock::now() < until) {
+        if (!registered) {
+          grpc::ClientContext c;
+          deadline(c, 2000);
+          v1::RegisterWorkerRequest r;
+          r.set_worker_id(id);
+          r.set_hostname("sim");
+          r.set_version("sim");
+          v1::RegisterWorkerResponse resp;
+          const auto s = stub()->RegisterWorker(&c, r, &resp);
+          if (!s.ok()) {
+            next_replica(s);
+            sleep_ms(300);
+            continue;
+          }
+          registered = true;
+        }
+        grpc::ClientContext lc;
+        deadline(lc, 2000);
+        v1::LeaseJobRequest lr;
+        lr.set_worker_id(id);
+        v1::LeaseJobResponse lresp;
+        const auto lease_sent = std::chrono::steady_clock::now();
+        const auto ls = stub()->LeaseJob(&lc, lr, &lresp);
+        if (!ls.ok()) {
+          if (ls.error_code() == grpc::FAILED_PRECONDITION || ls.error_code() == grpc::UNAUTHENTICATED) registered = false;
+          next_replica(ls);
+          ++errors;
+          sleep_ms(300);
+          continue;
+        }
+        if (!lresp.job_available()) {
+          sleep_ms(200);
+          continue;
+        }
+        v1::Lease lease = lresp.lease();
+        auto renewed = lease_sent;
+        const int hold = hold_ms / 2 + static_cast<int>(rng() % std::max(1, hold_ms));
+        const auto hold_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(hold);
+        bool dropped = false;
+        for (int64_t step = 1; !dropped; ++step) {
+          sleep_ms(hb_ms);
+          if (std::chrono::steady_clock::now() - renewed > std::chrono::milliseconds(ttl_ms)) {
+            ++self_fenced;
+            dropped = true;
+            break;
+          }
+          grpc::ClientContext hc;
+          deadline(hc, ttl_ms);
+          v1::HeartbeatRequest hr;
+          hr.set_worker_id(id);
+          *hr.mutable_lease() = lease;
+          hr.set_step(step);
+          v1::HeartbeatResponse hresp;
+          const auto sent = std::chrono::steady_clock::now();
+          const int64_t sent_unix = now_ms();
+          const auto hs = stub()->Heartbeat(&hc, hr, &hresp);
+          const double lat = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - sent).count();
+          ++beats;
+          {
+            std::lock_guard<std::mutex> lk(hb_mu);
+            hbf << "HB " << sent_unix << " " << lat << " " << hs.error_code() << "\n";
+          }
+          if (hs.ok()) {
+            renewed = sent;
+            if (hresp.has_lease()) lease.set_expires_unix_ms(hresp.lease().expires_unix_ms());
+          } else if (hs.error_code() == grpc::FAILED_PRECONDITION) {
+            ++fenced;
+            dropped = true;
+            break;
+          } else {
+            next_replica(hs);
+            continue;
+          }
+          grpc::ClientContext mc;
+          deadline(mc, 2000);
+          v1::ReportMetricsResponse mresp;
+          auto stream = stub()->ReportMetrics(&mc, &mresp);
+          v1::MetricBatch b;
+          b.set_worker_id(id);
+          *b.mutable_lease() = lease;
+          auto* pt = b.add_points();
+          pt->set_step(step);
+          pt->set_name("train/loss");
+          pt->set_value(4.0 / (1.0 + 0.1 * step));
+          pt->set_time_unix_ms(now_ms());
+          stream->Write(b);
+          stream->WritesDone();
+          const auto ms = stream->Finish();
+          if (ms.error_code() == grpc::FAILED_PRECONDITION) {
+            ++fenced;
+            dropped = true;
+            break;
+          }
+          if (std::chrono::steady_clock::now() >= hold_until || g_sim_stop) break;
+        }
+        if (dropped) continue;
+        // Complete, retried (another replica on UNAVAILABLE) while the lease may still be ours.
+        for (;;) {
+          grpc::ClientContext cc;
+          deadline(cc, 2000);
+          v1::CompleteJobRequest cr;
+          cr.set_worker_id(id);
+          *cr.mutable_lease() = lease;
+          cr.set_outcome(v1::OUTCOME_SUCCEEDED);
+          v1::CompleteJobResponse cresp;
+          const auto cs = stub()->CompleteJob(&cc, cr, &cresp);
+          if (cs.ok()) {
+            ++cycles;
+            break;
+          }
+          if (cs.error_code() == grpc::FAILED_PRECONDITION) {
+            ++fenced;
+            break;
+          }
+          next_replica(cs);
+          if (std::chrono::steady_clock::now() - renewed > std::chrono::milliseconds(ttl_ms)) {
+            ++self_fenced;
+            break;
+          }
+          sleep_ms(200);
+        }
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  std::cout << "sim: cycles " << cycles << " fenced " << fenced << " self_fenced " << self_fenced << " errors "
+            << errors << " beats " << beats << std::endl;
+  return 0;
+}
+
 int main(int argc, char** argv) {
   std::vector<std::string> a(argv + 1, argv + argc);
   if (a.size() >= 2) {
@@ -969,6 +1154,9 @@ int main(int argc, char** argv) {
     if (cmd == "dup-submit") return DupSubmit(a[1]);
     if (cmd == "deadlines") return Deadlines(a[1]);
     if (cmd == "flood" && a.size() == 5) return Flood(a[1], std::stoi(a[2]), std::stod(a[3]), std::stoll(a[4]));
+    if (cmd == "sim-workers" && a.size() == 8)
+      return SimWorkers(a[1], std::stoi(a[2]), std::stoi(a[3]), std::stoi(a[4]), std::stoi(a[5]), std::stod(a[6]),
+                        a[7]);
     if (cmd == "deadline-cap" && a.size() == 4) return DeadlineCap(a[1], std::stoi(a[2]), std::stoi(a[3]));
     if (cmd == "hb-probe" && a.size() == 10)
       return HbProbe(a[1], std::stod(a[2]), std::stoi(a[3]), a[4], std::stoll(a[5]), std::stoi(a[6]),
@@ -1000,6 +1188,7 @@ int main(int argc, char** argv) {
     if (cmd == "token-lease" && a.size() == 8) return TokenLease(a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
   }
   std::cerr << "usage: ablate-fault-rpc stale-write|malformed|oversize|invalid-specs|dup-submit|deadlines|"
-               "deadline-cap|hb-probe|authz-matrix|token-lease|flood ADDR ...\n";
+               "deadline-cap|hb-probe|authz-matrix|token-lease|flood ADDR ...\n"
+               "       ablate-fault-rpc sim-workers ADDRS WORKERS HB_MS HOLD_MS TTL_MS SECONDS HB_FILE\n";
   return 2;
 }
