@@ -1974,8 +1974,8 @@ def f26(suite, st):
 
 
 def f26b(suite, st):
-    """Checkpoints whose hashing outlasts the lease TTL (a multi-billion-parameter run's tens of GB): a sparse 8 GiB
-    file with a wrong hash, once in a checkpoint written mid-run (the worker verifies it while the trainer goes on)
+    """Checkpoints whose hashing outlasts the lease TTL (a multi-billion-parameter run's tens of GB): a sparse file
+    sized to take about 2 L to hash here (big_checkpoint_bytes), with a wrong hash, once in a checkpoint written mid-run (the worker verifies it while the trainer goes on)
     and once added to the newest recorded checkpoint before a resume (verified between the grant and the start).
     The worker keeps renewing its lease through both: no self-fence, no expiry; both are refused and the job
     resumes from the checkpoint before."""
