@@ -4,8 +4,14 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <algorithm>
+#include <atomic>
 #include <fstream>
 #include <memory>
+#include <optional>
+#include <thread>
+#include <utility>
+#include <vector>
 #include <nlohmann/json.hpp>
 
 namespace ablate::worker {
@@ -51,6 +57,10 @@ bool VerifyCheckpoint(const std::string& dir, std::string* error) {
     *error = mpath.string() + ": unreadable manifest or no 'files' table";
     return false;
   }
+  // Names and sizes first (cheap: a truncated or missing file fails without reading anything), then the files are
+  // hashed concurrently (a checkpoint is a few large files — model, optimizer state — and one SHA-256 stream runs
+  // at ~1.6 GB/s here), and the first mismatch in manifest order is reported.
+  std::vector<std::pair<fs::path, std::string>> files;  // path, expected sha256
   for (const auto& [name, info] : m["files"].items()) {
     if (name.find('/') != std::string::npos || name == ".." || !info.is_object()) {
       *error = mpath.string() + ": bad entry '" + name + "'";
@@ -67,10 +77,26 @@ bool VerifyCheckpoint(const std::string& dir, std::string* error) {
                std::to_string(info.value("bytes", int64_t(-1)));
       return false;
     }
-    bool ok = false;
-    std::string sum = Sha256File(p.string(), &ok);
-    if (!ok || sum != info.value("sha256", std::string())) {
-      *error = p.string() + ": sha256 does not match the manifest (corrupt)";
+    files.emplace_back(p, info.value("sha256", std::string()));
+  }
+  // A few threads (not one per file: a sharded checkpoint may list hundreds) pull files off a shared index.
+  std::vector<std::optional<std::string>> sums(files.size());  // nullopt: unreadable
+  std::atomic<size_t> next{0};
+  auto hash_some = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < files.size();) {
+      bool ok = false;
+      std::string sum = Sha256File(files[i].first.string(), &ok);
+      if (ok) sums[i] = std::move(sum);
+    }
+  };
+  const size_t threads = std::min<size_t>(files.size(), std::clamp(std::thread::hardware_concurrency(), 1u, 8u));
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < threads; ++t) pool.emplace_back(hash_some);
+  hash_some();
+  for (auto& t : pool) t.join();
+  for (size_t i = 0; i < files.size(); ++i) {
+    if (!sums[i] || *sums[i] != files[i].second) {
+      *error = files[i].first.string() + ": sha256 does not match the manifest (corrupt)";
       return false;
     }
   }
