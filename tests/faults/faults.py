@@ -2099,10 +2099,10 @@ def tool_scenario(name, *extra_sched):
 
 def f31(suite, st):
     s = st.scheduler()
-    rss0 = int(re.search(r"VmRSS:\s+(\d+)", open("/proc/%d/status" % s.p.pid).read()).group(1))
+    rss0 = proc_cpu_rss(s.p.pid)[1] // 1024  # KiB
     r = rpc_tool(st, "oversize", s.addr, st.dir)
     check(r.returncode == 0, "oversize: " + r.stdout + r.stderr)
-    rss1 = int(re.search(r"VmRSS:\s+(\d+)", open("/proc/%d/status" % s.p.pid).read()).group(1))
+    rss1 = proc_cpu_rss(s.p.pid)[1] // 1024
     big = os.path.join(st.dir, "big.yaml")
     open(big, "w").write(sweep("big") + "#" + "x" * (5 << 20) + "\n")
     c = sh([os.path.join(suite.bin, "ablate"), "submit", big, "--scheduler", s.addr])
