@@ -156,9 +156,9 @@ bool nsa_swa_sdpa_enabled();
 
 // Whether nsa_window_attention runs FlashAttention-2's local (sliding-window) kernels that LibTorch carries
 // (at::_flash_attention_forward/_backward with window_size_left = window - 1) on CUDA bf16/fp16 tensors of sm_80+
-// with head_dim a multiple of 8 up to 256; ahead of the SDPA path above. Default OFF until its GPU test
-// (tests/mixers/nsa_gpu_test.cpp, WindowSdpaMatchesLibTorchPath) has passed on the H200; ABLATE_NSA_SWA_FLASH=1 (read
-// once) turns it on. nsa_swa_flash_calls counts its forward calls (tests).
+// with head_dim a multiple of 8 up to 256; ahead of the SDPA path above. Default ON (its GPU test,
+// tests/mixers/nsa_gpu_test.cpp WindowSdpaMatchesLibTorchPath, passed on the H200); ABLATE_NSA_SWA_FLASH=0 (read
+// once) turns it off. nsa_swa_flash_calls counts its forward calls (tests).
 void nsa_set_swa_flash_enabled(bool enabled);
 bool nsa_swa_flash_enabled();
 int64_t nsa_swa_flash_calls();
