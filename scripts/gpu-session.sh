@@ -65,8 +65,9 @@ fi
 if has timing; then
   timeout "${TIMING_CAP:-120}" $bin/mixers_nsa_gpu_test --gtest_filter='*Timing*' > "$work/timing_nsa.log" 2>&1
   log "nsa timing rc=$?"; grep -iE ' ms|x faster|speedup|tok' "$work/timing_nsa.log" | head -30 | tee -a "$out/summary.txt"
-  [[ ${TIMING_GDN:-1} == 1 ]] && timeout 150 $bin/kernels_chunk_state_scan_gpu_test --gtest_filter='*TimingDeltaRule32K*' > "$work/timing_gdn.log" 2>&1
-  log "gdn timing rc=$?"; grep -iE ' ms|x faster|speedup' "$work/timing_gdn.log" | head -30 | tee -a "$out/summary.txt"
+  [[ ${TIMING_GDN:-1} == 1 ]] && timeout 150 $bin/kernels_chunk_state_scan_gpu_test \
+    --gtest_filter='*TimingDeltaRule32K*:*TimingAgainstTrsm32K*' > "$work/timing_gdn.log" 2>&1
+  log "gdn timing rc=$?"; grep -iE ' ms|x faster|speedup|fwd' "$work/timing_gdn.log" | head -30 | tee -a "$out/summary.txt"
 fi
 
 # Where a training step's time goes (ablate-train --profile_steps): PROFILES names runs of scripts/gpu-families.sh's

@@ -1,9 +1,12 @@
 #include "core/mixers/delta_rule.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include <cmath>
 
 #include "core/mixers/half_gemms.h"
 #include "core/mixers/ssd.h"  // decay_matrix
+#include "core/mixers/unit_lower_inverse.h"
 
 namespace ablate::core {
 namespace {
@@ -100,8 +103,18 @@ std::tuple<torch::Tensor, torch::Tensor> gated_delta_rule_chunked_with(ChunkScan
   const auto kb = kc * bc;
   const auto A = torch::tril(torch::matmul(kb, kc.transpose(-1, -2)) * M, -1);
   const auto rhs = torch::cat({kb * torch::exp(gamma).unsqueeze(-1), vc * bc}, -1);  // (b,h,c,l,K+V)
-  // unitriangular: the (zero) diagonal of A is read as ones, i.e. this solves (I + A) X = rhs.
-  const auto X = torch::linalg_solve_triangular(A, rhs, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+  // Solve (I + A) X = rhs (the zero diagonal of A read as ones). On CUDA (fp32, L <= 64) through the inverse
+  // kernel and one GEMM: cuBLAS's batched trsm took 2.4 ms at 32K x 16 heads on the H200, forward and backward each.
+  torch::Tensor X;
+  const bool fast_path = impl == ChunkScanImpl::kAuto || impl == ChunkScanImpl::kKernel;
+  if (fast_path && unit_lower_inverse_kernel_applies(A)) {
+    const auto T = unit_lower_inverse(A, /*use_kernel=*/true);
+    // In fp32 like the solve, also under autocast: T's entries grow with the overlaps of a chunk's keys.
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    X = torch::matmul(T, rhs);
+  } else {
+    X = torch::linalg_solve_triangular(A, rhs, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+  }
   const auto W = X.narrow(-1, 0, K);
   const auto Ut = X.narrow(-1, K, V);
 

@@ -4,7 +4,10 @@
 //  (b) the op (core/mixers/chunk_state_scan.h) with the kernel and with LibTorch walks in fp32, forward and all
 //      gradients, against the op in fp64 on the GPU (LibTorch walks; tested against autograd on CPU);
 //  (c) gated_delta_rule_chunked's kernel path against its original per-chunk loop and an fp64 reference;
-//  (d) timings (CUDA events, median of 20) of gated_delta_rule_chunked fwd+bwd at B=1, T=32768, H=16, K=V=128.
+//  (d) timings (CUDA events, median of 20) of gated_delta_rule_chunked fwd+bwd at B=1, T=32768, H=16, K=V=128;
+//  (e) the UT transform's unit lower-triangular inverse kernel (kernels/unit_lower_inverse_cuda.cu) against its C++
+//      reference and the op (core/mixers/unit_lower_inverse.h) against the triangular solve in fp64, with a timing
+//      beside cuBLAS's batched trsm at the 32K shape.
 // Every case prints its errors; checks do not stop at the first failure. Label gpu: skips without a device or
 // without ABLATE_WITH_CUDA.
 #include <gtest/gtest.h>
@@ -20,7 +23,9 @@
 
 #include "core/mixers/chunk_state_scan.h"
 #include "core/mixers/delta_rule.h"
+#include "core/mixers/unit_lower_inverse.h"
 #include "kernels/chunk_state_scan.h"
+#include "kernels/unit_lower_inverse.h"
 #include "tests/require_cuda.h"
 
 #if ABLATE_WITH_CUDA
@@ -403,6 +408,73 @@ TEST(ChunkScanGpu, TimingKernelLaunchShapes) {
   }
 }
 
+// -------------------------------------------------------------------------------- (e) unit lower-triangular inverse
+// A as the delta rule builds it: strictly lower, entries beta_i (k_i . k_j) decayed with unit-norm keys; plus a
+// diagonal and an upper part the kernel must ignore.
+torch::Tensor make_tril_input(int64_t batch, int64_t n, uint64_t seed) {
+  torch::manual_seed(seed);
+  return torch::randn({batch, n, n}, torch::TensorOptions().dtype(torch::kFloat64)) / std::sqrt(double(n));
+}
+
+TEST(UnitLowerInverseGpu, RawKernelMatchesCppReference) {
+  ABLATE_REQUIRE_CUDA();
+  // Odd batches (two matrices per block), every n up to the kernel's 64 in a few steps.
+  for (const auto& [batch, n] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 2}, {5, 17}, {4, 33}, {7, 64}, {8192, 64}}) {
+    const auto A = make_tril_input(batch, n, 100 + n).to(torch::kFloat32);
+    auto T_ref = torch::empty_like(A);
+    ablate::kernels::UnitLowerInverseArgs ra{batch, n, A.data_ptr<float>(), T_ref.data_ptr<float>()};
+    ablate::kernels::unit_lower_inverse_ref(ra);
+    const auto Ad = A.to(kCuda);
+    auto T = torch::full_like(Ad, std::numeric_limits<float>::quiet_NaN());
+    ablate::kernels::UnitLowerInverseArgs ka{batch, n, Ad.data_ptr<float>(), T.data_ptr<float>()};
+    const auto e = ablate::kernels::unit_lower_inverse_cuda(ka, c10::cuda::getCurrentCUDAStream());
+    ASSERT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
+    const double err = rel_err(T, T_ref);
+    std::printf("  inverse kernel vs C++ ref, batch %ld n %ld: rel err %.2e\n", long(batch), long(n), err);
+    EXPECT_TRUE(all_finite(T)) << "unwritten elements, batch " << batch << " n " << n;
+    // Same products, summed in the same order; only FMA contraction differs.
+    EXPECT_LT(err, 8 * kEpsF32 * std::sqrt(double(n))) << "batch " << batch << " n " << n;
+  }
+  ablate::kernels::UnitLowerInverseArgs bad{1, 65, nullptr, nullptr};
+  EXPECT_EQ(ablate::kernels::unit_lower_inverse_cuda(bad, c10::cuda::getCurrentCUDAStream()), cudaErrorInvalidValue);
+}
+
+TEST(UnitLowerInverseGpu, OpMatchesSolveForwardAndBackward) {
+  ABLATE_REQUIRE_CUDA();
+  const auto A64 = make_tril_input(2 * 3 * 5, 64, 7).reshape({2, 3, 5, 64, 64});
+  const auto w = torch::randn(A64.sizes(), A64.options());
+  auto run = [&](const torch::Tensor& A0, bool kernel) {
+    auto A = A0.detach().requires_grad_(true);
+    const auto T = ablate::core::unit_lower_inverse(A, kernel);
+    (T * w.to(A.options())).sum().backward();
+    return std::pair{T.detach(), A.grad()};
+  };
+  const auto [T_ref, g_ref] = run(A64.to(kCuda), false);
+  const auto [T_ker, g_ker] = run(A64.to(kCuda, torch::kFloat32), true);
+  const double eT = rel_err(T_ker, T_ref), eg = rel_err(g_ker, g_ref);
+  std::printf("  unit_lower_inverse op, kernel fp32 vs solve fp64: T %.2e, dA %.2e\n", eT, eg);
+  EXPECT_LT(eT, 16 * kEpsF32 * 8);  // fp32 rounding over sums of length <= 64 (sqrt(64) = 8)
+  EXPECT_LT(eg, 64 * kEpsF32 * 8);  // plus two fp32 GEMMs of length 64
+  EXPECT_EQ(f64(torch::triu(g_ker)).abs().max().item<double>(), 0.0);
+}
+
+TEST(UnitLowerInverseGpu, TimingAgainstTrsm32K) {
+  ABLATE_REQUIRE_CUDA();
+  // The delta rule's UT transform at T = 32768, 16 heads, chunk 64: 8192 systems with K + V = 256 right-hand sides.
+  const int64_t batch = 16 * 512, n = 64, r = 256;
+  const auto A = make_tril_input(batch, n, 9).to(kCuda, torch::kFloat32);
+  const auto rhs = torch::randn({batch, n, r}, A.options());
+  const double t_trsm = median_ms([&] { torch::linalg_solve_triangular(A, rhs, false, true, true); });
+  const double t_inv = median_ms([&] { ablate::core::unit_lower_inverse(A, true); });
+  const double t_both = median_ms([&] { torch::matmul(ablate::core::unit_lower_inverse(A, true), rhs); });
+  const auto x_trsm = torch::linalg_solve_triangular(A, rhs, false, true, true);
+  const auto x_inv = torch::matmul(ablate::core::unit_lower_inverse(A, true), rhs);
+  const double e = rel_err(x_inv, x_trsm);
+  std::printf("  UT solve, 8192 x (64 x 64, 256 rhs) fp32: trsm %.3f ms; inverse kernel %.3f ms, + GEMM %.3f ms "
+              "(%.1fx); rel diff %.1e\n", t_trsm, t_inv, t_both, t_trsm / t_both, e);
+  EXPECT_LT(e, 1e-4);
+}
+
 #else
 
 TEST(ChunkScanGpu, RawKernelMatchesCppReference) { ABLATE_REQUIRE_CUDA(); }
@@ -410,6 +482,9 @@ TEST(ChunkScanGpu, OpKernelMatchesFp64ForwardAndBackward) { ABLATE_REQUIRE_CUDA(
 TEST(ChunkScanGpu, DeltaRuleKernelPathMatchesLoop) { ABLATE_REQUIRE_CUDA(); }
 TEST(ChunkScanGpu, TimingDeltaRule32K) { ABLATE_REQUIRE_CUDA(); }
 TEST(ChunkScanGpu, TimingKernelLaunchShapes) { ABLATE_REQUIRE_CUDA(); }
+TEST(UnitLowerInverseGpu, RawKernelMatchesCppReference) { ABLATE_REQUIRE_CUDA(); }
+TEST(UnitLowerInverseGpu, OpMatchesSolveForwardAndBackward) { ABLATE_REQUIRE_CUDA(); }
+TEST(UnitLowerInverseGpu, TimingAgainstTrsm32K) { ABLATE_REQUIRE_CUDA(); }
 
 #endif
 
