@@ -68,6 +68,10 @@ if has timing; then
   [[ ${TIMING_GDN:-1} == 1 ]] && timeout 150 $bin/kernels_chunk_state_scan_gpu_test \
     --gtest_filter='*TimingDeltaRule32K*:*TimingAgainstTrsm32K*' > "$work/timing_gdn.log" 2>&1
   log "gdn timing rc=$?"; grep -iE ' ms|x faster|speedup|fwd' "$work/timing_gdn.log" | head -30 | tee -a "$out/summary.txt"
+  if [[ ${TIMING_CONV:-1} == 1 && -x $bin/mixers_causal_conv1d_gpu_test ]]; then
+    timeout 60 $bin/mixers_causal_conv1d_gpu_test --gtest_filter='*Timing*' > "$work/timing_conv.log" 2>&1
+    log "short conv timing rc=$?"; grep -iE ' ms|speedup' "$work/timing_conv.log" | head -10 | tee -a "$out/summary.txt"
+  fi
 fi
 
 # Where a training step's time goes (ablate-train --profile_steps): PROFILES names runs of scripts/gpu-families.sh's
@@ -83,6 +87,8 @@ if has profile; then
                           --context_length 32768 --batch_size 1 --gradient_checkpointing" ;;
       deltanet-32k) args="--data_dir data/fortunes --model_size 0.6B --mamba_type deltanet --context_length 32768
                           --batch_size 1 --gradient_checkpointing" ;;
+      mamba2-32k) args="--data_dir data/fortunes --model_size 0.6B --mamba_type mamba2 --context_length 32768
+                        --batch_size 1 --gradient_checkpointing" ;;
       *) log "profile: unknown run $name"; continue ;;
     esac
     # shellcheck disable=SC2086
