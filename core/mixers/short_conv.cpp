@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "core/ops/kernel_dispatch.h"
 #include "kernels/causal_conv1d.h"
@@ -72,8 +73,11 @@ kernels::CausalConv1dShape kernel_shape(const torch::Tensor& x, int64_t W, bool 
 // backward recomputes the conv from them. The weight and bias gradients are summed from the kernel's per-range fp32
 // partials and come back in the parameters' dtype and shape.
 struct CausalConv1dFn : torch::autograd::Function<CausalConv1dFn> {
+  // bias as an optional: an undefined Tensor argument breaks Function::apply (it records a device for every Tensor
+  // input), an empty optional is simply not an input of the graph.
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& weight,
-                               const torch::Tensor& bias, bool silu) {
+                               const std::optional<torch::Tensor>& bias_arg, bool silu) {
+    const torch::Tensor bias = bias_arg.value_or(torch::Tensor());
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const c10::cuda::CUDAGuard guard(x.device());
     const int64_t C = x.size(2), W = weight.size(-1);
@@ -176,7 +180,7 @@ torch::Tensor causal_conv1d_silu(const torch::Tensor& x, const torch::Tensor& we
   // accurate here; the difference is within that dtype's rounding).
   const auto dt = conv_input_dtype(x);
   const auto xk = dt == x.scalar_type() ? x : x.to(dt);
-  return CausalConv1dFn::apply(xk, weight, bias, silu);
+  return CausalConv1dFn::apply(xk, weight, bias.defined() ? std::optional<torch::Tensor>(bias) : std::nullopt, silu);
 #else
   return torch::Tensor();  // unreachable: causal_conv1d_kernel_applies is false without CUDA
 #endif
