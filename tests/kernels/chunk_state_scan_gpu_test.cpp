@@ -26,6 +26,7 @@
 #include "core/mixers/unit_lower_inverse.h"
 #include "kernels/chunk_state_scan.h"
 #include "kernels/unit_lower_inverse.h"
+#include "tests/cuda_timing.h"
 #include "tests/require_cuda.h"
 
 #if ABLATE_WITH_CUDA
@@ -277,27 +278,7 @@ TEST(ChunkScanGpu, DeltaRuleKernelPathMatchesLoop) {
 }
 
 // -------------------------------------------------------------------------------------------- (d) timing
-double median_ms(const std::function<void()>& f, int reps = 20, int warmup = 3) {
-  for (int i = 0; i < warmup; ++i) f();
-  std::vector<float> ms;
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  const auto st = c10::cuda::getCurrentCUDAStream().stream();
-  for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(a, st);
-    f();
-    cudaEventRecord(b, st);
-    cudaEventSynchronize(b);
-    float t = 0.f;
-    cudaEventElapsedTime(&t, a, b);
-    ms.push_back(t);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+using ablate::gpu_test::median_cuda_ms;
 
 TEST(ChunkScanGpu, TimingDeltaRule32K) {
   ABLATE_REQUIRE_CUDA();
@@ -324,7 +305,7 @@ TEST(ChunkScanGpu, TimingDeltaRule32K) {
     const ChunkScanImpl impls[] = {ChunkScanImpl::kKernel, ChunkScanImpl::kTorch, ChunkScanImpl::kAutogradLoop};
     const char* in[] = {"CUDA kernel scan", "custom op, LibTorch walks", "original loop (autograd)"};
     for (int i = 0; i < 3; ++i)
-      for (int bw = 0; bw < 2; ++bw) t[i][bw] = median_ms(step(impls[i], bw == 1));
+      for (int bw = 0; bw < 2; ++bw) t[i][bw] = median_cuda_ms(step(impls[i], bw == 1));
     std::printf("  gated_delta_rule_chunked %s B%ld T%ld H%ld K%ld V%ld (median of 20, ms):\n", dn, long(B), long(T),
                 long(H), long(K), long(V));
     for (int i = 0; i < 3; ++i)
@@ -337,13 +318,13 @@ TEST(ChunkScanGpu, TimingDeltaRule32K) {
   const ScanCase s{1, 16, 512, 64, 128, 128};
   const auto in = to_all(make_scan_inputs(s, 5), kCuda, torch::kFloat32);
   for (auto impl : {ChunkScanImpl::kKernel, ChunkScanImpl::kTorch}) {
-    const double fwd = median_ms([&] {
+    const double fwd = median_cuda_ms([&] {
       torch::NoGradGuard ng;
       op_outputs(impl, in);
     });
     std::vector<torch::Tensor> x;
     for (const auto& t : in) x.push_back(t.detach().requires_grad_(true));
-    const double both = median_ms([&] {
+    const double both = median_cuda_ms([&] {
       auto out = op_outputs(impl, x);
       (out[0].sum() + out[1].sum() + out[2].sum()).backward();
       for (auto& t : x) t.mutable_grad() = torch::Tensor();
@@ -391,7 +372,7 @@ TEST(ChunkScanGpu, TimingKernelLaunchShapes) {
   for (bool backward : {false, true}) {
     EXPECT_EQ(ablate::kernels::chunk_state_scan_cuda(args(backward, 0, 0), st), cudaSuccess);
     const auto ref_x = x.clone(), ref_zo = zo.clone();
-    const double t_def = median_ms([&] { ablate::kernels::chunk_state_scan_cuda(args(backward, 0, 0), st); });
+    const double t_def = median_cuda_ms([&] { ablate::kernels::chunk_state_scan_cuda(args(backward, 0, 0), st); });
     std::printf("    %s default: %.3f ms\n", backward ? "backward" : "forward ", t_def);
     for (int vt : {16, 32, 64})
       for (int nt : {256, 512}) {
@@ -401,7 +382,7 @@ TEST(ChunkScanGpu, TimingKernelLaunchShapes) {
         const double ex = rel_err(x, ref_x), ez = rel_err(zo, ref_zo);
         EXPECT_LT(ex, 1e-5) << "vt " << vt << " nt " << nt;
         EXPECT_LT(ez, 1e-5) << "vt " << vt << " nt " << nt;
-        const double t = median_ms([&] { ablate::kernels::chunk_state_scan_cuda(args(backward, vt, nt), st); });
+        const double t = median_cuda_ms([&] { ablate::kernels::chunk_state_scan_cuda(args(backward, vt, nt), st); });
         std::printf("    %s VT %2d threads %3d: %.3f ms  (rel diff to default: x %.1e, zout %.1e)\n",
                     backward ? "backward" : "forward ", vt, nt, t, ex, ez);
       }
@@ -464,9 +445,9 @@ TEST(UnitLowerInverseGpu, TimingAgainstTrsm32K) {
   const int64_t batch = 16 * 512, n = 64, r = 256;
   const auto A = make_tril_input(batch, n, 9).to(kCuda, torch::kFloat32);
   const auto rhs = torch::randn({batch, n, r}, A.options());
-  const double t_trsm = median_ms([&] { torch::linalg_solve_triangular(A, rhs, false, true, true); });
-  const double t_inv = median_ms([&] { ablate::core::unit_lower_inverse(A, true); });
-  const double t_both = median_ms([&] { torch::matmul(ablate::core::unit_lower_inverse(A, true), rhs); });
+  const double t_trsm = median_cuda_ms([&] { torch::linalg_solve_triangular(A, rhs, false, true, true); });
+  const double t_inv = median_cuda_ms([&] { ablate::core::unit_lower_inverse(A, true); });
+  const double t_both = median_cuda_ms([&] { torch::matmul(ablate::core::unit_lower_inverse(A, true), rhs); });
   const auto x_trsm = torch::linalg_solve_triangular(A, rhs, false, true, true);
   const auto x_inv = torch::matmul(ablate::core::unit_lower_inverse(A, true), rhs);
   const double e = rel_err(x_inv, x_trsm);

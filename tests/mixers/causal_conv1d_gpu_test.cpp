@@ -24,6 +24,7 @@
 #include "core/mixers/short_conv.h"
 #include "kernels/causal_conv1d.h"
 #include "tests/mixers/mixer_test_util.h"
+#include "tests/cuda_timing.h"
 #include "tests/require_cuda.h"
 
 #if ABLATE_WITH_CUDA
@@ -77,27 +78,7 @@ std::string case_name(const Case& c) {
   return buf;
 }
 
-double median_ms(const std::function<void()>& f, int reps = 20, int warmup = 3) {
-  for (int i = 0; i < warmup; ++i) f();
-  std::vector<float> ms;
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  const auto st = c10::cuda::getCurrentCUDAStream().stream();
-  for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(a, st);
-    f();
-    cudaEventRecord(b, st);
-    cudaEventSynchronize(b);
-    float t = 0.f;
-    cudaEventElapsedTime(&t, a, b);
-    ms.push_back(t);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+using ablate::gpu_test::median_cuda_ms;
 
 // ------------------------------------------------------------------------------------------ 1. raw kernels
 TEST(CausalConv1dGpu, RawKernelsMatchReference) {
@@ -326,8 +307,8 @@ TEST(CausalConv1dGpu, TimingShortConv32K) {
     std::vector<Tensor> out[2];
     for (int fused = 0; fused < 2; ++fused) {
       FusedSwitch sw(fused == 1);
-      t[fused][0] = median_ms(fwd);
-      t[fused][1] = median_ms(both);
+      t[fused][0] = median_cuda_ms(fwd);
+      t[fused][1] = median_cuda_ms(both);
       both();
       torch::NoGradGuard ng;
       out[fused] = {m->forward(x0), x.grad().clone(), m->weight.grad().clone(),
@@ -355,14 +336,14 @@ TEST(CausalConv1dGpu, TimingShortConv32K) {
   auto y = torch::empty_like(x), dx = torch::empty_like(x);
   auto dwb = torch::empty({kernels::causal_conv1d_num_ranges(B, T), C, W + 1}, o);
   kernels::CausalConv1dShape s{B, T, C, W, kernels::NsaDtype::kBF16, true};
-  const double tf = median_ms([&] {
+  const double tf = median_cuda_ms([&] {
     kernels::causal_conv1d_fwd_cuda({s, x.data_ptr(), w.data_ptr<float>(), nullptr, y.data_ptr()}, st);
   });
-  const double tb = median_ms([&] {
+  const double tb = median_cuda_ms([&] {
     kernels::causal_conv1d_bwd_cuda(
         {s, x.data_ptr(), w.data_ptr<float>(), nullptr, dy.data_ptr(), dx.data_ptr(), dwb.data_ptr<float>()}, st);
   });
-  const double tr = median_ms([&] { dwb.sum(0); });
+  const double tr = median_cuda_ms([&] { dwb.sum(0); });
   std::printf("  raw kernels: fwd %.3f ms, bwd %.3f ms, partial-sum reduction (%ld x %ld x %ld fp32) %.3f ms\n", tf, tb,
               long(dwb.size(0)), long(C), long(W + 1), tr);
 }

@@ -20,6 +20,7 @@
 
 #include "core/mixers/nsa.h"
 #include "kernels/nsa_compress.h"
+#include "tests/cuda_timing.h"
 #include "tests/require_cuda.h"
 
 #if ABLATE_WITH_CUDA
@@ -288,28 +289,7 @@ TEST(NsaCompressGpu, SwitchAndCpuFallback) {
 }
 
 #if ABLATE_WITH_CUDA
-// Median milliseconds of fn over reps runs (after `warmup` runs), timed with CUDA events on the current stream.
-double time_ms(const std::function<void()>& fn, int reps, int warmup) {
-  for (int i = 0; i < warmup; ++i) fn();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    cudaEventRecord(e0, stream);
-    fn();
-    cudaEventRecord(e1, stream);
-    cudaEventSynchronize(e1);
-    float t = 0;
-    cudaEventElapsedTime(&t, e0, e1);
-    ms.push_back(t);
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+using ablate::gpu_test::median_cuda_ms;
 #endif
 
 // The paper-scale compressed branch (the 71.9 ms / 168.5 ms LibTorch measurement): B=1, T=32768, H=32, KV=8, hd=64,
@@ -339,7 +319,7 @@ TEST(NsaCompressGpu, TimingPaperScale) {
     for (int fused = 1; fused >= 0; --fused) {
       FusedSwitch sw(fused == 1);
       const int reps = fused ? 5 : 2;
-      f[fused] = time_ms(
+      f[fused] = median_cuda_ms(
           [&] {
             torch::NoGradGuard ng;
             auto r = nsa_compressed_attention(q, kc, vc, o);
@@ -347,7 +327,7 @@ TEST(NsaCompressGpu, TimingPaperScale) {
             idxs[fused] = r.block_idx;
           },
           reps, 1);
-      fb[fused] = time_ms(
+      fb[fused] = median_cuda_ms(
           [&] {
             clear();
             nsa_compressed_attention(q, kc, vc, o).out.backward(w);

@@ -19,6 +19,7 @@
 
 #include "core/mixers/nsa.h"
 #include "kernels/nsa_select.h"
+#include "tests/cuda_timing.h"
 #include "tests/require_cuda.h"
 
 #if ABLATE_WITH_CUDA
@@ -338,28 +339,7 @@ TEST(NsaSelectGpu, ModuleForwardWithKernelsMatches) {
 }
 
 #if ABLATE_WITH_CUDA
-// Median milliseconds of fn over reps runs (after `warmup` runs), timed with CUDA events on the current stream.
-double time_ms(const std::function<void()>& fn, int reps, int warmup) {
-  for (int i = 0; i < warmup; ++i) fn();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    cudaEventRecord(e0, stream);
-    fn();
-    cudaEventRecord(e1, stream);
-    cudaEventSynchronize(e1);
-    float t = 0;
-    cudaEventElapsedTime(&t, e0, e1);
-    ms.push_back(t);
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+using ablate::gpu_test::median_cuda_ms;
 #endif
 
 TEST(NsaSelectGpu, TimingPaperScale) {
@@ -396,9 +376,9 @@ TEST(NsaSelectGpu, TimingPaperScale) {
     Tensor out_k;
     {
       KernelSwitch sw(true);
-      k_f = time_ms(fwd, 5, 1);
+      k_f = median_cuda_ms(fwd, 5, 1);
       out_k = out.clone();
-      k_fb = time_ms(fwd_bwd, 5, 1);
+      k_fb = median_cuda_ms(fwd_bwd, 5, 1);
     }
     std::printf("[nsa slc timing] B=1 T=%ld H=%ld KV=%ld hd=%ld bf16 n=16 l'=64: kernel fwd %.2f ms (%.1f TFLOP/s), "
                 "fwd+bwd %.2f ms\n",
@@ -413,9 +393,9 @@ TEST(NsaSelectGpu, TimingPaperScale) {
       continue;
     }
     KernelSwitch sw(false);
-    const double o_f = time_ms(fwd, 1, 0);
+    const double o_f = median_cuda_ms(fwd, 1, 0);
     const double e = max_err(out.to(torch::kDouble), out_k.to(torch::kDouble));
-    const double o_fb = time_ms(fwd_bwd, 1, 0);
+    const double o_fb = median_cuda_ms(fwd_bwd, 1, 0);
     if (cfg.T == 32768) old_fb_32k_ms = o_fb;
     std::printf("[nsa slc timing]   LibTorch path fwd %.1f ms, fwd+bwd %.1f ms; speedup fwd %.1fx, fwd+bwd %.1fx; "
                 "max |kernel - LibTorch| / max|LibTorch| = %.2e\n",
@@ -457,9 +437,9 @@ TEST(NsaSelectGpu, TimingTensorCoresVsFmaKernels) {
   for (int tc = 0; tc < 2; ++tc) {
     TcSwitch ts(tc == 1);
     const int64_t n0 = kernels::nsa_select_tc_launches();
-    f_ms[tc] = time_ms(fwd, 5, 1);
+    f_ms[tc] = median_cuda_ms(fwd, 5, 1);
     outs[tc] = out.clone();
-    fb_ms[tc] = time_ms(fwd_bwd, 5, 1);
+    fb_ms[tc] = median_cuda_ms(fwd_bwd, 5, 1);
     dqs[tc] = ql.grad().clone();
     dks[tc] = kl.grad().clone();
     EXPECT_EQ(kernels::nsa_select_tc_launches() > n0, tc == 1);
@@ -498,13 +478,13 @@ TEST(NsaSelectGpu, TimingCompressedAndWindowBranchesPaperScale) {
   auto clear = [&] {
     for (auto* t : {&q, &k, &v, &kc, &vc}) t->mutable_grad() = Tensor();
   };
-  const double cmp_f = time_ms([&] { torch::NoGradGuard ng; nsa_compressed_attention(q, kc, vc, o); }, 3, 1);
-  const double cmp_fb = time_ms([&] { clear(); nsa_compressed_attention(q, kc, vc, o).out.backward(w); }, 3, 1);
+  const double cmp_f = median_cuda_ms([&] { torch::NoGradGuard ng; nsa_compressed_attention(q, kc, vc, o); }, 3, 1);
+  const double cmp_fb = median_cuda_ms([&] { clear(); nsa_compressed_attention(q, kc, vc, o).out.backward(w); }, 3, 1);
   double swa_f[3], swa_fb[3];
   for (int path = 0; path < 3; ++path) {  // LibTorch Function, SDPA on chunks, FlashAttention-2 local
     SdpaSwitch sd(path >= 1, path == 2);
-    swa_f[path] = time_ms([&] { torch::NoGradGuard ng; nsa_window_attention(q, k, v, o); }, 3, 1);
-    swa_fb[path] = time_ms([&] { clear(); nsa_window_attention(q, k, v, o).backward(w); }, 3, 1);
+    swa_f[path] = median_cuda_ms([&] { torch::NoGradGuard ng; nsa_window_attention(q, k, v, o); }, 3, 1);
+    swa_fb[path] = median_cuda_ms([&] { clear(); nsa_window_attention(q, k, v, o).backward(w); }, 3, 1);
   }
   std::printf("[nsa branch timing] B=1 T=32768 H=32 KV=8 hd=64 bf16: compressed (Nc=%ld, incl. selection) fwd %.1f ms, "
               "fwd+bwd %.1f ms; window (w=512) LibTorch Function fwd %.1f ms, fwd+bwd %.1f ms; via SDPA fwd "
