@@ -189,7 +189,7 @@ int main(int argc, char** argv) {
   }
   // Several replicas: one more heartbeat channel per replica, for a heartbeat that one replica answers "database
   // down" (only its own path to PostgreSQL may be broken; see Worker).
-  std::vector<std::shared_ptr<grpc::Channel>> replica_channels;
+  std::vector<std::shared_ptr<grpc::Channel>> replica_channels, replica_data_channels;
   if (scheduler.find(',') != std::string::npos && scheduler.rfind("dns:", 0) != 0) {
     std::string rest = scheduler;
     if (rest.rfind("ipv4:", 0) == 0) rest = rest.substr(5);
@@ -206,9 +206,16 @@ int main(int argc, char** argv) {
         return 2;
       }
       replica_channels.push_back(std::move(ch));
+      // The other calls' channel to this replica (shares its connection with `channel`'s when that picked it).
+      auto data = BuildSchedulerChannel(one, args, &one_auth, &err);
+      if (!data) {
+        Log("error: ", err);
+        return 2;
+      }
+      replica_data_channels.push_back(std::move(data));
     }
   }
-  Worker worker(opts, channel, &metrics, &stop, hb_channel, replica_channels);
+  Worker worker(opts, channel, &metrics, &stop, hb_channel, replica_channels, replica_data_channels);
   int rc = worker.Run();
   Log("exit");
   return rc;

@@ -33,6 +33,9 @@ std::string WorkerMetrics::Render() const {
   one("ablate_worker_heartbeat_failovers_total", "counter",
       "Heartbeats renewed by another scheduler replica after the first answered 'database down'.",
       heartbeat_failovers.load());
+  one("ablate_worker_replica_switches_total", "counter",
+      "Times the worker's other calls moved to another scheduler replica (after 'database down', or unreachable).",
+      replica_switches.load());
   one("ablate_worker_metric_points_sent_total", "counter", "Metric points written to the scheduler stream.",
       points_sent.load());
   one("ablate_worker_metric_points_dropped_total", "counter",

@@ -21,6 +21,7 @@ class WorkerMetrics {
   std::atomic<int64_t> child_running{0};
   std::atomic<int64_t> heartbeats{0};
   std::atomic<int64_t> heartbeat_failures{0};
+  std::atomic<int64_t> replica_switches{0};     // ReplicaRouter moves
   std::atomic<int64_t> heartbeat_failovers{0};  // renewed by another replica after "database down" from the first
   std::atomic<int64_t> points_sent{0};
   std::atomic<int64_t> points_dropped{0};

@@ -68,8 +68,9 @@ MetricSpill::Options SpillOptions(const WorkerOptions& o) {
 }
 
 // One ReportMetrics client stream for `points` (chunks of 500), ended by the scheduler's ack.
-grpc::Status SendPoints(v1::WorkerService::Stub* stub, const WorkerOptions& o, const v1::Lease& lease,
+grpc::Status SendPoints(ReplicaRouter& router, const WorkerOptions& o, const v1::Lease& lease,
                         const std::vector<v1::MetricPoint>& points, size_t chunk) {
+  v1::WorkerService::Stub* stub = router.Pick();
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + o.rpc_timeout);
   v1::ReportMetricsResponse ack;
@@ -84,6 +85,7 @@ grpc::Status SendPoints(v1::WorkerService::Stub* stub, const WorkerOptions& o, c
   }
   if (ok) writer->WritesDone();
   grpc::Status s = writer->Finish();
+  router.Report(stub, s, !s.ok() && HasStoreTrailer(ctx));
   if (s.ok() && !ok) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "metric stream broke");
   return s;
 }
@@ -131,7 +133,7 @@ bool ReadFileBytes(const std::string& path, std::string* out) {
   return true;
 }
 
-grpc::Status HeartbeatOnce(v1::WorkerService::Stub* stub, const WorkerOptions& o, const v1::Lease& lease,
+grpc::Status HeartbeatOnce(ReplicaRouter& router, const WorkerOptions& o, const v1::Lease& lease,
                            int64_t step) {
   v1::HeartbeatRequest req;
   req.set_worker_id(o.worker_id);
@@ -140,7 +142,7 @@ grpc::Status HeartbeatOnce(v1::WorkerService::Stub* stub, const WorkerOptions& o
   v1::HeartbeatResponse resp;
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::min<std::chrono::milliseconds>(o.rpc_timeout, 5s));
-  return stub->Heartbeat(&ctx, req, &resp);
+  return router.Call(&ctx, [&](v1::WorkerService::Stub* stub) { return stub->Heartbeat(&ctx, req, &resp); });
 }
 
 enum class Delivery { kDone, kFenced, kRejected, kKept };
@@ -153,7 +155,7 @@ void PauseFor(Stopper* stop, std::chrono::milliseconds d) {
 // Sends a finished attempt's completion. While the scheduler (or its database) does not answer it renews the lease
 // between tries (nobody can take the lease while the database is down; once it is back this keeps it ours) and
 // retries: until accepted or fenced, or max_failures tries in a row (0: no limit), or `after_stop` past a stop.
-Delivery DeliverCompletion(v1::WorkerService::Stub* stub, const WorkerOptions& o, WorkerMetrics* metrics,
+Delivery DeliverCompletion(ReplicaRouter& router, const WorkerOptions& o, WorkerMetrics* metrics,
                            Stopper* stop, const v1::CompleteJobRequest& req, std::chrono::milliseconds hb_interval,
                            int max_failures, std::chrono::milliseconds after_stop) {
   const v1::Lease& lease = req.lease();
@@ -162,7 +164,8 @@ Delivery DeliverCompletion(v1::WorkerService::Stub* stub, const WorkerOptions& o
     v1::CompleteJobResponse resp;
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + o.rpc_timeout);
-    grpc::Status s = stub->CompleteJob(&ctx, req, &resp);
+    grpc::Status s =
+        router.Call(&ctx, [&](v1::WorkerService::Stub* stub) { return stub->CompleteJob(&ctx, req, &resp); });
     if (s.ok()) {
       Log("job ", lease.job_id(), " attempt ", lease.attempt(), " completed: ", OutcomeLabel(req.outcome()),
           req.failure_class() != v1::FAILURE_CLASS_UNSPECIFIED ? " (" + v1::FailureClass_Name(req.failure_class()) + ")"
@@ -191,7 +194,7 @@ Delivery DeliverCompletion(v1::WorkerService::Stub* stub, const WorkerOptions& o
       if (!stopped_at) stopped_at = Clock::now();
       if (Clock::now() - *stopped_at >= after_stop) return Delivery::kKept;
     }
-    grpc::Status h = HeartbeatOnce(stub, o, lease, -1);
+    grpc::Status h = HeartbeatOnce(router, o, lease, -1);
     if (IsFenced(h)) {
       Log("job ", lease.job_id(), " attempt ", lease.attempt(), ": lease lost while reporting (", h.error_message(),
           ")");
@@ -213,7 +216,7 @@ struct Leftovers {
 // renewing the lease meanwhile so that it stays ours while the backlog drains. Accepted while the lease is current;
 // fenced once the job moved on (the points are then counted as dropped and the report discarded: the scheduler owns
 // the job). Kept on disk when the scheduler cannot be reached (max_failures failed tries in a row) or we stop.
-Leftovers ReplaySpills(v1::WorkerService::Stub* stub, const WorkerOptions& o, WorkerMetrics* metrics, Stopper* stop,
+Leftovers ReplaySpills(ReplicaRouter& router, const WorkerOptions& o, WorkerMetrics* metrics, Stopper* stop,
                        std::chrono::milliseconds hb_interval, int max_failures) {
   Leftovers out;
   const std::string root = SpillRoot(o);
@@ -258,13 +261,13 @@ Leftovers ReplaySpills(v1::WorkerService::Stub* stub, const WorkerOptions& o, Wo
       grpc::Status s;
       if (finished && (!renewed || Clock::now() - *renewed >= hb_interval)) {
         // A finished attempt has no heartbeater any more: renew its lease while its backlog is delivered.
-        s = HeartbeatOnce(stub, o, lease, -1);
+        s = HeartbeatOnce(router, o, lease, -1);
         if (s.ok()) renewed = Clock::now();
       }
       if (!IsFenced(s)) {
         auto batch = spill.Peek(4000);
         if (batch.empty()) break;
-        s = SendPoints(stub, o, lease, batch, 500);
+        s = SendPoints(router, o, lease, batch, 500);
         if (s.ok()) {
           spill.Ack(batch.size());
           metrics->points_sent += static_cast<int64_t>(batch.size());
@@ -289,7 +292,7 @@ Leftovers ReplaySpills(v1::WorkerService::Stub* stub, const WorkerOptions& o, Wo
       PauseFor(stop, Backoff(failures, 200ms, 5000ms));
     }
     if (d == Delivery::kDone && finished) {
-      d = DeliverCompletion(stub, o, metrics, stop, report, hb_interval, max_failures, 0ms);
+      d = DeliverCompletion(router, o, metrics, stop, report, hb_interval, max_failures, 0ms);
       if (d == Delivery::kKept) Log("metric spill ", dir, ": completion not delivered yet; keeping it");
     }
     if (d == Delivery::kKept) {
@@ -422,13 +425,20 @@ v1::Resources DetectResources(const std::string& gpus_override) {
 
 Worker::Worker(WorkerOptions opts, std::shared_ptr<grpc::Channel> channel, WorkerMetrics* metrics, Stopper* stop,
                std::shared_ptr<grpc::Channel> heartbeat_channel,
-               std::vector<std::shared_ptr<grpc::Channel>> replica_channels)
+               std::vector<std::shared_ptr<grpc::Channel>> replica_channels,
+               std::vector<std::shared_ptr<grpc::Channel>> replica_data_channels)
     : opts_(std::move(opts)),
       stub_(v1::WorkerService::NewStub(channel)),
       hb_stub_(v1::WorkerService::NewStub(heartbeat_channel ? heartbeat_channel : channel)),
       metrics_(metrics),
       stop_(stop) {
   for (const auto& ch : replica_channels) replica_hb_stubs_.push_back(v1::WorkerService::NewStub(ch));
+  std::vector<v1::WorkerService::Stub*> data;
+  for (const auto& ch : replica_data_channels) {
+    replica_stubs_.push_back(v1::WorkerService::NewStub(ch));
+    data.push_back(replica_stubs_.back().get());
+  }
+  router_ = std::make_unique<ReplicaRouter>(stub_.get(), std::move(data), &metrics_->replica_switches);
   resources_ = DetectResources(opts_.gpus_override);
 }
 
@@ -443,7 +453,10 @@ bool Worker::Register() {
   for (int attempt = 0; !stop_->stopped(); ++attempt) {
     v1::RegisterWorkerResponse resp;
     grpc::Status s = CallWithRetry(
-        "RegisterWorker", [&](grpc::ClientContext* c) { return stub_->RegisterWorker(c, req, &resp); },
+        "RegisterWorker",
+        [&](grpc::ClientContext* c) {
+          return router_->Call(c, [&](v1::WorkerService::Stub* st) { return st->RegisterWorker(c, req, &resp); });
+        },
         opts_.rpc_timeout, stop_);
     if (s.ok()) {
       if (resp.heartbeat_interval_ms() > 0) heartbeat_interval_ = std::chrono::milliseconds(resp.heartbeat_interval_ms());
@@ -467,7 +480,7 @@ bool Worker::Register() {
 
 int Worker::Run() {
   if (!Register()) return 0;
-  Leftovers left = ReplaySpills(stub_.get(), opts_, metrics_, stop_, heartbeat_interval_, 5);
+  Leftovers left = ReplaySpills(*router_, opts_, metrics_, stop_, heartbeat_interval_, 5);
   int64_t jobs_done = 0;
   int poll_attempt = 0;
   int consecutive_failures = 0;
@@ -475,7 +488,7 @@ int Worker::Run() {
   while (!stop_->stopped()) {
     if (left.kept > 0) {
       // Attempts of an earlier run that could not be delivered yet: try again before asking for work.
-      left = ReplaySpills(stub_.get(), opts_, metrics_, stop_, heartbeat_interval_, 1);
+      left = ReplaySpills(*router_, opts_, metrics_, stop_, heartbeat_interval_, 1);
       if (left.kept_finished > 0) {
         // A finished attempt still waits for the scheduler to take its points and its report. No new work
         // meanwhile: its lease would go unrenewed (and the scheduler is not answering anyway).
@@ -500,7 +513,7 @@ int Worker::Run() {
         "LeaseJob",
         [&](grpc::ClientContext* c) {
           lease_sent = Clock::now();
-          return stub_->LeaseJob(c, req, &resp);
+          return router_->Call(c, [&](v1::WorkerService::Stub* st) { return st->LeaseJob(c, req, &resp); });
         },
         opts_.rpc_timeout, stop_);
     if (stop_->stopped() && !LeaseHasJob(resp)) break;
@@ -567,7 +580,11 @@ bool Worker::Complete(const v1::Lease& lease, v1::Outcome outcome, v1::FailureCl
   // Keep trying through a scheduler restart; past the lease TTL the scheduler re-queues the job anyway.
   // Not tied to stop_: a draining worker must still get its report through.
   grpc::Status s = CallWithRetry(
-      "CompleteJob", [&](grpc::ClientContext* c) { return stub_->CompleteJob(c, req, &resp); }, opts_.rpc_timeout,
+      "CompleteJob",
+      [&](grpc::ClientContext* c) {
+        return router_->Call(c, [&](v1::WorkerService::Stub* st) { return st->CompleteJob(c, req, &resp); });
+      },
+      opts_.rpc_timeout,
       nullptr, retry ? 60s : 1ms);
   if (s.ok()) {
     Log("job ", lease.job_id(), " attempt ", lease.attempt(), " completed: ", OutcomeLabel(outcome),
@@ -607,12 +624,6 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   // interval and the metric traffic on the same connection, F21 self-fenced a healthy lease within seconds; with a
   // deadline of half the TTL, still after a 2.5 s stall.
   // "Scheduler up, database down": the answer carries the store trailer.
-  auto store_trailer = [](const grpc::ClientContext& ctx) {
-    for (const auto& [k, v] : ctx.GetServerTrailingMetadata()) {
-      if (std::string(k.data(), k.size()) == "ablate-store-unavailable") return true;
-    }
-    return false;
-  };
   auto beat = [&](v1::HeartbeatRequest req, Clock::time_point sent) {
     v1::HeartbeatResponse resp;
     grpc::ClientContext ctx;
@@ -624,7 +635,7 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
     const bool replicas = !replica_hb_stubs_.empty();
     ctx.set_deadline(replicas ? now + std::max<std::chrono::milliseconds>(lease_ttl_ / 3, 200ms) : deadline);
     grpc::Status s = hb_stub_->Heartbeat(&ctx, req, &resp);
-    bool store_down = !s.ok() && !IsFenced(s) && store_trailer(ctx);
+    bool store_down = !s.ok() && !IsFenced(s) && HasStoreTrailer(ctx);
     // Only the replica the channel picked may have lost its database (or be unreachable): ask every replica at once
     // (one of them may be that same blackholed replica, which would hold a sequential try until the deadline); the
     // first answer that settles the lease (renewed, or fenced) counts, the others are cancelled.
@@ -647,13 +658,13 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
         fan.ctxs[r]->set_deadline(deadline);
       }
       for (size_t r = 0; r < n; ++r) {
-        auto done = [&fan, r, &store_trailer](grpc::Status rs) {
+        auto done = [&fan, r](grpc::Status rs) {
           std::lock_guard<std::mutex> lk(fan.mu);
           if (!fan.settled && (rs.ok() || IsFenced(rs))) {
             fan.settled = true;
             fan.status = rs;
             fan.resp = fan.resps[r];
-          } else if (!rs.ok() && !IsFenced(rs) && store_trailer(*fan.ctxs[r])) {
+          } else if (!rs.ok() && !IsFenced(rs) && HasStoreTrailer(*fan.ctxs[r])) {
             fan.store_down = true;
           }
           --fan.pending;
@@ -1041,7 +1052,7 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
       }
       bool ok = true;
       if (!batch.empty()) {
-        grpc::Status s = SendPoints(stub_.get(), opts_, run.CurrentLease(), batch, JobRun::kBatchPoints);
+        grpc::Status s = SendPoints(*router_, opts_, run.CurrentLease(), batch, JobRun::kBatchPoints);
         ok = s.ok();
         if (ok) {
           metrics_->points_sent += static_cast<int64_t>(batch.size());
@@ -1095,7 +1106,8 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
         v1::ReportCheckpointResponse resp;
         grpc::ClientContext cc;
         cc.set_deadline(std::chrono::system_clock::now() + opts_.rpc_timeout);
-        grpc::Status s = stub_->ReportCheckpoint(&cc, req, &resp);
+        grpc::Status s = router_->Call(
+            &cc, [&](v1::WorkerService::Stub* st) { return st->ReportCheckpoint(&cc, req, &resp); });
         if (s.ok()) {
           failures = 0;
           ++metrics_->checkpoints_reported;
@@ -1311,12 +1323,12 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
   }
   if (run.latest_step >= 0) {
     // One last heartbeat so the scheduler's step is the final one, not the one of the previous tick.
-    grpc::Status s = HeartbeatOnce(stub_.get(), opts_, lease, run.latest_step.load());
+    grpc::Status s = HeartbeatOnce(*router_, opts_, lease, run.latest_step.load());
     if (s.ok()) ++metrics_->heartbeats;
   }
   *report.mutable_lease() = lease;
   // Until accepted or fenced; while stopping, for up to 10 s more (the report stays on disk for the next start).
-  Delivery d = DeliverCompletion(stub_.get(), opts_, metrics_, stop_, report, heartbeat_interval_, 0, 10s);
+  Delivery d = DeliverCompletion(*router_, opts_, metrics_, stop_, report, heartbeat_interval_, 0, 10s);
   std::lock_guard<std::mutex> lk(run.mu);
   if (d == Delivery::kKept && run.spill->on_disk()) {
     Log("job ", job.id(), " attempt ", lease.attempt(), ": report kept in ", run.spill->dir(), " for the next start");

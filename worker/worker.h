@@ -11,6 +11,7 @@
 
 #include "ablate/v1/ablate.grpc.pb.h"
 #include "worker/metrics.h"
+#include "worker/replica_router.h"
 #include "worker/util.h"
 
 namespace ablate::worker {
@@ -65,9 +66,12 @@ class Worker {
   // database down" by the replica the heartbeat channel picked is tried on each of them: when only that replica's
   // path to PostgreSQL is broken, another one renews the lease (else the leader, whose path is fine, would reap it
   // while this worker kept training on the store-outage tolerance: a double run).
+  // replica_data_channels: with several replicas, one more channel per replica (not the heartbeats' connections)
+  // for every other call once `channel`'s pick answered "database down" (ReplicaRouter).
   Worker(WorkerOptions opts, std::shared_ptr<grpc::Channel> channel, WorkerMetrics* metrics, Stopper* stop,
          std::shared_ptr<grpc::Channel> heartbeat_channel = nullptr,
-         std::vector<std::shared_ptr<grpc::Channel>> replica_channels = {});
+         std::vector<std::shared_ptr<grpc::Channel>> replica_channels = {},
+         std::vector<std::shared_ptr<grpc::Channel>> replica_data_channels = {});
   // Returns the process exit code: 0 after a clean stop / max_jobs / once.
   int Run();
 
@@ -82,6 +86,8 @@ class Worker {
   std::unique_ptr<v1::WorkerService::Stub> stub_;
   std::unique_ptr<v1::WorkerService::Stub> hb_stub_;  // heartbeats only
   std::vector<std::unique_ptr<v1::WorkerService::Stub>> replica_hb_stubs_;  // one per replica (several only)
+  std::vector<std::unique_ptr<v1::WorkerService::Stub>> replica_stubs_;     // the other calls', per replica
+  std::unique_ptr<ReplicaRouter> router_;  // every call but heartbeats: stub_, or one replica after "database down"
   WorkerMetrics* metrics_;
   Stopper* stop_;
   v1::Resources resources_;

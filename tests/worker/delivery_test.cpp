@@ -341,5 +341,41 @@ TEST_F(DeliveryTest, KeptAttemptWhoseLeaseWasLostIsDroppedAtTheNextStart) {
   EXPECT_EQ(std::count(fake_.calls.begin(), fake_.calls.end(), "lease"), 2) << "the restarted worker did not lease";
 }
 
+// Two replicas; the workers' channel picked the one whose own path to PostgreSQL is cut (every answer "database
+// down"; it stays up, so pick_first never moves on). Everything must go through the other replica: the lease, the
+// renewals (heartbeat fan-out), every metric point and the report, while the cut lasts (ReplicaRouter).
+TEST_F(DeliveryTest, ReplicaCutFromTheDatabaseIsRoutedAround) {
+  FakeScheduler cut;
+  cut.store_down = true;
+  grpc::ServerBuilder b;
+  b.RegisterService(&cut);
+  auto cut_server = b.BuildAndStart();
+  ASSERT_NE(cut_server, nullptr);
+  auto cut_channel = cut_server->InProcessChannel(grpc::ChannelArguments());
+  auto good_channel = server_->InProcessChannel(grpc::ChannelArguments());
+  WorkerMetrics metrics;
+  Stopper stop;
+  auto rc = std::async(std::launch::async, [&] {
+    Worker w(Options(), cut_channel, &metrics, &stop, cut_channel, {cut_channel, good_channel},
+             {cut_channel, good_channel});
+    return w.Run();
+  });
+  if (rc.wait_for(30s) != std::future_status::ready) {
+    ADD_FAILURE() << "the worker did not finish the job through the healthy replica within 30 s";
+    stop.Stop();
+    cut.store_down = false;
+  }
+  EXPECT_EQ(rc.get(), 0);
+  cut_server->Shutdown(std::chrono::system_clock::now() + 2s);
+  std::lock_guard<std::mutex> lk(fake_.mu);
+  EXPECT_EQ(fake_.points.size(), static_cast<size_t>(kPoints)) << "points not delivered during the cut";
+  ASSERT_EQ(fake_.completions.size(), 1u);
+  EXPECT_EQ(fake_.completions[0].outcome(), v1::OUTCOME_SUCCEEDED);
+  EXPECT_EQ(metrics.points_dropped.load(), 0);
+  EXPECT_GE(metrics.replica_switches.load(), 1);
+  EXPECT_TRUE(cut.completions.empty() && cut.points.empty());
+  EXPECT_FALSE(fs::exists(AttemptSpill())) << "points were spilled instead of sent to the healthy replica";
+}
+
 }  // namespace
 }  // namespace ablate::worker
