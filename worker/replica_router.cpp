@@ -26,4 +26,13 @@ bool ReplicaRouter::Report(Stub* used, const grpc::Status& s, bool store_down) {
   return true;
 }
 
+bool ReplicaRouter::UseReplica(size_t r) {
+  if (r >= replicas_.size()) return false;
+  const int want = static_cast<int>(r);
+  if (active_.exchange(want) == want) return false;
+  ++moves_;
+  if (switches_ != nullptr) ++*switches_;
+  return true;
+}
+
 }  // namespace ablate::worker

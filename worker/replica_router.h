@@ -40,6 +40,10 @@ class ReplicaRouter {
   // on the same replica already moved them).
   bool Report(Stub* used, const grpc::Status& s, bool store_down);
 
+  // Another path found replica r healthy while the current target was not (the heartbeat fan-out: r renewed a lease
+  // after the heartbeat channel's pick failed): the calls go to r from now on. Returns true when they moved.
+  bool UseReplica(size_t r);
+
   // Calls f(stub) on the current stub and reports its outcome; ctx is the call's context (for the trailer).
   template <typename F>
   grpc::Status Call(grpc::ClientContext* ctx, F&& f) {
@@ -50,6 +54,7 @@ class ReplicaRouter {
   }
 
   int64_t moves() const { return moves_.load(); }
+  bool has_replicas() const { return !replicas_.empty(); }
 
  private:
   Stub* main_;

@@ -67,12 +67,14 @@ MetricSpill::Options SpillOptions(const WorkerOptions& o) {
   return so;
 }
 
-// One ReportMetrics client stream for `points` (chunks of 500), ended by the scheduler's ack.
+// One ReportMetrics client stream for `points` (chunks of 500), ended by the scheduler's ack. deadline: 0 = the
+// RPC timeout.
 grpc::Status SendPoints(ReplicaRouter& router, const WorkerOptions& o, const v1::Lease& lease,
-                        const std::vector<v1::MetricPoint>& points, size_t chunk) {
+                        const std::vector<v1::MetricPoint>& points, size_t chunk,
+                        std::chrono::milliseconds deadline = std::chrono::milliseconds(0)) {
   v1::WorkerService::Stub* stub = router.Pick();
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + o.rpc_timeout);
+  ctx.set_deadline(std::chrono::system_clock::now() + (deadline.count() > 0 ? deadline : o.rpc_timeout));
   v1::ReportMetricsResponse ack;
   auto writer = stub->ReportMetrics(&ctx, &ack);
   bool ok = true;
@@ -645,6 +647,7 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
         std::condition_variable cv;
         size_t pending = 0;
         bool settled = false, store_down = false;
+        size_t winner = 0;  // the replica whose answer settled it
         grpc::Status status;
         v1::HeartbeatResponse resp;
         std::vector<std::unique_ptr<grpc::ClientContext>> ctxs;
@@ -664,6 +667,7 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
             fan.settled = true;
             fan.status = rs;
             fan.resp = fan.resps[r];
+            fan.winner = r;
           } else if (!rs.ok() && !IsFenced(rs) && HasStoreTrailer(*fan.ctxs[r])) {
             fan.store_down = true;
           }
@@ -686,7 +690,12 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
         s = fan.status;
         resp = fan.resp;
         store_down = false;
-        if (s.ok()) ++metrics_->heartbeat_failovers;
+        if (s.ok()) {
+          ++metrics_->heartbeat_failovers;
+          // The pick failed and this replica renewed: the other calls (metrics, reports, leases) go there too,
+          // without waiting for one of them to run into the same replica's deadline first.
+          router_->UseReplica(fan.winner);
+        }
       } else if (fan.store_down) {
         store_down = true;  // a replica up with its database down: the outage grace applies
       }
@@ -1052,7 +1061,13 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
       }
       bool ok = true;
       if (!batch.empty()) {
-        grpc::Status s = SendPoints(*router_, opts_, run.CurrentLease(), batch, JobRun::kBatchPoints);
+        // With several replicas a stream waits at most a lease TTL on one of them: a replica cut from the database
+        // answers only when the call's budget runs out, and the points are worth more at another replica now (they
+        // are spilled and resent meanwhile, and the upsert is idempotent).
+        const auto deadline = router_->has_replicas()
+                                  ? std::min<std::chrono::milliseconds>(opts_.rpc_timeout, std::max(lease_ttl_, 1000ms))
+                                  : opts_.rpc_timeout;
+        grpc::Status s = SendPoints(*router_, opts_, run.CurrentLease(), batch, JobRun::kBatchPoints, deadline);
         ok = s.ok();
         if (ok) {
           metrics_->points_sent += static_cast<int64_t>(batch.size());

@@ -66,8 +66,9 @@ class Worker {
   // database down" by the replica the heartbeat channel picked is tried on each of them: when only that replica's
   // path to PostgreSQL is broken, another one renews the lease (else the leader, whose path is fine, would reap it
   // while this worker kept training on the store-outage tolerance: a double run).
-  // replica_data_channels: with several replicas, one more channel per replica (not the heartbeats' connections)
-  // for every other call once `channel`'s pick answered "database down" (ReplicaRouter).
+  // replica_data_channels: with several replicas, one more channel per replica (not the heartbeats' connections),
+  // in replica_channels' order, for every other call once `channel`'s pick answered "database down" or a heartbeat
+  // was renewed by another replica (ReplicaRouter).
   Worker(WorkerOptions opts, std::shared_ptr<grpc::Channel> channel, WorkerMetrics* metrics, Stopper* stop,
          std::shared_ptr<grpc::Channel> heartbeat_channel = nullptr,
          std::vector<std::shared_ptr<grpc::Channel>> replica_channels = {},

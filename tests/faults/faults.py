@@ -1758,8 +1758,9 @@ def f18b(suite, st):
     The workers' channel picked that replica, which answers their heartbeats "scheduler up, database down". Before,
     the workers kept training on that answer while the leader, whose database was fine, reaped their leases after
     L: a double run, ended by fencing. Now a heartbeat answered "database down" is tried on each replica, the leader
-    renews it, and nothing is reaped. Pass: 0 expiries, both jobs succeed in one attempt, metrics complete, and the
-    workers counted failovers (so the path was exercised)."""
+    renews it, and nothing is reaped; the other calls (metric streams, reports, leases) move to the leader as well
+    (ReplicaRouter). Pass: 0 expiries, both jobs succeed in one attempt, metrics complete, train/loss points stored
+    during the cut (not only after it), and the workers counted heartbeat failovers and call-path switches."""
     hold_s = 2 * L + 2
     leader = st.scheduler()
     st.wait(lambda: "leader_acquired" in leader.text(), 10, "a leader")
@@ -1774,8 +1775,15 @@ def f18b(suite, st):
                 "both jobs running")
         st.fault_at.append(time.time())
         px.hold()
+        stored_at_cut = st.qi("SELECT coalesce(max(step), 0) FROM metrics WHERE name = 'train/loss'")
         time.sleep(hold_s)
+        # The metric streams moved to the leader too (ReplicaRouter): points kept arriving during the cut instead of
+        # spilling until it healed.
+        stored_in_cut = st.qi("SELECT coalesce(max(step), 0) FROM metrics WHERE name = 'train/loss'")
         px.release()
+        check(stored_in_cut >= stored_at_cut + 40,
+              "metric points did not reach the database during the cut (latest step %d at the cut, %d after %ds)"
+              % (stored_at_cut, stored_in_cut, hold_s))
         st.wait_terminal(90)
         check(st.qi("SELECT count(*) FROM job_attempts WHERE outcome = 'expired'") == 0,
               "leases reaped while their workers were healthy: " + st.q("SELECT job_id, attempt, outcome, worker_id FROM "
@@ -1787,9 +1795,12 @@ def f18b(suite, st):
         check(missing == 0, "%d train/loss points missing" % missing)
         failovers = worker_counter(ws, "ablate_worker_heartbeat_failovers_total")
         check(failovers > 0, "no heartbeat failed over to the other replica: the path under test did not run")
+        switches = worker_counter(ws, "ablate_worker_replica_switches_total")
+        check(switches > 0, "the workers' other calls never moved to another replica")
         finish(st)
-        return "replica's database path blackholed %ds: %d heartbeats renewed by the other replica, 0 expiries, 2/2 " \
-               "jobs in one attempt, metrics complete" % (hold_s, failovers)
+        return "replica's database path blackholed %ds: %d heartbeats renewed by the other replica, %d call-path " \
+               "switches, train/loss stored up to step %d during the cut (%d before), 0 expiries, 2/2 jobs in one " \
+               "attempt, metrics complete" % (hold_s, failovers, switches, stored_in_cut, stored_at_cut)
     finally:
         px.close()
 

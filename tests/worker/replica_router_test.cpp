@@ -69,5 +69,21 @@ TEST(ReplicaRouter, StaleReportDoesNotMoveAgain) {
   EXPECT_EQ(r.moves(), 2);
 }
 
+// The heartbeat fan-out found a healthy replica: the calls follow it at once.
+TEST(ReplicaRouter, UseReplicaFollowsTheHeartbeatFanOut) {
+  auto main = StubNoOneAnswers(), a = StubNoOneAnswers(), b = StubNoOneAnswers();
+  std::atomic<int64_t> switches{0};
+  ReplicaRouter r(main.get(), {a.get(), b.get()}, &switches);
+  EXPECT_TRUE(r.UseReplica(1));
+  EXPECT_EQ(r.Pick(), b.get());
+  EXPECT_FALSE(r.UseReplica(1)) << "already there";
+  EXPECT_FALSE(r.UseReplica(2)) << "no such replica";
+  EXPECT_EQ(r.Pick(), b.get());
+  EXPECT_EQ(switches.load(), 1);
+  ReplicaRouter single(main.get(), {});
+  EXPECT_FALSE(single.UseReplica(0));
+  EXPECT_FALSE(single.has_replicas());
+}
+
 }  // namespace
 }  // namespace ablate::worker
