@@ -15,6 +15,7 @@
 
 #include "cli/client.h"
 #include "cli/pki.h"
+#include "tests/temp_dir.h"
 
 namespace ablate::cli {
 namespace {
@@ -40,13 +41,11 @@ X509* LoadCert(const std::string& p) {
 
 class PkiTest : public ::testing::Test {
  protected:
+  test_util::TempDir tmp_{"ablate-pki-test"};
   void SetUp() override {
-    char tmpl[] = "/tmp/ablate-pki-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    root_ = tmpl;
+    root_ = tmp_.path();
     dir_ = root_ + "/pki";
   }
-  void TearDown() override { fs::remove_all(root_); }
   std::string root_, dir_;
 };
 

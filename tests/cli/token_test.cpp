@@ -15,6 +15,7 @@
 #include "cli/pki.h"
 #include "cli/token.h"
 #include "scheduler/rpc/jwt.h"
+#include "tests/temp_dir.h"
 
 namespace ablate::cli {
 namespace {
@@ -30,15 +31,13 @@ std::string Read(const std::string& p) {
 
 class TokenTest : public ::testing::Test {
  protected:
+  test_util::TempDir tmp_{"ablate-token-test"};
   void SetUp() override {
-    char tmpl[] = "/tmp/ablate-token-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = tmp_.path();
     for (const char* v : {"ABLATE_CA", "ABLATE_TOKEN", "ABLATE_TOKEN_FILE", "ABLATE_TLS_SERVER_NAME"}) unsetenv(v);
     key_ = dir_ + "/signing.key";
     ASSERT_EQ(CmdTokenKeygen(key_, false), 0);
   }
-  void TearDown() override { fs::remove_all(dir_); }
 
   jwt::Claims Verify(const std::string& token, jwt::Error want = jwt::Error::kOk) {
     std::vector<std::string> keys;

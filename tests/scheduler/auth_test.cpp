@@ -12,6 +12,7 @@
 
 #include "scheduler/rpc/auth.h"
 #include "scheduler/rpc/jwt.h"
+#include "tests/temp_dir.h"
 
 namespace ablate::scheduler::rpc {
 namespace {
@@ -24,13 +25,11 @@ const std::string kStatic = "static-user-token-0123456789";
 
 class AuthTest : public ::testing::Test {
  protected:
+  test_util::TempDir tmp_{"ablate-auth-test"};
   void SetUp() override {
-    char tmpl[] = "/tmp/ablate-auth-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = tmp_.path();
     now_ms_ = int64_t{1'800'000'000} * 1000;
   }
-  void TearDown() override { fs::remove_all(dir_); }
 
   // Replaces a file the way an operator's tooling should: a new file renamed over the old one.
   std::string Write(const std::string& name, const std::string& content) {

@@ -13,6 +13,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/temp_dir.h"
+
 namespace ablate::worker {
 namespace {
 
@@ -20,12 +22,10 @@ namespace fs = std::filesystem;
 
 class VerifyCheckpointTest : public ::testing::Test {
  protected:
+  test_util::TempDir tmp_{"ckpt-verify"};
   void SetUp() override {
-    char tmpl[] = "/tmp/ckpt-verify-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = tmp_.path();
   }
-  void TearDown() override { fs::remove_all(dir_); }
 
   void Write(const std::string& name, const std::string& bytes) {
     std::ofstream(fs::path(dir_) / name, std::ios::binary) << bytes;

@@ -13,6 +13,7 @@
 #include "worker/child.h"
 #include "worker/events.h"
 #include "worker/outcome.h"
+#include "tests/temp_dir.h"
 
 namespace ablate::worker {
 namespace {
@@ -21,12 +22,10 @@ namespace fs = std::filesystem;
 
 class ChildTest : public ::testing::Test {
  protected:
+  test_util::TempDir tmp_{"ablate-child-test"};
   void SetUp() override {
-    char tmpl[] = "/tmp/ablate-child-test-XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = tmp_.path();
   }
-  void TearDown() override { fs::remove_all(dir_); }
 
   std::string Script(const std::string& body) {
     std::string path = dir_ + "/fake-train.sh";

@@ -9,18 +9,17 @@
 #include <fstream>
 
 #include "worker/credentials.h"
+#include "tests/temp_dir.h"
 
 namespace ablate::worker {
 namespace {
 
 class CredentialsTest : public ::testing::Test {
  protected:
+  test_util::TempDir tmp_{"ablate-cred-test"};
   void SetUp() override {
-    char tmpl[] = "/tmp/ablate-cred-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = tmp_.path();
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
   std::string Write(const std::string& name, const std::string& content, mode_t mode = 0600) {
     std::string p = dir_ + "/" + name;
     std::ofstream(p) << content;

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "tests/temp_dir.h"
+
 namespace ablate::worker {
 namespace {
 
@@ -20,13 +22,11 @@ namespace fs = std::filesystem;
 
 class SpillTest : public ::testing::Test {
  protected:
+  test_util::TempDir tmp_{"spill_test"};
   void SetUp() override {
-    char tmpl[] = "/tmp/spill_test.XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    root_ = tmpl;
+    root_ = tmp_.path();
     dir_ = root_ + "/state/spill/job-1-a1";  // created by the spill
   }
-  void TearDown() override { fs::remove_all(root_); }
 
   static std::vector<v1::MetricPoint> Points(int64_t from, int64_t to, const std::string& name = "train/loss") {
     std::vector<v1::MetricPoint> v;
