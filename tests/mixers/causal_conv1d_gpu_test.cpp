@@ -24,6 +24,7 @@
 
 #include "core/mixers/short_conv.h"
 #include "kernels/causal_conv1d.h"
+#include "tests/mixers/causal_conv1d_cases.h"
 #include "tests/mixers/mixer_test_util.h"
 #include "tests/cuda_timing.h"
 #include "tests/require_cuda.h"
@@ -67,17 +68,9 @@ struct FusedSwitch {
   bool prev;
 };
 
-struct Case {
-  int64_t B, T, C, W;
-  bool bias, silu;
-};
-
-std::string case_name(const Case& c) {
-  char buf[96];
-  std::snprintf(buf, sizeof buf, "B%ld T%ld C%ld W%ld%s%s", long(c.B), long(c.T), long(c.C), long(c.W),
-                c.bias ? " bias" : "", c.silu ? " silu" : "");
-  return buf;
-}
+using conv_test::Case;
+using conv_test::case_name;
+using conv_test::shape_of;
 
 using ablate::gpu_test::median_cuda_ms;
 
@@ -102,12 +95,7 @@ TEST(CausalConv1dGpu, RawKernelsMatchReference) {
       const auto dy = torch::randn({c.B, c.T, c.C}).to(dt).to(torch::kFloat);
       const auto w = torch::randn({c.C, c.W}) / std::sqrt(double(c.W));
       const auto b = c.bias ? 0.5 * torch::randn({c.C}) : Tensor();
-      kernels::CausalConv1dShape s;
-      s.B = c.B;
-      s.T = c.T;
-      s.C = c.C;
-      s.W = c.W;
-      s.silu = c.silu;
+      kernels::CausalConv1dShape s = shape_of(c);
       const int64_t R = kernels::causal_conv1d_num_ranges(c.B, c.T);
       auto y_ref = torch::full_like(x, nan), dx_ref = torch::full_like(x, nan);
       auto dwb_ref = torch::full({R, c.C, c.W + 1}, nan);

@@ -13,6 +13,7 @@
 
 #include "core/mixers/short_conv.h"
 #include "kernels/causal_conv1d.h"
+#include "tests/mixers/causal_conv1d_cases.h"
 #include "tests/mixers/mixer_test_util.h"
 
 namespace ablate::core {
@@ -23,10 +24,8 @@ using torch::Tensor;
 
 constexpr double kEps = std::numeric_limits<float>::epsilon();
 
-struct Case {
-  int64_t B, T, C, W;
-  bool bias, silu;
-};
+using conv_test::Case;
+using conv_test::shape_of;
 
 const Case kCases[] = {
     {2, 37, 5, 4, true, true},     // Mamba2-like: bias and SiLU
@@ -38,16 +37,6 @@ const Case kCases[] = {
     {1, 200, 13, 8, true, true},   // the widest kernel the CUDA path takes
     {2, 70, 5, 9, false, true},    // wider than the CUDA kernels: the reference takes any W
 };
-
-kernels::CausalConv1dShape shape_of(const Case& c) {
-  kernels::CausalConv1dShape s;
-  s.B = c.B;
-  s.T = c.T;
-  s.C = c.C;
-  s.W = c.W;
-  s.silu = c.silu;
-  return s;
-}
 
 struct Inputs {
   Tensor x, w, b, dy;  // fp32: x, dy (B,T,C); w (C,W); b (C) or undefined
