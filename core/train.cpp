@@ -565,9 +565,12 @@ ManifestEntry write_archive_durable(const std::string& path, torch::serialize::O
   if (cancelled) throw SaveCancelled("abandoned while writing " + path);
   if (!err.empty()) throw std::runtime_error(err);
   struct stat st {};
-  if (::stat(path.c_str(), &st) != 0 || static_cast<int64_t>(st.st_size) != written)
-    throw std::runtime_error("checkpoint file " + path + " does not hold the " + std::to_string(written) +
-                             " bytes written to it");
+  if (::stat(path.c_str(), &st) != 0)  // something else removed the folder while we wrote
+    throw std::runtime_error("checkpoint file " + path + " disappeared while it was written: " +
+                             std::strerror(errno));
+  if (static_cast<int64_t>(st.st_size) != written)
+    throw std::runtime_error("checkpoint file " + path + " holds " + std::to_string(st.st_size) + " bytes, not the " +
+                             std::to_string(written) + " written to it");
   return {fs::path(path).filename().string(), written, hash.hex()};
 }
 

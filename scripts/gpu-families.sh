@@ -11,15 +11,17 @@ out=${OUT:-gpu-out}; bin=${BIN:-build-gpu/bin}; limit=${RUN_LIMIT:-55}; steps=${
 mkdir -p "$out"
 common="--batch_size 1 --num_train_steps $steps --warmup_steps 2 --learning_rate 3e-4 --log_interval 1
   --eval_interval 100000 --eval_batches 1 --save_interval 100000 --dtype bfloat16 --gradient_checkpointing
-  --device cuda --output_dir /dev/shm/ablate-runs"
+  --device cuda"
 run() {
   local name=$1; shift
   echo "== $name: $*" >> "$out/families.log"
-  timeout "$limit" "$bin/ablate-train" $common --run_name "$name" "$@" >> "$out/families.log" 2>&1
+  # One output folder per run (under $RUNS_DIR), removed after it: two copies of this script may share the GPU.
+  local dir="${RUNS_DIR:-/dev/shm/ablate-runs}/$name-$$"
+  timeout "$limit" "$bin/ablate-train" $common --output_dir "$dir" --run_name "$name" "$@" >> "$out/families.log" 2>&1
   local rc=$?
   local last; last=$(sed -n "/^== $name:/,\$p" "$out/families.log" | grep -E "^step [0-9]+/$steps" | tail -1)
   echo "$name rc=$rc | $last" | tee -a "$out/families.txt"
-  rm -rf /dev/shm/ablate-runs
+  rm -rf "$dir"
 }
 d32="--data_dir data/fortunes --context_length 32768"
 d128="--data_dir data/fortunes-long --context_length 131072"
