@@ -1278,7 +1278,8 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
         const double tps = double(interval_steps * GA * W * cfg.batch_size * cfg.context_length) / secs;
         const double mean_loss = interval_loss / double(interval_steps);
         const int64_t mem = peak_memory_bytes(device);
-        const double mfu = peak_tflops > 0 ? flops_per_token * tps / (peak_tflops * 1e12) : 0.0;
+        // tps counts every rank's tokens: the peak is W devices'.
+        const double mfu = peak_tflops > 0 ? flops_per_token * tps / (W * peak_tflops * 1e12) : 0.0;
         out << "step " << step << "/" << cfg.num_train_steps << " | loss " << std::fixed << std::setprecision(4)
                   << mean_loss << " | lr " << std::scientific << std::setprecision(3) << lr << std::fixed
                   << " | tok/s " << std::setprecision(0) << tps << " | grad " << std::setprecision(3) << last_finite_gn

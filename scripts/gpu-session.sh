@@ -2,7 +2,7 @@
 # One device-tool call on the H200 that builds the engine with CUDA and runs the chosen steps, each capped in
 # time, a failing step never stopping the next. Run from a clean source tree (e.g. `git archive HEAD` unpacked
 # into .gpu-src/, with .deps/ beside it):
-#   STEPS="build data test timing profile optim mixers e2e families" scripts/gpu-session.sh
+#   STEPS="build data test timing profile optim mixers e2e families dist" scripts/gpu-session.sh   (dist: 2 GPUs)
 # needs: .deps/*.deb (CLI11, nlohmann-json, GoogleTest, fortunes: `apt-get download` them on a Debian machine),
 #        optionally .deps/wheels/*.whl (reference packages for the benchmarks: bench/*/fetch scripts).
 # Writes $OUT/summary.txt and $OUT/logs.tgz (every step's log and JSON): the device tool returns at most 8 files.
@@ -122,6 +122,12 @@ if has vectors; then
   mkdir -p "$work/vectors"
   python3 tests/optim/make_torchao_vectors.py --device cuda --out "$work/vectors" > "$work/vectors/log.txt" 2>&1
   log "torchao vectors rc=$?: $(tail -3 "$work/vectors/log.txt" | tr '\n' ' ')"
+fi
+
+# Multi-GPU training (issue 8) on a machine with 2 GPUs: topology, weak scaling, 4B sharded (scripts/gpu-dist.sh).
+if has dist; then
+  OUT="$work/dist" BIN="$bin" timeout "${DIST_CAP:-420}" scripts/gpu-dist.sh ${DIST_PARTS:-}
+  log "dist rc=$?"; cat "$work/dist/dist.txt" >> "$out/summary.txt"
 fi
 
 if has families; then

@@ -137,6 +137,8 @@ class NcclCommunicator final : public Communicator {
   }
 
   void poll_pending() override {
+    // The watchdog thread's current device would be 0: without this, rank 1's process would make a context there.
+    c10::cuda::CUDAGuard guard(device_);
     {
       std::lock_guard<std::mutex> lock(mu_);
       while (!pending_.empty() && pending_.front().second->query()) {  // in-order stream: completes in order
