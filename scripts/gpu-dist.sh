@@ -13,7 +13,8 @@ out=${OUT:-gpu-out}; bin=${BIN:-build-gpu/bin}; runs=${RUNS_DIR:-/dev/shm/ablate
 mkdir -p "$out" "$runs"
 parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(topo weak big)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-log() { echo "$*" | tee -a "$out/dist.txt"; }
+# $SUMMARY (optional): a second file the lines go to as they come (gpu-session.sh's summary, kept if the call is cut).
+log() { echo "$*" | tee -a "$out/dist.txt" ${SUMMARY:+"$SUMMARY"}; }
 steps=${WEAK_STEPS:-12}
 common="--data_dir data/fortunes --context_length 32768 --batch_size 1 --warmup_steps 2 --learning_rate 3e-4
   --log_interval 1 --eval_interval 100000 --eval_batches 1 --save_interval 100000 --dtype bfloat16
@@ -34,7 +35,7 @@ run() {
   local rc=$?
   log "$name rc=$rc in $(( $(date +%s) - t0 )) s | $(grep -m1 -E 'ranks,|params' "$out/$name.log" | cut -c1-220)"
   log "    $(grep -E '^step [0-9]+/' "$out/$name.log" | tail -1)"
-  [ $rc -eq 0 ] || grep -iE 'error|fail|abort|nccl' "$out/$name.log" | grep -v '^step' | head -8 | sed 's/^/    /' | tee -a "$out/dist.txt"
+  [ $rc -eq 0 ] || grep -iE 'error|fail|abort|nccl' "$out/$name.log" | grep -v '^step' | head -8 | sed 's/^/    /' | tee -a "$out/dist.txt" ${SUMMARY:+"$SUMMARY"}
   return $rc
 }
 

@@ -126,8 +126,8 @@ fi
 
 # Multi-GPU training (issue 8) on a machine with 2 GPUs: topology, weak scaling, 4B sharded (scripts/gpu-dist.sh).
 if has dist; then
-  OUT="$work/dist" BIN="$bin" timeout "${DIST_CAP:-420}" scripts/gpu-dist.sh ${DIST_PARTS:-}
-  log "dist rc=$?"; cat "$work/dist/dist.txt" >> "$out/summary.txt"
+  OUT="$work/dist" BIN="$bin" SUMMARY="$out/summary.txt" timeout "${DIST_CAP:-420}" scripts/gpu-dist.sh ${DIST_PARTS:-}
+  log "dist rc=$?"
 fi
 
 if has families; then
