@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <future>
 #include <cstdlib>
 #include <iostream>
 #include <map>
@@ -77,7 +78,15 @@ void Communicator::start_watchdog() {
       g_hang_exit = true;  // from here on, error paths woken by the abort wait for the exit below
       if (opts_.on_hang) opts_.on_hang(msg);
       std::cerr << "ablate-train: " << msg << std::endl;
-      abort();
+      // Abort (peers see the connection close), but never wait on it for long: NCCL's abort can block behind a
+      // launch stuck in another thread. The exit ends every connection anyway.
+      auto aborted = std::make_shared<std::promise<void>>();
+      std::thread([this, aborted] {
+        abort();
+        aborted->set_value();
+      }).detach();
+      if (aborted->get_future().wait_for(std::chrono::seconds(5)) != std::future_status::ready)
+        std::cerr << "ablate-train: the communicator's abort did not return within 5 s; exiting anyway" << std::endl;
       std::_Exit(kExitHang);
     }
   });

@@ -140,8 +140,11 @@ class NcclCommunicator final : public Communicator {
     // The watchdog thread's current device would be 0: without this, rank 1's process would make a context there.
     c10::cuda::CUDAGuard guard(device_);
     {
-      std::lock_guard<std::mutex> lock(mu_);
-      while (!pending_.empty() && pending_.front().second->query()) {  // in-order stream: completes in order
+      // try_lock: a launch can block inside NCCL while holding mu_ (the first collective connects the peers and
+      // waits for them; a full work queue waits for the GPU). The watchdog must not wait with it: the op was
+      // registered before the launch, so it still ages and times out.
+      std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
+      while (lock.owns_lock() && !pending_.empty() && pending_.front().second->query()) {  // in-order stream
         end_op(pending_.front().first);
         pending_.pop_front();
       }
