@@ -35,6 +35,7 @@ run() {
   local rc=$?
   log "$name rc=$rc in $(( $(date +%s) - t0 )) s | $(grep -m1 -E 'ranks,|params' "$out/$name.log" | cut -c1-220)"
   log "    $(grep -E '^step [0-9]+/' "$out/$name.log" | tail -1)"
+  grep -E '^checkpoint|resum' "$out/$name.log" | head -4 | sed 's/^/    /' | tee -a "$out/dist.txt" ${SUMMARY:+"$SUMMARY"}
   [ $rc -eq 0 ] || grep -iE 'error|fail|abort|nccl' "$out/$name.log" | grep -v '^step' | head -8 | sed 's/^/    /' | tee -a "$out/dist.txt" ${SUMMARY:+"$SUMMARY"}
   return $rc
 }
