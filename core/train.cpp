@@ -169,13 +169,6 @@ Precision precision_for(const std::string& dtype) {
   return p;
 }
 
-// Serialized bytes of an archive (written by write_file_durable so that every file is fsynced).
-std::string archive_bytes(torch::serialize::OutputArchive& ar) {
-  std::ostringstream os;
-  ar.save_to(os);
-  return os.str();
-}
-
 // The default generators' states: nothing in the loop draws random numbers today (the data stream is a pure
 // function of the cursor), but a dropout or a stochastic rounding added later must resume exactly too.
 torch::serialize::OutputArchive rng_archive() {
@@ -214,31 +207,6 @@ void restore_rng(const std::string& path) {
 #endif
 }
 
-// Names the first non-finite floating tensor of a serialized archive (recursing into nested archives), or ""
-// when all are finite. Works on the exact bytes about to be written, so it covers every optimizer's state
-// (moments, quantization scales, factors, eigenbases) without reaching into the optimizer.
-std::string first_nonfinite(torch::serialize::InputArchive& ar, const std::string& prefix) {
-  for (const auto& key : ar.keys()) {
-    c10::IValue v;
-    if (!ar.try_read(key, v)) continue;
-    if (v.isTensor()) {
-      const auto t = v.toTensor();
-      if (t.is_floating_point() && t.numel() > 0 && !torch::isfinite(t).all().item<bool>()) return prefix + key;
-    } else if (v.isObject()) {
-      torch::serialize::InputArchive sub;
-      if (ar.try_read(key, sub))
-        if (auto bad = first_nonfinite(sub, prefix + key + "."); !bad.empty()) return bad;
-    }
-  }
-  return "";
-}
-
-std::string first_nonfinite(const std::string& bytes) {
-  torch::serialize::InputArchive ar;
-  ar.load_from(bytes.data(), bytes.size());
-  return first_nonfinite(ar, "");
-}
-
 json scaler_json(const LossScaler& s) {
   return {{"enabled", s.enabled()},
           {"scale", s.scale()},
@@ -256,11 +224,33 @@ struct DistContext {
   bool rank0() const { return rank == 0; }
 };
 
+ManifestEntry write_archive_durable(const std::string& path, torch::serialize::OutputArchive& ar,
+                                    const std::atomic<bool>& cancel, int64_t delay_ms = 0, int fail_errno = 0);
+
+// A manifest row as a fixed-size byte tensor (size, then the sha256's 64 hex digits), to all-gather the shards'
+// rows to rank 0, and back.
+constexpr int64_t kEntryBytes = 8 + 64;
+torch::Tensor entry_tensor(const ManifestEntry& e, const torch::Device& device) {
+  auto t = torch::zeros({kEntryBytes}, torch::kUInt8);
+  std::memcpy(t.data_ptr(), &e.bytes, 8);
+  std::memcpy(static_cast<uint8_t*>(t.data_ptr()) + 8, e.sha256.data(), std::min<size_t>(64, e.sha256.size()));
+  return t.to(device);
+}
+ManifestEntry entry_from(const torch::Tensor& cpu_row, const std::string& file) {
+  ManifestEntry e;
+  e.file = file;
+  std::memcpy(&e.bytes, cpu_row.data_ptr(), 8);
+  e.sha256.assign(reinterpret_cast<const char*>(cpu_row.data_ptr()) + 8, 64);
+  return e;
+}
+
 // Writes checkpoint-<step> (see core/checkpoint.h). Refuses (Diverged) to write non-finite weights or state.
 // Distributed: rank 0 writes model.pt, rng.pt, state.json and the manifest; the optimizer state is rank 0's
 // optimizer.pt (ddp: every rank holds the same) or, sharded, one optimizer-<r>-of-<N>.pt per rank written by that
-// rank into the same temporary directory (one machine or a shared file system). Every decision that makes a rank
-// throw is taken identically on all ranks, so they fail together.
+// rank into the same temporary directory (one machine or a shared file system), its manifest row all-gathered to
+// rank 0. Every decision that makes a rank throw is taken identically on all ranks, so they fail together.
+// Archives stream into their files, hashed on the way (write_archive_durable): no whole-file copy in host memory
+// and no read-back; the finiteness checks run on the device.
 std::string save_checkpoint(const fs::path& run_dir, int64_t step, Transformer& model, core::optim::Optimizer& opt,
                             json state, const DistContext& dc) {
   torch::NoGradGuard ng;
@@ -268,10 +258,7 @@ std::string save_checkpoint(const fs::path& run_dir, int64_t step, Transformer& 
     if (!torch::isfinite(p.value()).all().item<bool>())
       throw Diverged("parameter " + p.key() + " is not finite at step " + std::to_string(step) +
                      "; no checkpoint written");
-  torch::serialize::OutputArchive opt_ar;
-  opt.save(opt_ar);
-  const std::string opt_bytes = archive_bytes(opt_ar);
-  std::string bad = first_nonfinite(opt_bytes);
+  std::string bad = opt.first_nonfinite_state();
   if (dc.sharded && dc.comm->all_reduce_scalar(bad.empty() ? 0.0 : 1.0, dist::ReduceOp::kSum) > 0 && bad.empty())
     bad = "(on another rank)";
   if (!bad.empty())
@@ -279,6 +266,7 @@ std::string save_checkpoint(const fs::path& run_dir, int64_t step, Transformer& 
                    "; no checkpoint written");
   if (!dc.rank0() && !dc.sharded) return "";
 
+  const std::atomic<bool> never{false};
   const fs::path final_dir = run_dir / ("checkpoint-" + std::to_string(step));
   const fs::path tmp_dir = run_dir / ("checkpoint-" + std::to_string(step) + ".tmp-" + std::to_string(dc.pid0));
   if (dc.rank0()) {
@@ -286,31 +274,52 @@ std::string save_checkpoint(const fs::path& run_dir, int64_t step, Transformer& 
     remove_tree(tmp_dir.string());
     fs::create_directories(tmp_dir);
   }
-  std::vector<std::string> files = {"model.pt", "optimizer.pt", "rng.pt", "state.json"};
+  std::vector<ManifestEntry> entries;
+  auto archive = [&](const std::string& name, torch::serialize::OutputArchive& ar) {
+    entries.push_back(write_archive_durable((tmp_dir / name).string(), ar, never));
+    entries.back().file = name;
+  };
   if (dc.sharded) {
     dc.comm->barrier();  // the directory exists
-    files = {"model.pt", "rng.pt", "state.json"};
-    for (const auto& sh : dc.optimizer_shards) files.push_back(sh.at("file").get<std::string>());
+    const std::string mine = dc.optimizer_shards.at(dc.rank).at("file").get<std::string>();
     std::string err;
+    ManifestEntry row;
     try {
-      write_file_durable((tmp_dir / dc.optimizer_shards.at(dc.rank).at("file").get<std::string>()).string(), opt_bytes);
+      torch::serialize::OutputArchive opt_ar;
+      opt.save(opt_ar);
+      row = write_archive_durable((tmp_dir / mine).string(), opt_ar, never);
     } catch (const std::exception& e) {
       err = e.what();
     }
     if (dc.comm->all_reduce_scalar(err.empty() ? 0.0 : 1.0, dist::ReduceOp::kSum) > 0)
       throw std::runtime_error("checkpoint at step " + std::to_string(step) + ": a rank could not write its optimizer "
                                "shard" + (err.empty() ? std::string() : ": " + err));
+    const auto device = dc.comm->device();
+    auto rows = torch::empty({dc.world * kEntryBytes}, torch::TensorOptions().dtype(torch::kUInt8).device(device));
+    dc.comm->all_gather(entry_tensor(row, device), rows);
     if (!dc.rank0()) return "";
+    const auto host = rows.cpu().view({dc.world, kEntryBytes});
+    for (int r = 0; r < dc.world; ++r)
+      entries.push_back(entry_from(host[r].contiguous(), dc.optimizer_shards.at(r).at("file").get<std::string>()));
   }
-  torch::serialize::OutputArchive model_ar;
-  model->save(model_ar);
-  auto rng_ar = rng_archive();
+  {
+    torch::serialize::OutputArchive model_ar;
+    model->save(model_ar);
+    archive("model.pt", model_ar);
+  }
+  if (!dc.sharded) {
+    torch::serialize::OutputArchive opt_ar;
+    opt.save(opt_ar);
+    archive("optimizer.pt", opt_ar);
+  }
+  {
+    auto rng_ar = rng_archive();
+    archive("rng.pt", rng_ar);
+  }
   state["optimizer_shards"] = dc.optimizer_shards;
-  write_file_durable((tmp_dir / "model.pt").string(), archive_bytes(model_ar));
-  if (!dc.sharded) write_file_durable((tmp_dir / "optimizer.pt").string(), opt_bytes);
-  write_file_durable((tmp_dir / "rng.pt").string(), archive_bytes(rng_ar));
   write_file_durable((tmp_dir / "state.json").string(), state.dump(2) + "\n");
-  write_manifest(tmp_dir.string(), step, files);  // last: its presence marks a complete checkpoint
+  entries.push_back(manifest_entry(tmp_dir.string(), "state.json"));
+  write_manifest(tmp_dir.string(), step, entries);  // last: its presence marks a complete checkpoint
   return publish_checkpoint(tmp_dir.string(), final_dir.string());
 }
 
@@ -520,7 +529,7 @@ struct SaveCancelled : std::runtime_error {
 // Test hooks: delay_ms is slept (in slices that notice `cancel`) inside the first callback, i.e. in the middle of
 // serializing; fail_errno != 0 makes the first write fail with that error.
 ManifestEntry write_archive_durable(const std::string& path, torch::serialize::OutputArchive& ar,
-                                    const std::atomic<bool>& cancel, int64_t delay_ms = 0, int fail_errno = 0) {
+                                    const std::atomic<bool>& cancel, int64_t delay_ms, int fail_errno) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw std::runtime_error("cannot create " + path + ": " + std::strerror(errno));
   std::string err;
@@ -1353,7 +1362,9 @@ int run_training(const TrainConfig& cfg, TrainResult* result, const TrainHooks* 
               result->last_checkpoint = path;
               result->checkpoint_events.emplace_back(step, step);
             }
-            out << "checkpoint " << path << std::endl;
+            out << "checkpoint " << path << " (written in " << std::fixed << std::setprecision(2)
+                << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() << " s)"
+                << std::defaultfloat << std::endl;
             events.emit({{"event", "checkpoint"}, {"step", step}, {"path", path}});
           }
         }
