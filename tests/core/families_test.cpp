@@ -204,7 +204,9 @@ TEST(Families, CountsEqualBuiltModels) {
       for (const auto& b : *model->blocks) {
         auto* blk = b->as<Block>();
         EXPECT_EQ(numel(blk->parameters()), block_params(m, blk->type)) << f.label << " " << blk->type;
-        if (blk->attn) EXPECT_EQ(numel(blk->attn->parameters()), attention_params(m));
+        if (blk->attn) {
+          EXPECT_EQ(numel(blk->attn->parameters()), attention_params(m));
+        }
         if (blk->mamba) {
           EXPECT_EQ(numel(blk->mamba->parameters()), mamba2_mixer_params(m));
           EXPECT_EQ(mamba2_mixer_params(m), core::Mamba2MixerImpl::expected_num_parameters(blk->mamba->options));
