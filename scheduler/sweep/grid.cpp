@@ -67,6 +67,7 @@ const std::vector<std::pair<std::string, TrainType>>& TrainKeys() {
       {"device", TrainType::kString},
       {"async_checkpoint", TrainType::kBool},               // checkpoints written in the background (default true)
       {"checkpoint_deadline_s", TrainType::kNonNegativeFloat},  // a background save slower than this is abandoned
+      {"parallel", TrainType::kString},  // ddp | zero: how the ranks of a multi-GPU cell or a gang split the work
   };
   return keys;
 }
@@ -162,6 +163,8 @@ absl::Status CheckTrainValue(const std::string& field, TrainType t, const std::s
       break;
     case TrainType::kString:
       if (v.empty()) return Invalid(field + ": must not be empty");
+      if (field == "train.parallel" && v != "ddp" && v != "zero")
+        return Invalid(field + ": must be ddp (replicated optimizer) or zero (sharded optimizer state), got '" + v + "'");
       break;
   }
   return absl::OkStatus();
@@ -288,6 +291,11 @@ absl::StatusOr<SweepSpec> ParseSweepYaml(std::string_view yaml) {
       }
     }
 
+    if (spec.gpus > 1 && spec.ranks > 1)
+      return Invalid("resources: gpus " + std::to_string(spec.gpus) + " with ranks " + std::to_string(spec.ranks) +
+                     " is not supported: a gang runs one rank on one GPU of each worker (use ranks: " +
+                     std::to_string(spec.gpus * spec.ranks) + ", or gpus alone for one worker's GPUs)");
+
     // exclude
     if (const YAML::Node ex = root["exclude"]; ex && !ex.IsNull()) {
       if (!ex.IsSequence()) return Invalid("exclude: must be a list of maps" + MarkOf(ex));
@@ -396,6 +404,9 @@ absl::StatusOr<Expansion> Expand(const SweepSpec& spec, int max_cells) {
       c.total_steps = total_steps;
       c.gpus = spec.gpus;
       c.ranks = spec.ranks;
+      // Several GPUs on one worker: ablate-train runs one rank per GPU (--nproc, data-parallel over NCCL). The flag
+      // is a param, so it is part of the config hash: the global batch is gpus x batch_size, another result.
+      if (spec.gpus > 1) c.params["nproc"] = std::to_string(spec.gpus);
       // A gang's global batch is ranks x batch_size: another result than one process, so another identity.
       if (spec.ranks > 1) c.config_hash = Sha256Hex(c.config_hash + "\nranks=" + std::to_string(spec.ranks));
       c.mem_estimate_bytes = spec.memory_bytes > 0 ? spec.memory_bytes : EstimateMemoryBytes(c.params, spec.gpus);
@@ -467,9 +478,11 @@ int64_t EstimateMemoryBytes(const std::map<std::string, std::string>& params, in
   int64_t n = ModelParams(get("model_size", ""));
   if (n <= 0) return 0;
   std::string opt = get("optimizer_type", "adamw");
-  // fp32 weights + fp32 grads + optimizer state, bytes per parameter.
-  double per_param = 8 + (opt == "adamw" ? 8 : opt == "adamw8bit" ? 2 : opt == "adamw4bit" ? 1
-                          : opt == "soap" || opt == "shampoo" ? 16 : opt == "soap8bit" ? 8 : opt == "soap4bit" ? 6 : 8);
+  // fp32 weights + fp32 grads on every GPU; optimizer state bytes per parameter, split over the GPUs only when
+  // the ranks shard it (parallel: zero; ddp replicates it).
+  const double state = opt == "adamw" ? 8 : opt == "adamw8bit" ? 2 : opt == "adamw4bit" ? 1
+                       : opt == "soap" || opt == "shampoo" ? 16 : opt == "soap8bit" ? 8 : opt == "soap4bit" ? 6 : 8;
+  const double per_param = 8 + state / (get("parallel", "ddp") == "zero" ? std::max(1, gpus) : 1);
   // Width and depth from the count: params ≈ 12·L·d², with L ≈ d/64.
   double d = std::cbrt(static_cast<double>(n) * 64.0 / 12.0);
   double layers = std::max(1.0, d / 64.0);
@@ -481,9 +494,9 @@ int64_t EstimateMemoryBytes(const std::map<std::string, std::string>& params, in
   };
   double batch = num("batch_size", 8), ctx = num("context_length", 1024);
   double act = batch * ctx * layers * d * 34.0;
-  std::string ckpt = get("activation_checkpointing", "false");
+  std::string ckpt = get("gradient_checkpointing", "false");
   if (ckpt == "true" || ckpt == "1") act /= layers;
-  double total = per_param * static_cast<double>(n) / std::max(1, gpus) + act + 512.0 * 1024 * 1024;
+  double total = per_param * static_cast<double>(n) + act + 512.0 * 1024 * 1024;
   return static_cast<int64_t>(total);
 }
 

@@ -25,7 +25,8 @@ struct SweepSpec {
   std::vector<GridAxis> grid;                          // file order
   std::vector<std::map<std::string, std::string>> exclude;
   KeyValues train;                                     // file order
-  // resources: (optional) placement needs of every cell. gpus: all on one worker, leased together.
+  // resources: (optional) placement needs of every cell. gpus: all on one worker, leased together; > 1 runs one
+  // ablate-train rank per GPU (the cells get param nproc = gpus; train.parallel picks ddp or zero).
   int32_t gpus = 1;
   int32_t ranks = 1;  // resources.ranks: processes on as many distinct workers, gang-scheduled
   int64_t memory_bytes = 0;                            // per GPU; 0 = estimate from the config
@@ -49,8 +50,8 @@ std::set<std::string>& ExtraTrainKeys();
 // Parameter count of a model size (presets, the legacy table, or "100M"/"0.6B"); 0 when unknown.
 int64_t ModelParams(const std::string& model_size);
 // Rough per-GPU training memory of a cell from its params: weights, gradients and optimizer state by optimizer
-// type, plus activations (batch × context × layers × width × 34 bytes, ÷ layers with activation checkpointing),
-// split over `gpus` for the state, plus 512 MiB of runtime overhead. See docs/control-plane.md.
+// type (split over `gpus` when params say parallel: zero), plus activations (batch × context × layers × width × 34
+// bytes, ÷ layers with gradient_checkpointing), plus 512 MiB of runtime overhead. See docs/control-plane.md.
 int64_t EstimateMemoryBytes(const std::map<std::string, std::string>& params, int32_t gpus);
 
 struct Expansion {

@@ -478,6 +478,35 @@ def g01(suite, st):
         ck, m.group(1), att, len(losses))
 
 
+def g02(suite, st):
+    """A cell with resources.gpus 2 (issue #8): placed only on a worker offering 2 GPUs, all or nothing, and run as
+    ablate-train --nproc 2 (one rank per GPU; here device cpu on workers advertising fake GPUs, the CPU ring), sharded
+    (train.parallel zero): the checkpoints are a 2-rank run's."""
+    tb = real_train(suite, "G02")
+    steps = 40
+    s = st.scheduler()
+    st.submit("name: g02\ngrid:\n  model_size: [tiny]\n  context_length: [64]\ntrain:\n  num_train_steps: %d\n"
+              "  batch_size: 2\n  save_interval: 20\n  eval_interval: 20\n  log_interval: 10\n  dataset: fortunes\n"
+              "  device: cpu\n  parallel: zero\nresources:\n  gpus: 2\n" % steps, s.addr)
+    check(st.qi("SELECT gpus FROM jobs") == 2, "the job was not stored with gpus 2")
+    w1 = st.worker("w1", s.addr, train_bin=tb, extra=["--gpus", "1x80G:9.0"])
+    st.wait(lambda: "registered as w1" in w1.text(), 20, "w1 registered")
+    time.sleep(1.5)
+    check(st.q("SELECT state FROM jobs") == "queued", "a 2-GPU job was leased to a worker with one GPU")
+    w2 = st.worker("w2", s.addr, train_bin=tb, extra=["--gpus", "2x80G:9.0"])
+    st.wait_terminal(180)
+    check(st.q("SELECT state FROM jobs") == "succeeded", "job did not succeed: " + st.q("SELECT state, last_error FROM jobs"))
+    check(st.q("SELECT worker_id FROM job_attempts") == "w2", "not run by the 2-GPU worker")
+    check(re.search(r"--nproc 2\b", w2.text()) is not None, "the worker did not start ablate-train --nproc 2")
+    check(st.qi("SELECT max(step) FROM metrics WHERE name = 'train/loss'") == steps, "the step count is not complete")
+    ck = sorted(glob.glob(os.path.join(st.dir, "work", "job-*", "attempt-*", "checkpoint-*")))
+    check(ck, "no checkpoint")
+    for d in ck:
+        check(os.path.exists(os.path.join(d, "optimizer-1-of-2.pt")), "%s is not a sharded 2-rank checkpoint" % d)
+        check(re.search(r'"world_size":\s*2\b', open(os.path.join(d, "state.json")).read()), "%s: world_size" % d)
+    return "queued on a 1-GPU worker, run by the 2-GPU worker as --nproc 2 --parallel zero; %d sharded checkpoints" % len(ck)
+
+
 def f02(suite, st):
     s = st.scheduler()
     st.submit(sweep("f02", steps=80, save=1000), s.addr)
@@ -2508,7 +2537,7 @@ SCENARIOS = [
 
 
 # Scenarios outside the default run (their own ctest entries): --only selects them.
-EXTRA_SCENARIOS = [("G01", g01)]
+EXTRA_SCENARIOS = [("G01", g01), ("G02", g02)]
 
 
 def main():

@@ -218,6 +218,33 @@ TEST(GridTest, ResourcesRanksMakesGangCellsWithTheirOwnIdentity) {
   ExpectRejected(base + "resources:\n  ranks: two\n", {"resources.ranks"});
 }
 
+TEST(GridTest, ResourcesGpusRunOneRankPerGpuWithTheirOwnIdentity) {
+  const std::string base = "name: g\ngrid:\n  model_size: [tiny]\n  context_length: [64]\n";
+  auto one = ParseAndExpand(base);
+  auto two = ParseAndExpand(base + "train:\n  parallel: zero\nresources:\n  gpus: 2\n");
+  ASSERT_TRUE(one.ok() && two.ok()) << two.status();
+  EXPECT_EQ(two->cells[0].gpus, 2);
+  EXPECT_EQ(two->cells[0].params.at("nproc"), "2");  // the worker passes it on: ablate-train --nproc 2
+  EXPECT_EQ(two->cells[0].params.at("parallel"), "zero");
+  EXPECT_EQ(one->cells[0].params.count("nproc"), 0u);
+  EXPECT_NE(two->cells[0].config_hash, one->cells[0].config_hash);  // gpus x batch_size: another result
+  // Per-GPU memory: ddp replicates the optimizer state, zero splits it; checkpointing divides activations.
+  const std::map<std::string, std::string> m = {{"model_size", "1B"}, {"optimizer_type", "adamw"},
+                                                {"context_length", "4096"}, {"batch_size", "1"}};
+  auto with = [&](std::map<std::string, std::string> extra) {
+    auto p = m;
+    for (auto& [k, v] : extra) p[k] = v;
+    return p;
+  };
+  const int64_t n = ModelParams("1B");
+  EXPECT_EQ(EstimateMemoryBytes(with({}), 2), EstimateMemoryBytes(with({}), 1));
+  EXPECT_EQ(EstimateMemoryBytes(with({}), 1) - EstimateMemoryBytes(with({{"parallel", "zero"}}), 2), 4 * n);
+  EXPECT_LT(EstimateMemoryBytes(with({{"gradient_checkpointing", "true"}}), 1), EstimateMemoryBytes(with({}), 1));
+  ExpectRejected(base + "train:\n  parallel: fsdp\n", {"train.parallel", "ddp", "zero", "'fsdp'"});
+  ExpectRejected(base + "resources:\n  gpus: 2\n  ranks: 2\n", {"resources: gpus 2 with ranks 2", "ranks: 4"});
+  ExpectRejected(base + "train:\n  nproc: 2\n", {"train.nproc: unknown ablate-train setting"});
+}
+
 TEST(GridTest, EnforcesCellLimit) {
   std::string yaml = "name: big\ngrid:\n  context_length: [";
   for (int i = 1; i <= 200; ++i) yaml += (i > 1 ? "," : "") + std::to_string(i);
