@@ -141,6 +141,20 @@ int64_t state_bytes(const fs::path& ckpt) {
   return json::parse(f).at("optimizer_state_bytes").get<int64_t>();
 }
 
+// ddp's overlap, from its first-step log line "ddp: K of M gradient buckets were all-reduced during backward":
+// every bucket was started from the backward hooks (K == M, several buckets), none after backward, none twice.
+void expect_buckets_overlapped(const TrainRun& r) {
+  const auto at = r.log.find("ddp: ");
+  ASSERT_NE(at, std::string::npos) << r.log;
+  std::istringstream is(r.log.substr(at + 5));
+  int64_t during = -1, total = -2;
+  std::string of;
+  is >> during >> of >> total;
+  EXPECT_GT(total, 2);
+  EXPECT_EQ(during, total) << r.log.substr(at, 200);
+  EXPECT_EQ(r.log.find("then all again"), std::string::npos);
+}
+
 #ifndef ABLATE_DIST_TRAIN_GPU
 class DistTrain : public ::testing::TestWithParam<std::string> {
  protected:
@@ -168,17 +182,7 @@ TEST_P(DistTrain, TwoRanksMatchOneProcessAndCheckpointsReshard) {
       train(opt + "-ddp", with({"--nproc", "2", "--batch_size", "4", "--parallel", "ddp", "--ddp_bucket_mb", "0.02"}));
   expect_ok(ddp);
   EXPECT_NE(ddp.log.find("2 ranks, ddp over cpu"), std::string::npos) << ddp.log;
-  {  // overlap: every bucket was started from the backward hooks, none after backward, none twice
-    const auto at = ddp.log.find("ddp: ");
-    ASSERT_NE(at, std::string::npos) << ddp.log;
-    std::istringstream is(ddp.log.substr(at + 5));
-    int64_t during = -1, total = -2;
-    std::string of;
-    is >> during >> of >> total;
-    EXPECT_GT(total, 2);
-    EXPECT_EQ(during, total) << ddp.log.substr(at, 200);
-    EXPECT_EQ(ddp.log.find("then all again"), std::string::npos);
-  }
+  expect_buckets_overlapped(ddp);
   const TrainRun zero = train(opt + "-zero", with({"--nproc", "2", "--batch_size", "4", "--parallel", "zero"}));
   expect_ok(zero);
   if (!soap) {
@@ -358,16 +362,7 @@ TEST(DistTrainGpu, NcclRanksMatchOneGpu) {
       expect_ok(r);
       EXPECT_NE(r.log.find("2 ranks, " + mode + " over nccl"), std::string::npos) << r.log;
       near(ref, r, 1, opt + " " + mode);
-      if (mode == "ddp") {  // the buckets' all-reduces start from the backward hooks on CUDA too
-        const auto at = r.log.find("ddp: ");
-        ASSERT_NE(at, std::string::npos) << r.log;
-        std::istringstream is(r.log.substr(at + 5));
-        int64_t during = -1, total = -2;
-        std::string of;
-        is >> during >> of >> total;
-        EXPECT_GT(total, 2);
-        EXPECT_EQ(during, total) << r.log.substr(at, 200);
-      }
+      if (mode == "ddp") expect_buckets_overlapped(r);  // on CUDA too
       if (mode != "zero" || opt != "adamw8bit") continue;
       // The sharded (quantized) state's checkpoint resumes on 2 ddp ranks and on one GPU, continuing the losses.
       const fs::path zck = r.run_dir / "checkpoint-3";
