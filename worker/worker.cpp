@@ -858,9 +858,17 @@ bool Worker::RunJob(const v1::LeaseJobResponse& leased, Clock::time_point lease_
     }
     // Workers of one gang may share --work_dir (rank 0's checkpoints must be readable by all): own log per rank.
     if (leased.rank() > 0) copts.log_path += ".rank" + std::to_string(leased.rank());
-    copts.env.push_back("RANK=" + std::to_string(leased.rank()));
-    copts.env.push_back("WORLD_SIZE=" + std::to_string(leased.world_size()));
-    copts.env.push_back("LOCAL_RANK=0");
+    // A gang of multi-GPU members (params.nproc > 1): this worker's child is the launcher of one node's ranks
+    // (torchrun's --node_rank/--nnodes), global ranks node_rank * nproc + local.
+    const auto np = job.params().find("nproc");
+    if (np != job.params().end() && np->second != "1") {
+      copts.env.push_back("ABLATE_NODE_RANK=" + std::to_string(leased.rank()));
+      copts.env.push_back("ABLATE_NNODES=" + std::to_string(leased.world_size()));
+    } else {
+      copts.env.push_back("RANK=" + std::to_string(leased.rank()));
+      copts.env.push_back("WORLD_SIZE=" + std::to_string(leased.world_size()));
+      copts.env.push_back("LOCAL_RANK=0");
+    }
     copts.env.push_back("MASTER_ADDR=" + ma.substr(0, colon));
     copts.env.push_back("MASTER_PORT=" + ma.substr(colon + 1));
     in_addr probe{};

@@ -9,9 +9,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <stdexcept>
@@ -89,8 +91,38 @@ std::vector<std::string> strip_flag(const std::vector<std::string>& args, const 
   return out;
 }
 
+namespace {
+int env_count(const char* name, int dflt) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return dflt;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  if (*end != '\0' || x < 0 || x > (1 << 20))
+    throw std::runtime_error(std::string("--nproc: environment variable ") + name + "='" + v + "' is not a count");
+  return static_cast<int>(x);
+}
+}  // namespace
+
 int launch_local(int nproc, const std::vector<std::string>& args) {
-  const int port = free_local_port();
+  // One node of several (torchrun's --nnodes/--node_rank): this node's ranks are node_rank * nproc + r of
+  // nnodes * nproc, meeting at the MASTER_ADDR:MASTER_PORT the caller set (rank 0's node). One node: 127.0.0.1.
+  const int nnodes = std::max(1, env_count("ABLATE_NNODES", 1));
+  const int node_rank = env_count("ABLATE_NODE_RANK", 0);
+  if (node_rank >= nnodes)
+    throw std::runtime_error("--nproc: ABLATE_NODE_RANK " + std::to_string(node_rank) + " is not below ABLATE_NNODES " +
+                             std::to_string(nnodes));
+  std::string master_addr = "127.0.0.1", master_port;
+  if (nnodes > 1) {
+    const char* a = std::getenv("MASTER_ADDR");
+    const char* p = std::getenv("MASTER_PORT");
+    if (!a || !*a || !p || !*p)
+      throw std::runtime_error("--nproc with ABLATE_NNODES > 1 needs MASTER_ADDR and MASTER_PORT (rank 0's node)");
+    master_addr = a;
+    master_port = p;
+  } else {
+    master_port = std::to_string(free_local_port());
+  }
+  const int world = nnodes * nproc, first_rank = node_rank * nproc;
   std::vector<Child> kids(static_cast<size_t>(nproc));
   struct sigaction sa {};
   sa.sa_handler = on_signal;
@@ -108,12 +140,12 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
       if (::getppid() != parent) ::_exit(1);
       ::dup2(po[1], STDOUT_FILENO);
       ::dup2(pe[1], STDERR_FILENO);
-      ::setenv("RANK", std::to_string(r).c_str(), 1);
+      ::setenv("RANK", std::to_string(first_rank + r).c_str(), 1);
       ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+      ::setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
       ::setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-      ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+      ::setenv("MASTER_ADDR", master_addr.c_str(), 1);
+      ::setenv("MASTER_PORT", master_port.c_str(), 1);
       std::vector<std::string> argv_s = {"ablate-train"};
       argv_s.insert(argv_s.end(), args.begin(), args.end());
       std::vector<char*> argv;
@@ -177,7 +209,8 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
       char buf[65536];
       const ssize_t n = ::read(fds[i].fd, buf, sizeof buf);
       if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-      const std::string prefix = who[i].first == 0 ? "" : "[rank " + std::to_string(who[i].first) + "] ";
+      const int global = first_rank + static_cast<int>(who[i].first);
+      const std::string prefix = global == 0 ? "" : "[rank " + std::to_string(global) + "] ";
       std::string& lb = is_err ? k.err_buf : k.out_buf;
       if (n <= 0) {
         emit_lines(lb, is_err ? STDERR_FILENO : STDOUT_FILENO, prefix, true);
@@ -205,7 +238,7 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
             first_failure = static_cast<int>(r);
             result = code;
             if (!terminating) {
-              write_all(STDERR_FILENO, "ablate-train --nproc: rank " + std::to_string(r) + " failed (exit code " +
+              write_all(STDERR_FILENO, "ablate-train --nproc: rank " + std::to_string(first_rank + r) + " failed (exit code " +
                                            std::to_string(code) + "); stopping the other ranks\n");
               if (kids[0].exited) {
                 start_termination();

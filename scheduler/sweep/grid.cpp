@@ -291,11 +291,6 @@ absl::StatusOr<SweepSpec> ParseSweepYaml(std::string_view yaml) {
       }
     }
 
-    if (spec.gpus > 1 && spec.ranks > 1)
-      return Invalid("resources: gpus " + std::to_string(spec.gpus) + " with ranks " + std::to_string(spec.ranks) +
-                     " is not supported: a gang runs one rank on one GPU of each worker (use ranks: " +
-                     std::to_string(spec.gpus * spec.ranks) + ", or gpus alone for one worker's GPUs)");
-
     // exclude
     if (const YAML::Node ex = root["exclude"]; ex && !ex.IsNull()) {
       if (!ex.IsSequence()) return Invalid("exclude: must be a list of maps" + MarkOf(ex));
@@ -405,7 +400,8 @@ absl::StatusOr<Expansion> Expand(const SweepSpec& spec, int max_cells) {
       c.gpus = spec.gpus;
       c.ranks = spec.ranks;
       // Several GPUs on one worker: ablate-train runs one rank per GPU (--nproc, data-parallel over NCCL). The flag
-      // is a param, so it is part of the config hash: the global batch is gpus x batch_size, another result.
+      // is a param, so it is part of the config hash: the global batch is gpus x batch_size, another result. In a
+      // gang (ranks > 1) each member is then one node of ranks x gpus processes (worker.cpp: ABLATE_NODE_RANK).
       if (spec.gpus > 1) c.params["nproc"] = std::to_string(spec.gpus);
       // A gang's global batch is ranks x batch_size: another result than one process, so another identity.
       if (spec.ranks > 1) c.config_hash = Sha256Hex(c.config_hash + "\nranks=" + std::to_string(spec.ranks));

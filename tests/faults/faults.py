@@ -507,6 +507,35 @@ def g02(suite, st):
     return "queued on a 1-GPU worker, run by the 2-GPU worker as --nproc 2 --parallel zero; %d sharded checkpoints" % len(ck)
 
 
+def g03(suite, st):
+    """A gang of multi-GPU members (issue #8): resources ranks 2 x gpus 2 runs as 2 workers x ablate-train --nproc 2,
+    one launcher per worker as one node (ABLATE_NODE_RANK/ABLATE_NNODES), 4 ranks in all (device cpu here, the CPU
+    ring; the workers advertise fake GPUs), sharded 4 ways."""
+    tb = real_train(suite, "G03")
+    steps = 30
+    s = st.scheduler()
+    st.submit("name: g03\ngrid:\n  model_size: [tiny]\n  context_length: [64]\ntrain:\n  num_train_steps: %d\n"
+              "  batch_size: 2\n  save_interval: 15\n  eval_interval: 15\n  log_interval: 5\n  dataset: fortunes\n"
+              "  device: cpu\n  parallel: zero\nresources:\n  gpus: 2\n  ranks: 2\n" % steps, s.addr)
+    check(st.q("SELECT ranks || 'x' || gpus FROM jobs") == "2x2", "the job was not stored as 2 ranks x 2 GPUs")
+    rdv = ["--rendezvous_host", "127.0.0.1", "--gpus", "2x80G:9.0"]
+    w1 = st.worker("w1", s.addr, train_bin=tb, extra=rdv)
+    w2 = st.worker("w2", s.addr, train_bin=tb, extra=rdv)
+    st.wait_terminal(180)
+    check(st.q("SELECT state FROM jobs") == "succeeded", "job did not succeed: " + st.q("SELECT state, last_error FROM jobs")
+          + " | " + w1.text()[-800:] + " | " + w2.text()[-800:])
+    check(st.qi("SELECT max(step) FROM metrics WHERE name = 'train/loss'") == steps, "the step count is not complete")
+    logs = glob.glob(os.path.join(st.dir, "work", "job-*", "attempt-*.log*"))
+    text = "".join(open(p, errors="replace").read() for p in logs)
+    check("4 ranks, zero over cpu" in text, "not a 4-rank run: %s" % text[-1500:])
+    ck = sorted(glob.glob(os.path.join(st.dir, "work", "job-*", "attempt-*", "checkpoint-*")))
+    check(ck, "no checkpoint")
+    for d in ck:
+        check(os.path.exists(os.path.join(d, "optimizer-3-of-4.pt")), "%s is not a 4-rank sharded checkpoint" % d)
+        check(re.search(r'"world_size":\s*4\b', open(os.path.join(d, "state.json")).read()), "%s: world_size" % d)
+    return "2 workers x --nproc 2 = 4 ranks (zero over the CPU ring); %d checkpoints sharded 4 ways" % len(ck)
+
+
 def f02(suite, st):
     s = st.scheduler()
     st.submit(sweep("f02", steps=80, save=1000), s.addr)
@@ -2537,7 +2566,7 @@ SCENARIOS = [
 
 
 # Scenarios outside the default run (their own ctest entries): --only selects them.
-EXTRA_SCENARIOS = [("G01", g01), ("G02", g02)]
+EXTRA_SCENARIOS = [("G01", g01), ("G02", g02), ("G03", g03)]
 
 
 def main():

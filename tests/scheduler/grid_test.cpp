@@ -241,7 +241,11 @@ TEST(GridTest, ResourcesGpusRunOneRankPerGpuWithTheirOwnIdentity) {
   EXPECT_EQ(EstimateMemoryBytes(with({}), 1) - EstimateMemoryBytes(with({{"parallel", "zero"}}), 2), 4 * n);
   EXPECT_LT(EstimateMemoryBytes(with({{"gradient_checkpointing", "true"}}), 1), EstimateMemoryBytes(with({}), 1));
   ExpectRejected(base + "train:\n  parallel: fsdp\n", {"train.parallel", "ddp", "zero", "'fsdp'"});
-  ExpectRejected(base + "resources:\n  gpus: 2\n  ranks: 2\n", {"resources: gpus 2 with ranks 2", "ranks: 4"});
+  auto both = ParseAndExpand(base + "resources:\n  gpus: 2\n  ranks: 2\n");  // 2 workers x 2 GPUs: 4 ranks
+  ASSERT_TRUE(both.ok()) << both.status();
+  EXPECT_EQ(both->cells[0].params.at("nproc"), "2");
+  EXPECT_EQ(both->cells[0].ranks, 2);
+  EXPECT_NE(both->cells[0].config_hash, two->cells[0].config_hash);
   ExpectRejected(base + "train:\n  nproc: 2\n", {"train.nproc: unknown ablate-train setting"});
 }
 
