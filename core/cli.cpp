@@ -141,7 +141,9 @@ int parse_train_args(const std::vector<std::string>& args, TrainConfig& c, std::
                  "nproc x batch_size (the same sequences one process with that batch size would take); ranks get "
                  "RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT like torchrun, only rank 0 logs, writes events "
                  "and checkpoints, and the run fails if any rank fails. Started by a launcher that already set "
-                 "WORLD_SIZE, ablate-train runs as that rank instead")
+                 "WORLD_SIZE, ablate-train runs as that rank instead. With ABLATE_NNODES=M and ABLATE_NODE_RANK=k "
+                 "(and MASTER_ADDR/MASTER_PORT of node 0) this machine is node k of M: ranks k x nproc + local of "
+                 "M x nproc")
       ->group("Distributed");
   app.add_option("--parallel", c.parallel,
                  "ddp: every rank keeps the whole optimizer, gradients are averaged by bucketed all-reduce overlapped "
