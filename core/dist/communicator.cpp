@@ -136,7 +136,6 @@ c10::intrusive_ptr<c10d::Store> make_store(int rank, int world, std::chrono::mil
   return c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
 }
 
-namespace {
 int env_int(const char* name, int dflt) {
   const char* v = std::getenv(name);
   if (!v || !*v) return dflt;
@@ -146,7 +145,6 @@ int env_int(const char* name, int dflt) {
     throw std::invalid_argument(std::string("environment variable ") + name + "='" + v + "' is not a number");
   return static_cast<int>(x);
 }
-}  // namespace
 
 EnvLayout env_layout() {
   EnvLayout e;

@@ -138,6 +138,8 @@ struct EnvLayout {
   int master_port = 0;
 };
 EnvLayout env_layout();  // throws std::invalid_argument on malformed values
+// A non-negative integer environment variable (dflt when unset or empty); throws std::invalid_argument otherwise.
+int env_int(const char* name, int dflt);
 
 // Builds the communicator for this process from the environment: `backend` "cpu" or "nccl" (device = LOCAL_RANK).
 std::unique_ptr<Communicator> init_from_env(const std::string& backend, Options opts);

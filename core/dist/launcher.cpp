@@ -1,5 +1,7 @@
 #include "core/dist/launcher.h"
 
+#include "core/dist/communicator.h"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -91,23 +93,11 @@ std::vector<std::string> strip_flag(const std::vector<std::string>& args, const 
   return out;
 }
 
-namespace {
-int env_count(const char* name, int dflt) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return dflt;
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  if (*end != '\0' || x < 0 || x > (1 << 20))
-    throw std::runtime_error(std::string("--nproc: environment variable ") + name + "='" + v + "' is not a count");
-  return static_cast<int>(x);
-}
-}  // namespace
-
 int launch_local(int nproc, const std::vector<std::string>& args) {
   // One node of several (torchrun's --nnodes/--node_rank): this node's ranks are node_rank * nproc + r of
   // nnodes * nproc, meeting at the MASTER_ADDR:MASTER_PORT the caller set (rank 0's node). One node: 127.0.0.1.
-  const int nnodes = std::max(1, env_count("ABLATE_NNODES", 1));
-  const int node_rank = env_count("ABLATE_NODE_RANK", 0);
+  const int nnodes = std::max(1, env_int("ABLATE_NNODES", 1));
+  const int node_rank = env_int("ABLATE_NODE_RANK", 0);
   if (node_rank >= nnodes)
     throw std::runtime_error("--nproc: ABLATE_NODE_RANK " + std::to_string(node_rank) + " is not below ABLATE_NNODES " +
                              std::to_string(nnodes));

@@ -478,6 +478,18 @@ def g01(suite, st):
         ck, m.group(1), att, len(losses))
 
 
+def sharded_checkpoints(st, world):
+    """The run's checkpoints, each checked to be a --parallel zero checkpoint of `world` ranks."""
+    ck = sorted(glob.glob(os.path.join(st.dir, "work", "job-*", "attempt-*", "checkpoint-*")))
+    check(ck, "no checkpoint")
+    for d in ck:
+        check(os.path.exists(os.path.join(d, "optimizer-%d-of-%d.pt" % (world - 1, world))),
+              "%s is not a %d-rank sharded checkpoint" % (d, world))
+        check(re.search(r'"world_size":\s*%d\b' % world, open(os.path.join(d, "state.json")).read()),
+              "%s: world_size is not %d" % (d, world))
+    return ck
+
+
 def g02(suite, st):
     """A cell with resources.gpus 2 (issue #8): placed only on a worker offering 2 GPUs, all or nothing, and run as
     ablate-train --nproc 2 (one rank per GPU; here device cpu on workers advertising fake GPUs, the CPU ring), sharded
@@ -499,11 +511,7 @@ def g02(suite, st):
     check(st.q("SELECT worker_id FROM job_attempts") == "w2", "not run by the 2-GPU worker")
     check(re.search(r"--nproc 2\b", w2.text()) is not None, "the worker did not start ablate-train --nproc 2")
     check(st.qi("SELECT max(step) FROM metrics WHERE name = 'train/loss'") == steps, "the step count is not complete")
-    ck = sorted(glob.glob(os.path.join(st.dir, "work", "job-*", "attempt-*", "checkpoint-*")))
-    check(ck, "no checkpoint")
-    for d in ck:
-        check(os.path.exists(os.path.join(d, "optimizer-1-of-2.pt")), "%s is not a sharded 2-rank checkpoint" % d)
-        check(re.search(r'"world_size":\s*2\b', open(os.path.join(d, "state.json")).read()), "%s: world_size" % d)
+    ck = sharded_checkpoints(st, 2)
     return "queued on a 1-GPU worker, run by the 2-GPU worker as --nproc 2 --parallel zero; %d sharded checkpoints" % len(ck)
 
 
@@ -528,11 +536,7 @@ def g03(suite, st):
     logs = glob.glob(os.path.join(st.dir, "work", "job-*", "attempt-*.log*"))
     text = "".join(open(p, errors="replace").read() for p in logs)
     check("4 ranks, zero over cpu" in text, "not a 4-rank run: %s" % text[-1500:])
-    ck = sorted(glob.glob(os.path.join(st.dir, "work", "job-*", "attempt-*", "checkpoint-*")))
-    check(ck, "no checkpoint")
-    for d in ck:
-        check(os.path.exists(os.path.join(d, "optimizer-3-of-4.pt")), "%s is not a 4-rank sharded checkpoint" % d)
-        check(re.search(r'"world_size":\s*4\b', open(os.path.join(d, "state.json")).read()), "%s: world_size" % d)
+    ck = sharded_checkpoints(st, 4)
     return "2 workers x --nproc 2 = 4 ranks (zero over the CPU ring); %d checkpoints sharded 4 ways" % len(ck)
 
 
