@@ -401,7 +401,7 @@ absl::StatusOr<Expansion> Expand(const SweepSpec& spec, int max_cells) {
       c.ranks = spec.ranks;
       // Several GPUs on one worker: ablate-train runs one rank per GPU (--nproc, data-parallel over NCCL). The flag
       // is a param, so it is part of the config hash: the global batch is gpus x batch_size, another result. In a
-      // gang (ranks > 1) each member is then one node of ranks x gpus processes (worker.cpp: ABLATE_NODE_RANK).
+      // gang (ranks > 1) each member is one node of gpus ranks, ranks x gpus in all (worker.cpp: ABLATE_NODE_RANK).
       if (spec.gpus > 1) c.params["nproc"] = std::to_string(spec.gpus);
       // A gang's global batch is ranks x batch_size: another result than one process, so another identity.
       if (spec.ranks > 1) c.config_hash = Sha256Hex(c.config_hash + "\nranks=" + std::to_string(spec.ranks));
