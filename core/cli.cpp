@@ -209,7 +209,12 @@ int train_cli(int argc, char** argv) {
       std::cerr << "ablate-train: " << e.what() << "\n";
       return kExitInvalidConfig;
     }
-    return dist::launch_local(static_cast<int>(c.nproc), dist::strip_flag(args, "--nproc"));
+    try {
+      return dist::launch_local(static_cast<int>(c.nproc), dist::strip_flag(args, "--nproc"));
+    } catch (const std::exception& e) {  // a malformed node layout (ABLATE_NNODES, ...) or no port: nothing started
+      std::cerr << "ablate-train: " << e.what() << "\n";
+      return kExitInvalidConfig;
+    }
   }
   return run_training(c);
 }

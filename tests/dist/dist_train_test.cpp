@@ -339,6 +339,25 @@ TEST(DistLaunch, HelpDocumentsTheFlags) {
     EXPECT_NE(help.find(flag), std::string::npos) << flag;
 }
 
+// One node of several (ABLATE_NNODES/ABLATE_NODE_RANK, set by the worker for gangs of multi-GPU members): a layout
+// that cannot work is a configuration error (exit 2) naming the variable, before any rank starts.
+TEST(DistLaunch, MalformedNodeLayoutIsAConfigError) {
+  const std::string out = (temp_dir("nodes") / "err.txt").string();
+  const std::string run = std::string(" ") + ABLATE_TRAIN_BIN + " --nproc 2 --model_size tiny --device cpu 2> '" + out + "'";
+  auto err = [&] {
+    std::ifstream f(out);
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  };
+  for (const auto& [env, want] : std::vector<std::pair<std::string, std::string>>{
+           {"ABLATE_NNODES=x", "ABLATE_NNODES='x' is not a number"},
+           {"ABLATE_NNODES=2 ABLATE_NODE_RANK=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=1", "ABLATE_NODE_RANK 2 is not below"},
+           {"ABLATE_NNODES=2 ABLATE_NODE_RANK=1", "needs MASTER_ADDR and MASTER_PORT"}}) {
+    const int st = std::system(("env -u MASTER_ADDR -u MASTER_PORT " + env + run).c_str());
+    EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 2) << env << ": status " << st;
+    EXPECT_NE(err().find(want), std::string::npos) << env << ": " << err();
+  }
+}
+
 #else
 // On GPUs the ranks run different batch shapes (4 vs 8 rows) through cuBLAS/cuDNN, whose reduction orders may
 // differ with the shape: still fp32 rounding, but with more terms reassociated than on CPU, hence 1e-4.
