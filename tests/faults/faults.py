@@ -361,11 +361,22 @@ def pids_with(s):
 
 
 def sweep(name, n_cells=1, steps=40, save=10, step_ms=50, extra_train=None, extra=""):
+    """A sweep of the tiny model; step_ms=None for the real ablate-train (step_ms is the fake trainer's flag)."""
     ctx = ", ".join(str(64 * (i + 1)) for i in range(n_cells))
-    train = {"num_train_steps": steps, "save_interval": save, "step_ms": step_ms}
+    train = {"num_train_steps": steps, "save_interval": save}
+    if step_ms is not None:
+        train["step_ms"] = step_ms
     train.update(extra_train or {})
     t = "".join("  %s: %s\n" % (k, v) for k, v in train.items())
     return "name: %s\ngrid:\n  model_size: [tiny]\n  context_length: [%s]\ntrain:\n%s%s" % (name, ctx, t, extra)
+
+
+def gang_sweep(name, steps, save, eval_every, log, resources, extra_train=None):
+    """The G scenarios' sweep for the real ablate-train on fortunes (batch 2), with a resources block."""
+    train = {"batch_size": 2, "eval_interval": eval_every, "log_interval": log, "dataset": "fortunes"}
+    train.update(extra_train or {})
+    return sweep(name, steps=steps, save=save, step_ms=None, extra_train=train,
+                 extra="resources:\n" + "".join("  %s: %s\n" % kv for kv in resources.items()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,9 +447,7 @@ def g01(suite, st):
     tb = real_train(suite, "G01")
     steps = 200
     s = st.scheduler()
-    st.submit("name: g01\ngrid:\n  model_size: [tiny]\n  context_length: [64]\ntrain:\n  num_train_steps: %d\n"
-              "  batch_size: 2\n  save_interval: 20\n  eval_interval: 100\n  log_interval: 10\n  dataset: fortunes\n"
-              "resources:\n  ranks: 2\n" % steps, s.addr)
+    st.submit(gang_sweep("g01", steps, save=20, eval_every=100, log=10, resources={"ranks": 2}), s.addr)
     check(st.qi("SELECT ranks FROM jobs") == 2, "the job was not stored with ranks 2")
     # Every worker of the gang shares --work_dir (Stack.worker): rank 0's checkpoints are readable by all ranks.
     rdv = ["--rendezvous_host", "127.0.0.1"]
@@ -497,9 +506,8 @@ def g02(suite, st):
     tb = real_train(suite, "G02")
     steps = 40
     s = st.scheduler()
-    st.submit("name: g02\ngrid:\n  model_size: [tiny]\n  context_length: [64]\ntrain:\n  num_train_steps: %d\n"
-              "  batch_size: 2\n  save_interval: 20\n  eval_interval: 20\n  log_interval: 10\n  dataset: fortunes\n"
-              "  device: cpu\n  parallel: zero\nresources:\n  gpus: 2\n" % steps, s.addr)
+    st.submit(gang_sweep("g02", steps, save=20, eval_every=20, log=10, resources={"gpus": 2},
+                         extra_train={"device": "cpu", "parallel": "zero"}), s.addr)
     check(st.qi("SELECT gpus FROM jobs") == 2, "the job was not stored with gpus 2")
     w1 = st.worker("w1", s.addr, train_bin=tb, extra=["--gpus", "1x80G:9.0"])
     st.wait(lambda: "registered as w1" in w1.text(), 20, "w1 registered")
@@ -522,9 +530,8 @@ def g03(suite, st):
     tb = real_train(suite, "G03")
     steps = 30
     s = st.scheduler()
-    st.submit("name: g03\ngrid:\n  model_size: [tiny]\n  context_length: [64]\ntrain:\n  num_train_steps: %d\n"
-              "  batch_size: 2\n  save_interval: 15\n  eval_interval: 15\n  log_interval: 5\n  dataset: fortunes\n"
-              "  device: cpu\n  parallel: zero\nresources:\n  gpus: 2\n  ranks: 2\n" % steps, s.addr)
+    st.submit(gang_sweep("g03", steps, save=15, eval_every=15, log=5, resources={"gpus": 2, "ranks": 2},
+                         extra_train={"device": "cpu", "parallel": "zero"}), s.addr)
     check(st.q("SELECT ranks || 'x' || gpus FROM jobs") == "2x2", "the job was not stored as 2 ranks x 2 GPUs")
     rdv = ["--rendezvous_host", "127.0.0.1", "--gpus", "2x80G:9.0"]
     w1 = st.worker("w1", s.addr, train_bin=tb, extra=rdv)
